@@ -1,0 +1,212 @@
+"""Typed options for every script, parsed from defaults < --config JSON file < command-line flags.
+
+Each script has one dataclass here, so all options are documented in one place. Every field is a
+plain str/int/float/bool (a list of str for predict inputs), which keeps `dataclasses.asdict` valid
+JSON: train.py writes it to `config.json` and into every checkpoint, and `--config that.json`
+replays a run.
+"""
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "data/carvana"
+BUNDLED_CHECKPOINT = "checkpoints/carvana_unet.pt"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _opt(default, help, **extra):
+    """A dataclass field whose help text argparse can show."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str = _opt("", "dataset folder (Kaggle train/ + train_masks/, or images/ + masks/); "
+                             f"default: $CARVANA_DIR, else {DEFAULT_DATA_DIR}")
+    width: int = _opt(480, "model input width in pixels (a multiple of 2**depth)")
+    height: int = _opt(320, "model input height in pixels (a multiple of 2**depth)")
+    val_fraction: float = _opt(0.125, "fraction of cars held out for validation (split by car id)")
+    split_seed: int = _opt(0, "seed of the car-id split; independent of --seed")
+    max_cars: int = _opt(0, "use only this many cars (0 = all); for quick runs")
+    cache_dir: str = _opt(".cache", "where decoded, resized samples are kept between runs ('' = RAM only)")
+    augment: str = _opt("light", "training augmentation: none, light or strong", choices=("none", "light", "strong"))
+    # model
+    base_channels: int = _opt(16, "channels of the first U-Net level; doubles at each level down")
+    depth: int = _opt(4, "number of down-sampling steps")
+    bilinear: bool = _opt(False, "bilinear upsampling + conv instead of transposed convolutions")
+    # optimisation
+    epochs: int = _opt(30, "number of passes over the training images")
+    batch_size: int = _opt(8, "images per optimisation step")
+    lr: float = _opt(3e-3, "peak learning rate")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    optimizer: str = _opt("adamw", "adam or adamw", choices=("adam", "adamw"))
+    warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay to zero")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 = off)")
+    bce_weight: float = _opt(1.0, "weight of the BCE term in the loss")
+    dice_weight: float = _opt(1.0, "weight of the soft Dice term in the loss")
+    precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto = bf16 where the device has it "
+                                  "(fp16 + GradScaler on older GPUs, fp32 elsewhere)", choices=PRECISIONS)
+    channels_last: bool = _opt(True, "use the channels_last memory format (faster convolutions)")
+    compile: bool = _opt(False, "torch.compile the model (slow start, faster steps)")
+    # evaluation during training
+    threshold: float = _opt(0.5, "probability above which a pixel is car")
+    full_res_val: bool = _opt(True, "validate at each image's full resolution (the Kaggle metric)")
+    # system
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu")
+    num_workers: int = _opt(0, "DataLoader worker processes (0 is fastest with the RAM cache on 2 cores)")
+    seed: int = _opt(42, "seed for weights, shuffling and augmentation")
+    out_dir: str = _opt("checkpoints", "runs are written to OUT_DIR/RUN_NAME/")
+    run_name: str = _opt("", "name of this run's folder; default: a timestamp")
+    resume: str = _opt("", "continue from this last.pt (or its run folder), exactly where it stopped")
+
+    def __post_init__(self):
+        _check(self, "width", self.width % (2 ** self.depth) == 0 and self.width > 0,
+               f"must be a positive multiple of 2**depth = {2 ** self.depth}")
+        _check(self, "height", self.height % (2 ** self.depth) == 0 and self.height > 0,
+               f"must be a positive multiple of 2**depth = {2 ** self.depth}")
+        _check(self, "val_fraction", 0 < self.val_fraction < 1, "must be between 0 and 1")
+        _check(self, "max_cars", self.max_cars >= 0, "must be >= 0")
+        _check(self, "base_channels", self.base_channels >= 1, "must be >= 1")
+        _check(self, "depth", 1 <= self.depth <= 6, "must be between 1 and 6")
+        _check(self, "epochs", self.epochs >= 1, "must be >= 1")
+        _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
+        _check(self, "lr", self.lr > 0, "must be > 0")
+        _check(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
+        _check(self, "warmup_epochs", self.warmup_epochs >= 0, "must be >= 0")
+        _check(self, "grad_clip", self.grad_clip >= 0, "must be >= 0")
+        _check(self, "bce_weight", self.bce_weight >= 0, "must be >= 0")
+        _check(self, "dice_weight", self.dice_weight >= 0, "must be >= 0")
+        _check(self, "bce_weight", self.bce_weight + self.dice_weight > 0,
+               "bce_weight and dice_weight cannot both be 0")
+        _check(self, "threshold", 0 < self.threshold < 1, "must be between 0 and 1")
+        _check(self, "num_workers", self.num_workers >= 0, "must be >= 0")
+        _check(self, "run_name", "/" not in self.run_name and self.run_name not in (".", ".."),
+               "must be a plain folder name")
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = _opt(BUNDLED_CHECKPOINT, "checkpoint to score (a train.py last.pt/best.pt)")
+    data_dir: str = _opt("", "dataset folder; default: the checkpoint's own, else $CARVANA_DIR, "
+                             f"else {DEFAULT_DATA_DIR}")
+    split: str = _opt("val", "val = the checkpoint's validation cars; train; all = every image found",
+                      choices=("val", "train", "all"))
+    out_dir: str = _opt("", "where reports go; default: <checkpoint folder>/eval-<split>")
+    batch_size: int = _opt(8, "images per forward pass")
+    threshold: float = _opt(0.0, "probability threshold; 0 = the checkpoint's own")
+    precision: str = _opt("fp32", "inference precision", choices=PRECISIONS)
+    worst_k: int = _opt(8, "list and draw this many worst images")
+    num_samples: int = _opt(4, "also draw this many random images")
+    cache_dir: str = _opt(".cache", "where decoded, resized samples are kept ('' = RAM only)")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self):
+        _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
+        _check(self, "threshold", 0 <= self.threshold < 1, "must be in [0, 1) (0 = checkpoint's own)")
+        _check(self, "worst_k", self.worst_k >= 0, "must be >= 0")
+        _check(self, "num_samples", self.num_samples >= 0, "must be >= 0")
+
+
+@dataclass
+class PredictConfig:
+    inputs: list = _opt(None, "image files, folders or glob patterns", positional=True)
+    out_dir: str = _opt("predictions", "where <stem>_mask.png (and overlays/cutouts) are written")
+    checkpoint: str = _opt(BUNDLED_CHECKPOINT, "checkpoint to predict with")
+    threshold: float = _opt(0.0, "probability threshold; 0 = the checkpoint's own")
+    overlay: bool = _opt(False, "also write <stem>_overlay.jpg: the photo with the mask tinted")
+    cutout: bool = _opt(False, "also write <stem>_cutout.png: RGBA, background transparent")
+    recursive: bool = _opt(False, "search folders recursively")
+    batch_size: int = _opt(8, "images per forward pass")
+    precision: str = _opt("fp32", "inference precision", choices=PRECISIONS)
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self):
+        _check(self, "inputs", bool(self.inputs), "give at least one image file, folder or glob")
+        _check(self, "threshold", 0 <= self.threshold < 1, "must be in [0, 1) (0 = checkpoint's own)")
+        _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
+
+
+def _check(cfg, name, ok, why):
+    if not ok:
+        raise ValueError(f"{type(cfg).__name__}.{name} = {getattr(cfg, name)!r}: {why}")
+
+
+def resolve_data_dir(data_dir: str) -> Path:
+    """The dataset folder: the option if given, else $CARVANA_DIR, else data/carvana."""
+    return Path(data_dir or os.environ.get("CARVANA_DIR") or DEFAULT_DATA_DIR).expanduser()
+
+
+def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one kebab-case flag per dataclass field."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="JSON", help="read options from this JSON file; flags override it")
+    for f in dataclasses.fields(cls):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="*", help=meta["help"])
+        elif f.type is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=meta["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, type=f.type, default=f.default,
+                                choices=meta.get("choices"), help=meta["help"])
+    return parser
+
+
+def parse_config(cls, argv=None, description: str = "", base: dict | None = None):
+    """Parse argv into a `cls` instance: defaults < `base` (a resumed run's) < --config file < flags."""
+    parser = build_parser(cls, description)
+    names = {f.name for f in dataclasses.fields(cls)}
+    parser.set_defaults(**{k: v for k, v in (base or {}).items() if k in names})
+    pre, _ = parser.parse_known_args(argv)
+    try:
+        if pre.config:
+            parser.set_defaults(**load_config_file(cls, pre.config))
+        args = vars(parser.parse_args(argv))
+        args.pop("config")
+        return cls(**args)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def load_config_file(cls, path) -> dict:
+    """Read a JSON options file, rejecting unknown keys and values of the wrong type."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--config {path}: {err}")
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of options")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"--config {path}: unknown option '{key}' for {cls.__name__}; "
+                             f"known: {', '.join(sorted(fields))}")
+        values[key] = _coerce(path, key, value, fields[key])
+    return values
+
+
+def _coerce(path, key, value, f):
+    """Check one file value against its field's type (int is accepted where float is expected)."""
+    expected = f.type
+    ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if expected is list \
+        else isinstance(value, bool) if expected is bool \
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float \
+        else isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"--config {path}: option '{key}' must be {expected.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"--config {path}: option '{key}' must be one of {choices}, got {value!r}")
+    return float(value) if expected is float else value
+
+
+def config_from_dict(cls, values: dict):
+    """Rebuild a config from a checkpoint's stored dict, ignoring keys a newer or older version lacks."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})

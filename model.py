@@ -1,0 +1,114 @@
+"""U-Net (Ronneberger et al., 2015): a contracting encoder, a bottleneck and an expanding decoder
+joined by skip connections. Padded 3x3 convolutions with BatchNorm, so the output has the input's
+height and width for any size, odd ones included.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DoubleConv(nn.Module):
+    """(3x3 conv -> BatchNorm -> ReLU) twice."""
+
+    def __init__(self, in_channels, out_channels, mid_channels=None):
+        super().__init__()
+        mid_channels = mid_channels or out_channels
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(mid_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class Down(nn.Module):
+    """Halve the resolution with 2x2 max-pooling, then DoubleConv."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.block = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class Up(nn.Module):
+    """Double the resolution, concatenate the encoder's skip tensor, then DoubleConv."""
+
+    def __init__(self, in_channels, out_channels, bilinear=False):
+        super().__init__()
+        if bilinear:
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+            self.conv = DoubleConv(in_channels, out_channels, in_channels // 2)
+        else:
+            self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
+            self.conv = DoubleConv(in_channels, out_channels)
+
+    def forward(self, x, skip):
+        x = self.up(x)
+        # An odd-sized encoder level was floored by max-pooling: pad back to the skip's size.
+        dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+        if dy or dx:
+            x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """U-Net returning per-pixel logits of shape (B, out_channels, H, W)."""
+
+    def __init__(self, in_channels=3, out_channels=1, base_channels=64, depth=4, bilinear=False):
+        super().__init__()
+        self.model_args = dict(in_channels=in_channels, out_channels=out_channels,
+                               base_channels=base_channels, depth=depth, bilinear=bilinear)
+        widths = [base_channels * 2 ** i for i in range(depth + 1)]
+        # With bilinear upsampling the bottleneck keeps the width of the level above it, so the
+        # concatenated tensors match without a learned up-projection (as in the reference code).
+        factor = 2 if bilinear else 1
+        self.inc = DoubleConv(in_channels, widths[0])
+        self.downs = nn.ModuleList(
+            Down(widths[i], widths[i + 1] // (factor if i == depth - 1 else 1)) for i in range(depth))
+        self.ups = nn.ModuleList(
+            Up(widths[i + 1], widths[i] // (factor if i > 0 else 1), bilinear) for i in reversed(range(depth)))
+        self.outc = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, images):  # (B, C, H, W) -> (B, out_channels, H, W)
+        x = self.inc(images)
+        skips = [x]
+        for down in self.downs:
+            x = down(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck output is not a skip
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "UNet":
+        """Rebuild the model a train.py checkpoint describes, with its weights (in fp32)."""
+        model = cls(**checkpoint["model_args"])
+        state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+        model.load_state_dict(state)
+        return model
+
+
+CHECKPOINT_FORMAT = 1
+
+
+def load_checkpoint(path) -> dict:
+    """Read a train.py checkpoint as plain data (weights_only: a pickle carrying code is refused)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist: train one with `python train.py` "
+                                "or pass --checkpoint PATH")
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise ValueError(f"checkpoint {path} cannot be loaded safely: {type(err).__name__}: {err}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT \
+            or "model_args" not in checkpoint or "model" not in checkpoint:
+        raise ValueError(f"checkpoint {path} is not a train.py checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint

@@ -1,0 +1,71 @@
+"""Figures people would rather look at than read: training curves and prediction panels."""
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on training machines
+import cv2
+import matplotlib.pyplot as plt
+import numpy as np
+
+FALSE_POSITIVE = (230, 40, 40)   # predicted car, truly background: red
+FALSE_NEGATIVE = (30, 90, 255)   # missed car: blue
+
+
+def plot_training_curves(history: list, path):
+    """Loss and validation Dice per epoch from metrics.jsonl records, saved as a PNG."""
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="BCE + Dice loss", yscale="log", title="loss")
+    ax_loss.legend()
+    for key, label in (("val_dice_full", "full resolution"), ("val_dice", "model resolution")):
+        if key in history[-1]:
+            ax_dice.plot(epochs, [r[key] for r in history], "o-", label=label)
+    ax_dice.set(xlabel="epoch", ylabel="mean per-image Dice", title="validation Dice")
+    ax_dice.legend()
+    ax_dice.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def error_image(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """RGB uint8 map of a prediction's errors: FP red, FN blue, car grey, background white."""
+    out = np.full(pred.shape + (3,), 255, np.uint8)
+    out[pred & target] = (150, 150, 150)
+    out[pred & ~target] = FALSE_POSITIVE
+    out[~pred & target] = FALSE_NEGATIVE
+    return out
+
+
+def plot_prediction_panels(rows: list, path, title=""):
+    """One row per image: image | ground truth | prediction | errors (FP red, FN blue).
+
+    Each row is a dict with 'image' (RGB, any size), full-resolution boolean 'pred' and 'target',
+    and a 'label'. Masks are shrunk with area averaging, so thin error bands stay visible.
+    """
+    fig, axes = plt.subplots(len(rows), 4, figsize=(16, 2.8 * len(rows)), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        h, w = row["image"].shape[:2]
+        shrink = lambda a: cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA)
+        panels = (row["image"], shrink(row["target"].astype(np.uint8) * 255),
+                  shrink(row["pred"].astype(np.uint8) * 255), shrink(error_image(row["pred"], row["target"])))
+        for ax, panel, name in zip(ax_row, panels, ("image", "ground truth", "prediction", "errors")):
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=255)
+            ax.set_title(f"{name}: {row['label']}" if name == "image" else name, fontsize=9)
+            ax.axis("off")
+    fig.suptitle(title + "   (errors: red = false positive, blue = false negative)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_threshold_sweep(sweep: list, path):
+    """Full-resolution mean Dice against the probability threshold."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["threshold"] for r in sweep], [r["dice"] for r in sweep], "o-")
+    ax.set(xlabel="threshold", ylabel="mean per-image Dice (full res)", title="threshold sweep")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,210 @@
+"""Cut cars out of photos: write a full-size mask (and optionally an overlay and a cutout) per image.
+
+    python predict.py photos/ more/*.jpg --out-dir masks/ --cutout
+
+For each input, OUT_DIR/<stem>_mask.png is a single-channel 0/255 PNG of the input's own size.
+A file that cannot be read is reported with its reason and the rest are still processed; the exit
+status is 1 if any input failed. Outputs are written atomically and never over an input.
+"""
+import glob
+import logging
+import os
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import runtime
+from config import PredictConfig, parse_config
+from dataset import IMAGE_EXTENSIONS, image_to_tensor, load_image
+from evaluate import predict_logits, upsample_probs
+from model import UNet, load_checkpoint
+
+log = logging.getLogger(__name__)
+OUTPUT_SUFFIXES = ("_mask.png", "_overlay.jpg", "_cutout.png")
+
+
+def collect_inputs(inputs, recursive=False):
+    """Expand files, folders and globs into image paths; returns (paths, problems)."""
+    paths, problems = [], []
+    for item in inputs:
+        matches = [Path(p) for p in sorted(glob.glob(item, recursive=recursive))] if glob.has_magic(item) else [Path(item)]
+        if not matches:
+            problems.append(f"{item}: no file matches this pattern")
+        for path in matches:
+            if path.is_dir():
+                found = sorted(p for p in (path.rglob("*") if recursive else path.iterdir())
+                               if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+                if not found:
+                    problems.append(f"{path}: folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                paths += found
+            elif path.is_file():
+                paths.append(path)
+            else:
+                problems.append(f"{path}: no such file or folder")
+    unique = list(dict.fromkeys(p.resolve() for p in paths))
+    return unique, problems
+
+
+def output_paths(paths, out_dir: Path):
+    """Map each input to its mask path; refuse name clashes and outputs that would replace an input."""
+    outputs, seen = {}, {}
+    for path in paths:
+        mask_path = out_dir.resolve() / f"{path.stem}_mask.png"
+        if mask_path in seen:
+            raise ValueError(f"{path} and {seen[mask_path]} would both write {mask_path.name}; "
+                             "predict them into different --out-dir folders")
+        seen[mask_path] = path
+        outputs[path] = mask_path
+    inputs = set(paths)
+    for mask_path in outputs.values():
+        for suffix in OUTPUT_SUFFIXES:
+            if mask_path.with_name(mask_path.name.replace("_mask.png", suffix)) in inputs:
+                raise ValueError(f"refusing to write over input {mask_path.name.replace('_mask.png', suffix)}; "
+                                 "choose another --out-dir")
+    return outputs
+
+
+def write_atomic(path: Path, data: bytes):
+    """Write via a temporary file, so a failure (a full disk) never leaves a half-written output."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def encode(ext: str, array: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(ext, array, [cv2.IMWRITE_PNG_COMPRESSION, 1] if ext == ".png" else [])
+    if not ok:
+        raise OSError(f"could not encode {ext}")
+    return buffer.tobytes()
+
+
+def write_outputs(path: Path, mask_path: Path, pred_mask: np.ndarray, cfg: PredictConfig):
+    """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout."""
+    write_atomic(mask_path, encode(".png", pred_mask))
+    if cfg.overlay or cfg.cutout:
+        image, _ = load_image(path)  # full resolution, upright RGB
+        if cfg.overlay:
+            tinted = image.copy()
+            car = pred_mask > 0
+            tinted[car] = (0.55 * image[car] + 0.45 * np.array([0, 200, 80])).astype(np.uint8)
+            write_atomic(mask_path.with_name(f"{path.stem}_overlay.jpg"), encode(".jpg", tinted[..., ::-1]))
+        if cfg.cutout:
+            rgba = np.dstack([image[..., ::-1], pred_mask])  # OpenCV writes BGRA
+            write_atomic(mask_path.with_name(f"{path.stem}_cutout.png"), encode(".png", rgba))
+    return mask_path
+
+
+def predict_masks(model, images: torch.Tensor, full_sizes, threshold, device, precision) -> list:
+    """Model-size images (B, 3, h, w) -> uint8 0/255 masks, each at its full_size=(W, H).
+
+    Probabilities are upsampled bilinearly *before* thresholding: thresholding first and resizing a
+    hard mask loses the sub-pixel boundary the model predicted.
+    """
+    probs = torch.sigmoid(predict_logits(model, images, device, precision))
+    return [((upsample_probs(prob, full_size) > threshold).to(torch.uint8) * 255).cpu().numpy()
+            for prob, full_size in zip(probs, full_sizes)]
+
+
+def _decode(path, size):
+    try:
+        return load_image(path, size)
+    except (ValueError, OSError) as err:
+        return err
+
+
+def _prefetch(paths, size, pool, depth):
+    """Decode ahead in `pool`, keeping at most `depth` images in flight (bounded memory)."""
+    queue = deque()
+    for path in paths:
+        queue.append((path, pool.submit(_decode, path, size)))
+        if len(queue) >= depth:
+            path, future = queue.popleft()
+            yield path, future.result()
+    while queue:
+        path, future = queue.popleft()
+        yield path, future.result()
+
+
+def predict_files(cfg: PredictConfig):
+    """Predict every input; returns (written mask paths, {input: error message})."""
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    device = runtime.resolve_device(cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    size = (checkpoint["config"]["width"], checkpoint["config"]["height"])
+    threshold = cfg.threshold or checkpoint.get("threshold", 0.5)
+    paths, problems = collect_inputs(cfg.inputs, cfg.recursive)
+    failures = {p: p for p in problems}
+    out_dir = Path(cfg.out_dir)
+    outputs = output_paths(paths, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = UNet.from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
+    written = []
+    with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
+            tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True) as bar:
+        decoded = _prefetch(paths, size, readers, 2 * cfg.batch_size)
+        pending = deque()
+        for batch in _batches(decoded, cfg.batch_size, failures, bar):
+            images = torch.stack([image_to_tensor(image) for _, (image, _) in batch])
+            pred_masks = predict_masks(model, images, [full for _, (_, full) in batch], threshold, device, precision)
+            for (path, _), pred_mask in zip(batch, pred_masks):
+                pending.append((path, writers.submit(write_outputs, path, outputs[path], pred_mask, cfg)))
+            while pending and (pending[0][1].done() or len(pending) > 4 * cfg.batch_size):
+                _collect(pending.popleft(), written, failures, bar)
+        while pending:
+            _collect(pending.popleft(), written, failures, bar)
+    return written, {str(k): v for k, v in failures.items()}
+
+
+def _batches(decoded, batch_size, failures, bar):
+    """Group decoded images into batches, recording decode failures as they come."""
+    batch = []
+    for path, item in decoded:
+        if isinstance(item, Exception):
+            failures[path] = str(item)
+            bar.update(1)
+            continue
+        batch.append((path, item))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _collect(entry, written, failures, bar):
+    path, future = entry
+    try:
+        written.append(future.result())
+    except (OSError, ValueError) as err:
+        failures[path] = f"{path}: cannot write output: {err}"
+    bar.update(1)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = parse_config(PredictConfig, argv, description=__doc__.splitlines()[0])
+    try:
+        written, failures = predict_files(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    for message in failures.values():
+        log.error("failed: %s", message)
+    print(f"wrote {len(written)} mask(s) to {cfg.out_dir}; {len(failures)} input(s) failed")
+    if failures:
+        sys.exit(1)
+    return written
+
+
+if __name__ == "__main__":
+    main()

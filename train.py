@@ -1,0 +1,269 @@
+"""Train a U-Net on Carvana image/mask pairs, validating by car with the full-resolution Kaggle metric.
+
+    python train.py                                   # defaults: the 2-core CPU recipe
+    python train.py --config configs/cpu-quick.json   # a few minutes on a laptop CPU
+    python train.py --resume checkpoints/<run>/last.pt
+
+Writes checkpoints/<run>/: config.json, last.pt (every epoch, atomically), best.pt (best validation
+Dice), metrics.jsonl (one line per epoch) and curves.png.
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import plots
+import runtime
+from config import TrainConfig, parse_config, resolve_data_dir
+from dataset import CarvanaDataset, build_transform, find_samples, prepare_store, split_by_car
+from evaluate import evaluate
+from losses import BCEDiceLoss
+from model import CHECKPOINT_FORMAT, UNet, load_checkpoint
+
+log = logging.getLogger(__name__)
+# Options that change what the weights mean or which cars are validation: a resume may not change them.
+FIXED_ON_RESUME = ("width", "height", "base_channels", "depth", "bilinear", "val_fraction", "split_seed", "max_cars")
+
+
+def seed_everything(seed: int):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_stores(cfg: TrainConfig):
+    """Find, split (by car) and decode all samples, failing before training on any problem."""
+    data_dir = resolve_data_dir(cfg.data_dir)
+    samples, problems = find_samples(data_dir)
+    if cfg.max_cars:
+        keep = set(sorted({s.car_id for s in samples})[:cfg.max_cars])
+        samples = [s for s in samples if s.car_id in keep]
+    train_samples, val_samples = split_by_car(samples, cfg.val_fraction, cfg.split_seed)
+    store = prepare_store(train_samples + val_samples, (cfg.width, cfg.height), cfg.cache_dir, data_dir, problems)
+    n = len(train_samples)
+    train_store, val_store = store.subset(range(n)), store.subset(range(n, len(store)))
+    log.info("data %s: %d training images of %d cars, %d validation images of %d cars, at %dx%d",
+             data_dir, len(train_store), len({s.car_id for s in train_samples}), len(val_store),
+             len({s.car_id for s in val_samples}), cfg.width, cfg.height)
+    return train_store, val_store
+
+
+def _worker_init(worker_id):
+    # Each worker holds a copy of the transform; give each its own stream, derived from the loader's seed.
+    info = torch.utils.data.get_worker_info()
+    info.dataset.set_epoch(info.seed % 2**31)
+
+
+def build_loaders(cfg, train_store, val_store, device):
+    pin = device.type == "cuda"
+    train_set = CarvanaDataset(train_store, build_transform(cfg.augment))
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
+        num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator(),
+        worker_init_fn=_worker_init if cfg.num_workers else None)
+    val_loader = torch.utils.data.DataLoader(CarvanaDataset(val_store), batch_size=cfg.batch_size,
+                                             num_workers=cfg.num_workers, pin_memory=pin)
+    return train_loader, val_loader
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR multiplier: linear warm-up from 0, then cosine decay to 0 at the last step."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_optimizer(cfg, model, steps_per_epoch):
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = kind(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device, precision, cfg, epoch, step):
+    """One pass over the training set; returns (mean loss, images/s, global step)."""
+    model.train()
+    total, count, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True)
+    for images, masks, _ in bar:
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast(device, precision):
+            logits = model(images)
+        loss = loss_fn(logits, masks)  # fp32: BCEDiceLoss upcasts the logits
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}; stopping. "
+                                     "last.pt still holds the last good epoch (try a lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        total += loss.item() * len(images)
+        count += len(images)
+        bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
+    return total / count, count / (time.perf_counter() - start), step
+
+
+def save_checkpoint(path: Path, checkpoint: dict):
+    """Write atomically: a kill mid-write leaves the previous file intact, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_checkpoint(raw_model, cfg, state: dict, val_cars, full=True) -> dict:
+    checkpoint = {"format_version": CHECKPOINT_FORMAT, "model_args": raw_model.model_args,
+                  "model": raw_model.state_dict(), "config": dataclasses.asdict(cfg),
+                  "threshold": cfg.threshold, "val_cars": sorted(val_cars),
+                  "epoch": state["epoch"], "global_step": state["step"], "best_val_dice": state["best"],
+                  "metrics": state["history"][-1] if state["history"] else {}, "history": state["history"]}
+    if full:
+        checkpoint.update(optimizer=state["optimizer"].state_dict(), scheduler=state["scheduler"].state_dict(),
+                          scaler=state["scaler"].state_dict())
+    return checkpoint
+
+
+def run_dir_for(cfg: TrainConfig) -> Path:
+    if cfg.resume:
+        return Path(cfg.resume).parent if Path(cfg.resume).is_file() else Path(cfg.resume)
+    run_dir = Path(cfg.out_dir) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    if (run_dir / "last.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir / 'last.pt'} "
+                              "or choose another --run-name")
+    return run_dir
+
+
+def restore(cfg, raw_model, state):
+    """Load --resume's weights and optimizer/scheduler/scaler state, refusing an incompatible config."""
+    path = Path(cfg.resume)
+    checkpoint = load_checkpoint(path / "last.pt" if path.is_dir() else path)
+    for key in FIXED_ON_RESUME:
+        if checkpoint["config"].get(key) != getattr(cfg, key):
+            raise ValueError(f"--resume {cfg.resume}: the run used {key}={checkpoint['config'].get(key)!r}, "
+                             f"this command says {getattr(cfg, key)!r}; drop the flag to continue the run")
+    if "optimizer" not in checkpoint:
+        raise ValueError(f"--resume {cfg.resume}: this checkpoint holds weights only; resume from last.pt")
+    raw_model.load_state_dict(checkpoint["model"])
+    for name in ("optimizer", "scheduler", "scaler"):
+        state[name].load_state_dict(checkpoint[name])
+    state.update(epoch=checkpoint["epoch"], step=checkpoint["global_step"], best=checkpoint["best_val_dice"],
+                 history=checkpoint["history"])
+    log.info("resumed %s at epoch %d, step %d", cfg.resume, state["epoch"], state["step"])
+
+
+def log_epoch(run_dir, cfg, record):
+    """The one log line per epoch, metrics.jsonl and curves.png."""
+    full = f" (full-res {record['val_dice_full']:.5f}, IoU {record['val_iou_full']:.5f})" \
+        if "val_dice_full" in record else ""
+    log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val Dice %.5f%s  lr %.2e  %.1f img/s  %.0fs",
+             record["epoch"], cfg.epochs, record["train_loss"], record["val_loss"], record["val_dice"], full,
+             record["lr"], record["images_per_s"], record["seconds"])
+
+
+def write_history(run_dir, history):
+    """metrics.jsonl is rewritten from the checkpointed history, so a resumed run never shows a lost epoch."""
+    tmp = run_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, run_dir / "metrics.jsonl")
+    plots.plot_training_curves(history, run_dir / "curves.png")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train to cfg.epochs (continuing --resume if given); returns the last epoch's metrics."""
+    device = runtime.resolve_device(cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    runtime.configure_backends(device)
+    run_dir = run_dir_for(cfg)
+    train_store, val_store = build_stores(cfg)
+    train_loader, val_loader = build_loaders(cfg, train_store, val_store, device)
+    seed_everything(cfg.seed)
+    raw_model = UNet(base_channels=cfg.base_channels, depth=cfg.depth, bilinear=cfg.bilinear).to(device)
+    if cfg.channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(cfg, raw_model, len(train_loader))
+    state = dict(optimizer=optimizer, scheduler=scheduler, scaler=runtime.grad_scaler(device, precision),
+                 epoch=0, step=0, best=-1.0, history=[])
+    if cfg.resume:
+        restore(cfg, raw_model, state)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    loss_fn = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
+    val_cars = {s.car_id for s in val_store.samples}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    log.info("run %s: %s, %s, U-Net width %d depth %d (%.2f M parameters)", run_dir, device, precision,
+             cfg.base_channels, cfg.depth, sum(p.numel() for p in raw_model.parameters()) / 1e6)
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        start = time.perf_counter()
+        # Everything random in an epoch derives from (seed, epoch), so a resumed run replays it exactly.
+        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        train_loader.dataset.set_epoch(cfg.seed * 100_003 + epoch)
+        train_loss, speed, state["step"] = train_one_epoch(model, train_loader, optimizer, scheduler, state["scaler"],
+                                                           loss_fn, device, precision, cfg, epoch, state["step"])
+        result = evaluate(model, val_loader, device, precision, cfg.threshold, cfg.full_res_val, loss_fn=loss_fn)
+        record = {"epoch": epoch, "step": state["step"], "train_loss": train_loss, "val_loss": result["loss"],
+                  "val_dice": result["small"]["dice"], "val_iou": result["small"]["iou"],
+                  "lr": scheduler.get_last_lr()[0], "images_per_s": speed}
+        if cfg.full_res_val:
+            record.update(val_dice_full=result["full"]["dice"], val_iou_full=result["full"]["iou"])
+        record["seconds"] = time.perf_counter() - start
+        state["history"].append(record)
+        state["epoch"] = epoch
+        score = record.get("val_dice_full", record["val_dice"])
+        improved = score > state["best"]
+        state["best"] = max(state["best"], score)
+        save_checkpoint(run_dir / "last.pt", make_checkpoint(raw_model, cfg, state, val_cars))
+        if improved:
+            save_checkpoint(run_dir / "best.pt", make_checkpoint(raw_model, cfg, state, val_cars, full=False))
+        write_history(run_dir, state["history"])
+        log_epoch(run_dir, cfg, record)
+    return {"run_dir": str(run_dir), "best_val_dice": state["best"], **state["history"][-1]}
+
+
+def resume_defaults(argv):
+    """With --resume, the run's own stored config becomes the base that flags override."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--resume", default="")
+    resume = pre.parse_known_args(argv)[0].resume
+    if not resume:
+        return None
+    path = Path(resume)
+    return load_checkpoint(path / "last.pt" if path.is_dir() else path)["config"] | {"resume": resume}
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], base=resume_defaults(argv))
+        summary = train(cfg)
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
+        raise SystemExit(f"error: {err}")
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: last.pt holds the last completed epoch; continue with --resume")
+    log.info("done: best validation Dice %.5f; checkpoints in %s", summary["best_val_dice"], summary["run_dir"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()
