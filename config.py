@@ -64,14 +64,14 @@ class TrainConfig:
     resume: str = _opt("", "continue from this last.pt (or its run folder), exactly where it stopped")
 
     def __post_init__(self):
-        _check(self, "width", self.width % (2 ** self.depth) == 0 and self.width > 0,
-               f"must be a positive multiple of 2**depth = {2 ** self.depth}")
-        _check(self, "height", self.height % (2 ** self.depth) == 0 and self.height > 0,
-               f"must be a positive multiple of 2**depth = {2 ** self.depth}")
         _check(self, "val_fraction", 0 < self.val_fraction < 1, "must be between 0 and 1")
         _check(self, "max_cars", self.max_cars >= 0, "must be >= 0")
         _check(self, "base_channels", self.base_channels >= 1, "must be >= 1")
         _check(self, "depth", 1 <= self.depth <= 6, "must be between 1 and 6")
+        _check(self, "width", self.width % (2 ** self.depth) == 0 and self.width > 0,
+               f"must be a positive multiple of 2**depth = {2 ** self.depth}")
+        _check(self, "height", self.height % (2 ** self.depth) == 0 and self.height > 0,
+               f"must be a positive multiple of 2**depth = {2 ** self.depth}")
         _check(self, "epochs", self.epochs >= 1, "must be >= 1")
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
         _check(self, "lr", self.lr > 0, "must be > 0")
@@ -167,7 +167,7 @@ def parse_config(cls, argv=None, description: str = "", base: dict | None = None
     try:
         if pre.config:
             parser.set_defaults(**load_config_file(cls, pre.config))
-        args = vars(parser.parse_args(argv))
+        args = vars(parser.parse_intermixed_args(argv))  # predict.py a.jpg --out-dir o b.jpg
         args.pop("config")
         return cls(**args)
     except ValueError as err:

@@ -57,7 +57,7 @@ def evaluate(model, loader, device, precision="fp32", threshold=0.5, full_res=Tr
     small, full = SegmentationMeter(), SegmentationMeter()
     sweeps = {t: SegmentationMeter() for t in sweep}
     records, loss_sum = [], 0.0
-    for images, masks, indices in tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True):
+    for images, masks, indices in tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True, disable=None):
         logits = predict_logits(model, images, device, precision)
         probs, masks = torch.sigmoid(logits), masks.to(device)
         if loss_fn is not None:
@@ -104,9 +104,10 @@ def select_samples(checkpoint, data_dir, split):
 
 def evaluation_data_dir(cfg, train_config):
     """--data-dir, else the folder the checkpoint was trained on (if it still exists), else the default."""
-    if cfg.data_dir or not Path(train_config.get("data_dir", "")).is_dir():
+    stored = train_config.get("data_dir", "")
+    if cfg.data_dir or not stored or not Path(stored).is_dir():
         return resolve_data_dir(cfg.data_dir)
-    return Path(train_config["data_dir"])
+    return Path(stored)
 
 
 def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:

@@ -151,7 +151,7 @@ def predict_files(cfg: PredictConfig):
     model = UNet.from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
     written = []
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
-            tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True) as bar:
+            tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
         decoded = _prefetch(paths, size, readers, 2 * cfg.batch_size)
         pending = deque()
         for batch in _batches(decoded, cfg.batch_size, failures, bar):

@@ -97,7 +97,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
     """One pass over the training set; returns (mean loss, images/s, global step)."""
     model.train()
     total, count, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None)
     for images, masks, _ in bar:
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
@@ -155,8 +155,8 @@ def run_dir_for(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def restore(cfg, raw_model, state):
-    """Load --resume's weights and optimizer/scheduler/scaler state, refusing an incompatible config."""
+def load_resume_checkpoint(cfg):
+    """Read --resume's checkpoint, refusing one that cannot continue under this config."""
     path = Path(cfg.resume)
     checkpoint = load_checkpoint(path / "last.pt" if path.is_dir() else path)
     for key in FIXED_ON_RESUME:
@@ -165,12 +165,17 @@ def restore(cfg, raw_model, state):
                              f"this command says {getattr(cfg, key)!r}; drop the flag to continue the run")
     if "optimizer" not in checkpoint:
         raise ValueError(f"--resume {cfg.resume}: this checkpoint holds weights only; resume from last.pt")
+    return checkpoint
+
+
+def restore(checkpoint, raw_model, state):
+    """Put a resumed run's weights and optimizer/scheduler/scaler state back in place."""
     raw_model.load_state_dict(checkpoint["model"])
     for name in ("optimizer", "scheduler", "scaler"):
         state[name].load_state_dict(checkpoint[name])
     state.update(epoch=checkpoint["epoch"], step=checkpoint["global_step"], best=checkpoint["best_val_dice"],
                  history=checkpoint["history"])
-    log.info("resumed %s at epoch %d, step %d", cfg.resume, state["epoch"], state["step"])
+    log.info("resuming at epoch %d, step %d", state["epoch"] + 1, state["step"])
 
 
 def log_epoch(run_dir, cfg, record):
@@ -196,6 +201,7 @@ def train(cfg: TrainConfig) -> dict:
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device)
     run_dir = run_dir_for(cfg)
+    resumed = load_resume_checkpoint(cfg) if cfg.resume else None  # fail fast, before decoding
     train_store, val_store = build_stores(cfg)
     train_loader, val_loader = build_loaders(cfg, train_store, val_store, device)
     seed_everything(cfg.seed)
@@ -205,8 +211,8 @@ def train(cfg: TrainConfig) -> dict:
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(train_loader))
     state = dict(optimizer=optimizer, scheduler=scheduler, scaler=runtime.grad_scaler(device, precision),
                  epoch=0, step=0, best=-1.0, history=[])
-    if cfg.resume:
-        restore(cfg, raw_model, state)
+    if resumed is not None:
+        restore(resumed, raw_model, state)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     loss_fn = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
     val_cars = {s.car_id for s in val_store.samples}

@@ -1,0 +1,463 @@
+"""Protects file pairing, the by-car split, image/mask decoding and checks, the disk cache and the Dataset items."""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from conftest import FAKE_CARS, IMAGE_SIZE, MODEL_SIZE, PLAIN_CARS, VIEWS, car_picture, save_palette_gif
+from dataset import (CarvanaDataset, DatasetError, Sample, build_transform, car_id_of, find_samples, load_image,
+                     load_mask, load_samples, prepare_store, shrink_mask, split_by_car)
+
+
+# ---------------------------------------------------------------- finding and pairing files
+
+def test_find_samples_kaggle_layout(kaggle_dir):
+    samples, problems = find_samples(kaggle_dir)
+    assert problems == []
+    assert len(samples) == len(FAKE_CARS) * VIEWS
+    assert {s.car_id for s in samples} == set(FAKE_CARS)
+    first = samples[0]
+    assert first.name == f"{FAKE_CARS[0]}_01"
+    assert first.image == kaggle_dir / "train" / f"{FAKE_CARS[0]}_01.jpg"
+    assert first.mask == kaggle_dir / "train_masks" / f"{FAKE_CARS[0]}_01_mask.gif"
+    assert all(s.mask.name == f"{s.name}_mask.gif" for s in samples)
+
+
+def test_find_samples_plain_layout(plain_dir):
+    samples, problems = find_samples(plain_dir)
+    assert problems == []
+    assert len(samples) == len(PLAIN_CARS) * VIEWS
+    assert all(s.image.parent.name == "images" and s.mask == plain_dir / "masks" / s.image.name for s in samples)
+    assert {s.car_id for s in samples} == set(PLAIN_CARS)
+
+
+def test_find_samples_missing_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_samples(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        find_samples(tmp_path)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="train_masks"):
+        find_samples(tmp_path)
+
+
+@pytest.mark.parametrize("name, car", [("0cdf5b5d0ce1_07", "0cdf5b5d0ce1"), ("aaaaaaaaaa01_16", "aaaaaaaaaa01"),
+                                       ("my_photo_3", "my_photo"), ("photo", "photo"), ("photo_", "photo_"),
+                                       ("photo_a1", "photo_a1")])
+def test_car_id_of(name, car):
+    assert car_id_of(name) == car
+
+
+def test_pairing_problems_are_all_reported(kaggle_dir):
+    missing = kaggle_dir / "train_masks" / f"{FAKE_CARS[1]}_02_mask.gif"
+    missing.unlink()
+    orphan = kaggle_dir / "train_masks" / "cccccccccc01_01_mask.gif"
+    save_palette_gif(np.zeros((4, 4), np.uint8), orphan)
+    duplicate = kaggle_dir / "train" / f"{FAKE_CARS[2]}_01.png"
+    Image.new("RGB", IMAGE_SIZE).save(duplicate)
+    samples, problems = find_samples(kaggle_dir)
+    assert len(problems) == 3, problems
+    text = "\n".join(problems)
+    assert f"{FAKE_CARS[1]}_02.jpg: no mask" in text
+    assert f"{orphan}: mask without an image" in text
+    assert str(duplicate) in text and "duplicate" in text
+    assert f"{FAKE_CARS[1]}_02" not in {s.name for s in samples}
+    assert len(samples) == len(FAKE_CARS) * VIEWS - 1
+
+
+def test_hidden_and_non_image_files_are_ignored(kaggle_dir):
+    (kaggle_dir / "train" / ".DS_Store").write_text("x")
+    (kaggle_dir / "train" / "notes.txt").write_text("x")
+    samples, problems = find_samples(kaggle_dir)
+    assert problems == [] and len(samples) == len(FAKE_CARS) * VIEWS
+
+
+# ---------------------------------------------------------------- the split by car
+
+def fake_samples(n_cars=40, views=4):
+    return [Sample(Path(f"{c:012x}_{v:02d}.jpg"), Path(f"{c:012x}_{v:02d}_mask.gif"), f"{c:012x}_{v:02d}", f"{c:012x}")
+            for c in range(n_cars) for v in range(1, views + 1)]
+
+
+def test_split_by_car_is_deterministic_disjoint_and_complete():
+    samples = fake_samples()
+    train, val = split_by_car(samples, 0.25, seed=0)
+    again_train, again_val = split_by_car(samples, 0.25, seed=0)
+    assert (train, val) == (again_train, again_val)
+    train_cars, val_cars = {s.car_id for s in train}, {s.car_id for s in val}
+    assert train_cars.isdisjoint(val_cars)
+    assert train_cars | val_cars == {s.car_id for s in samples}
+    assert len(val_cars) == 10                        # round(40 * 0.25)
+    assert len(train) + len(val) == len(samples)      # every image on exactly one side
+    assert all(len([s for s in val if s.car_id == c]) == 4 for c in val_cars)  # whole cars only
+
+
+def test_split_by_car_does_not_depend_on_input_order():
+    samples = fake_samples()
+    shuffled = samples[:]
+    random.Random(3).shuffle(shuffled)
+    _, val = split_by_car(samples, 0.25, seed=0)
+    _, val_shuffled = split_by_car(shuffled, 0.25, seed=0)
+    assert {s.name for s in val} == {s.name for s in val_shuffled}
+
+
+def test_split_seed_changes_the_split():
+    samples = fake_samples()
+    splits = {frozenset(s.car_id for s in split_by_car(samples, 0.25, seed)[1]) for seed in range(4)}
+    assert len(splits) > 1
+
+
+def test_split_keeps_at_least_one_car_on_each_side():
+    samples = fake_samples(n_cars=2)
+    for fraction in (0.01, 0.99):
+        train, val = split_by_car(samples, fraction, seed=0)
+        assert len({s.car_id for s in train}) == 1 and len({s.car_id for s in val}) == 1
+    with pytest.raises(ValueError, match="at least 2 cars"):
+        split_by_car(fake_samples(n_cars=1), 0.5, seed=0)
+
+
+# ---------------------------------------------------------------- masks
+
+def test_load_mask_kaggle_gif(kaggle_dir):
+    mask = load_mask(kaggle_dir / "train_masks" / f"{FAKE_CARS[0]}_01_mask.gif")
+    _, expected = car_picture(0, 1)
+    assert mask.dtype == np.uint8 and mask.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0])
+    assert np.array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("mode, scale", [("L", 1), ("L", 255), ("1", 255), ("RGB", 255), ("P", 1)])
+def test_load_mask_accepts_01_and_0255(tmp_path, mode, scale):
+    expected = np.zeros((5, 7), np.uint8)
+    expected[1:4, 2:6] = 1
+    img = Image.fromarray(expected * scale)
+    if mode == "1":
+        img = img.convert("1")
+    elif mode == "RGB":
+        img = img.convert("RGB")
+    elif mode == "P":
+        img = Image.frombytes("P", (7, 5), expected.tobytes())
+        img.putpalette([0, 0, 0, 255, 255, 255])
+    path = tmp_path / "m.png"
+    img.save(path)
+    mask = load_mask(path)
+    assert mask.dtype == np.uint8
+    assert np.array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("values", [(0, 1, 2), (0, 128, 255), (0, 254)])
+def test_load_mask_rejects_other_values(tmp_path, values):
+    array = np.array([values * 3], np.uint8)
+    path = tmp_path / "bad_mask.png"
+    Image.fromarray(array).save(path)
+    with pytest.raises(ValueError, match="bad_mask.png"):
+        load_mask(path)
+
+
+def test_load_mask_rejects_palette_gif_with_a_third_label(tmp_path):
+    path = tmp_path / "three_mask.gif"
+    img = Image.frombytes("P", (3, 1), bytes([0, 1, 2]))
+    img.putpalette([0, 0, 0, 255, 255, 255, 128, 128, 128])
+    img.save(path)
+    with pytest.raises(ValueError, match="three_mask.gif"):
+        load_mask(path)
+
+
+def test_load_mask_rejects_a_colour_image(tmp_path):
+    path = tmp_path / "colour_mask.png"
+    Image.fromarray(np.array([[[255, 0, 0], [0, 0, 0]]], np.uint8)).save(path)
+    with pytest.raises(ValueError, match="colour_mask.png"):
+        load_mask(path)
+
+
+def test_shrink_mask_area_averages_4x4_to_2x2():
+    mask = np.array([[1, 1, 0, 0],
+                     [1, 0, 0, 0],
+                     [0, 0, 1, 1],
+                     [0, 1, 1, 1]], np.uint8)
+    # block means 3/4, 0, 1/4, 1 -> x255 -> 191.25, 0, 63.75, 255 -> rounded
+    expected = np.array([[191, 0], [64, 255]], np.uint8)
+    got = shrink_mask(mask, (2, 2))
+    assert got.dtype == np.uint8
+    assert np.array_equal(got, expected)
+
+
+def test_shrink_mask_size_is_width_height():
+    mask = np.array([[1, 1, 0, 0],
+                     [1, 0, 0, 0]], np.uint8)   # 2 high, 4 wide
+    assert np.array_equal(shrink_mask(mask, (2, 1)), np.array([[191, 0]], np.uint8))
+
+
+# ---------------------------------------------------------------- images
+
+def test_load_image_with_and_without_size(kaggle_dir):
+    path = kaggle_dir / "train" / f"{FAKE_CARS[0]}_01.jpg"
+    image, full = load_image(path, MODEL_SIZE)
+    assert image.dtype == np.uint8 and image.shape == (MODEL_SIZE[1], MODEL_SIZE[0], 3)
+    assert full == IMAGE_SIZE
+    image, full = load_image(path)
+    assert image.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0], 3) and full == IMAGE_SIZE
+    assert image.flags.writeable and image.flags.c_contiguous
+
+
+@pytest.mark.parametrize("size", [(48, 32), (100, 75), (399, 299), (13, 7)])
+def test_load_image_jpeg_reduced_decoding_gives_exact_size(tmp_path, size):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(path)
+    image, full = load_image(path, size)
+    assert image.shape == (size[1], size[0], 3) and image.dtype == np.uint8
+    assert full == (400, 300)
+
+
+def test_load_image_reduced_decoding_matches_a_full_decode(tmp_path):
+    path = tmp_path / "smooth.jpg"
+    yy, xx = np.mgrid[0:320, 0:480]
+    smooth = np.dstack([xx * 255 // 480, yy * 255 // 320, (xx + yy) * 255 // 800]).astype(np.uint8)
+    Image.fromarray(smooth).save(path, quality=95)
+    small, _ = load_image(path, (120, 80))       # decoded at 1/4 scale
+    reference = np.asarray(Image.open(path).convert("RGB").resize((120, 80), Image.BOX))
+    assert np.abs(small.astype(int) - reference.astype(int)).mean() < 2.0
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_load_image_upscales_a_small_file(tmp_path, fmt):
+    # A photo smaller than the model's input (a thumbnail given to predict.py) must still load.
+    path = tmp_path / f"small.{fmt}"
+    Image.fromarray(np.full((30, 40, 3), 128, np.uint8)).save(path)
+    image, full = load_image(path, (64, 48))
+    assert image.shape == (48, 64, 3)
+    assert full == (40, 30)
+
+
+def write_exif_rotated(path, orientation=6):
+    """A 60x40 stored JPEG, left half red and right half blue, with an EXIF orientation tag."""
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:, :30] = (255, 0, 0)
+    stored[:, 30:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+
+
+@pytest.mark.parametrize("size", [None, (20, 30)])
+def test_exif_orientation_6_is_applied(tmp_path, size):
+    path = tmp_path / "rotated.jpg"
+    write_exif_rotated(path)
+    image, full = load_image(path, size)
+    assert full == (40, 60)  # displayed upright: 40 wide, 60 high
+    h, w = (60, 40) if size is None else (30, 20)
+    assert image.shape == (h, w, 3)
+    # orientation 6 = rotate 90 degrees clockwise to display: the stored left (red) half becomes the top
+    top, bottom = image[: h // 3].reshape(-1, 3).mean(0), image[-h // 3:].reshape(-1, 3).mean(0)
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_rgba_png_gives_rgb_over_white(tmp_path):
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[:, :3] = (10, 20, 30, 255)     # opaque left half
+    rgba[:, 3:] = (10, 20, 30, 0)       # transparent right half
+    path = tmp_path / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    image, full = load_image(path)
+    assert image.dtype == np.uint8 and image.shape == (4, 6, 3) and full == (6, 4)
+    assert (image[:, :3] == (10, 20, 30)).all()
+    assert (image[:, 3:] == 255).all()
+
+
+def test_grayscale_png_gives_rgb(tmp_path):
+    gray = np.arange(24, dtype=np.uint8).reshape(4, 6) * 10
+    path = tmp_path / "gray.png"
+    Image.fromarray(gray).save(path)
+    image, _ = load_image(path)
+    assert image.shape == (4, 6, 3) and image.dtype == np.uint8
+    assert all(np.array_equal(image[..., c], gray) for c in range(3))
+
+
+def test_16_bit_png_gives_rgb_uint8(tmp_path):
+    values = np.array([[0, 65535, 32896]], np.uint16)  # 32896 * 255 / 65535 = 128 exactly
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    image, full = load_image(path, (3, 1))
+    assert image.dtype == np.uint8 and image.shape == (1, 3, 3) and full == (3, 1)
+    assert image[0, :, 0].tolist() == [0, 255, 128]
+
+
+def truncated_jpeg(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text"])
+@pytest.mark.parametrize("size", [None, MODEL_SIZE])
+def test_unreadable_image_raises_value_error_naming_the_file(tmp_path, kind, size):
+    path = tmp_path / f"broken_{kind}.jpg"
+    if kind == "truncated":
+        truncated_jpeg(path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_text("this is not a JPEG\n")
+    with pytest.raises(ValueError, match=f"broken_{kind}.jpg"):
+        load_image(path, size)
+
+
+# ---------------------------------------------------------------- decoding a whole dataset
+
+def test_prepare_store_lists_every_problem_at_once(kaggle_dir):
+    (kaggle_dir / "train_masks" / f"{FAKE_CARS[0]}_02_mask.gif").unlink()          # a missing mask
+    truncated_jpeg(kaggle_dir / "train" / f"{FAKE_CARS[1]}_01.jpg")                  # a truncated image
+    save_palette_gif(np.zeros((64, 80), np.uint8),                                 # a mask of the wrong size
+                     kaggle_dir / "train_masks" / f"{FAKE_CARS[2]}_03_mask.gif")
+    samples, problems = find_samples(kaggle_dir)
+    with pytest.raises(DatasetError) as err:
+        prepare_store(samples, MODEL_SIZE, "", kaggle_dir, problems)
+    assert isinstance(err.value, ValueError)
+    assert len(err.value.problems) == 3
+    message = str(err.value)
+    assert "3 problem(s)" in message
+    assert f"{FAKE_CARS[0]}_02.jpg: no mask" in message
+    assert f"{FAKE_CARS[1]}_01.jpg" in message
+    assert f"{FAKE_CARS[2]}_03_mask.gif: mask is 80x64" in message
+
+
+def test_all_background_mask_is_only_a_warning(kaggle_dir, caplog):
+    save_palette_gif(np.zeros((IMAGE_SIZE[1], IMAGE_SIZE[0]), np.uint8),
+                     kaggle_dir / "train_masks" / f"{FAKE_CARS[0]}_01_mask.gif")
+    samples, _ = find_samples(kaggle_dir)
+    store = prepare_store(samples, MODEL_SIZE)
+    assert len(store) == len(samples)
+    assert "all background" in caplog.text
+
+
+def same_store(a, b):
+    assert [s.name for s in a.samples] == [s.name for s in b.samples]
+    assert a.full_sizes == b.full_sizes
+    for name in ("images", "masks", "full_masks"):
+        for x, y in zip(getattr(a, name), getattr(b, name), strict=True):
+            assert x.dtype == y.dtype and np.array_equal(x, y), name
+
+
+def test_disk_cache_is_used_and_identical(kaggle_dir, tmp_path, monkeypatch):
+    samples, _ = find_samples(kaggle_dir)
+    cache = tmp_path / "cache"
+    first, problems = load_samples(samples, MODEL_SIZE, cache)
+    assert problems == [] and len(list(cache.glob("*.npz"))) == len(samples)
+    calls = []
+
+    def no_decoding(sample, size):
+        calls.append(sample.name)
+        raise ValueError(f"decode_sample called for {sample.name}")
+
+    monkeypatch.setattr(dataset, "decode_sample", no_decoding)
+    second, problems = load_samples(samples, MODEL_SIZE, cache)
+    assert problems == [] and calls == []
+    same_store(first, second)
+    assert all(isinstance(v, int) for size in second.full_sizes for v in size)
+    # another model size is another cache entry
+    _, problems = load_samples(samples[:1], (32, 24), cache)
+    assert calls == [samples[0].name]
+
+
+def test_disk_cache_notices_a_changed_file(kaggle_dir, tmp_path, monkeypatch):
+    samples, _ = find_samples(kaggle_dir)
+    cache = tmp_path / "cache"
+    load_samples(samples, MODEL_SIZE, cache)
+    changed = samples[3]
+    _, new_mask = car_picture(9, 1)
+    save_palette_gif(new_mask, changed.mask)
+    stat = os.stat(changed.mask)
+    os.utime(changed.mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    store, problems = load_samples(samples, MODEL_SIZE, cache)
+    assert problems == []
+    assert np.array_equal(store.full_mask(3), new_mask)
+
+
+def test_damaged_cache_entry_is_rebuilt(kaggle_dir, tmp_path):
+    samples, _ = find_samples(kaggle_dir)
+    cache = tmp_path / "cache"
+    first, _ = load_samples(samples, MODEL_SIZE, cache)
+    for entry in cache.glob("*.npz"):
+        entry.write_bytes(b"not a zip file")
+    second, problems = load_samples(samples, MODEL_SIZE, cache)
+    assert problems == []
+    same_store(first, second)
+
+
+def test_store_keeps_the_full_resolution_mask(kaggle_dir):
+    samples, _ = find_samples(kaggle_dir)
+    store = prepare_store(samples, MODEL_SIZE)
+    for i, sample in enumerate(store.samples):
+        assert store.full_sizes[i] == IMAGE_SIZE
+        assert np.array_equal(store.full_mask(i), load_mask(sample.mask))
+        assert np.array_equal(store.masks[i], shrink_mask(load_mask(sample.mask), MODEL_SIZE))
+
+
+# ---------------------------------------------------------------- the Dataset and augmentation
+
+@pytest.fixture
+def store(kaggle_dir):
+    samples, _ = find_samples(kaggle_dir)
+    return prepare_store(samples, MODEL_SIZE)
+
+
+def car_iou(image: torch.Tensor, mask: torch.Tensor) -> float:
+    """IoU of "darker than the studio background" with mask > 0.5: high when image and mask are aligned."""
+    brightness = image.mean(0)
+    # midway between the car (about a third of the picture) and the background, whatever the colour jitter did
+    low, high = torch.quantile(brightness.flatten(), torch.tensor([0.1, 0.9]))
+    dark, car = brightness < (low + high) / 2, mask[0] > 0.5
+    return ((dark & car).sum() / (dark | car).sum()).item()
+
+
+def test_dataset_items(store):
+    ds = CarvanaDataset(store)
+    assert len(ds) == len(store)
+    for i in range(len(ds)):
+        image, mask, index = ds[i]
+        assert index == i
+        assert image.dtype == torch.float32 and image.shape == (3, MODEL_SIZE[1], MODEL_SIZE[0])
+        assert mask.dtype == torch.float32 and mask.shape == (1, MODEL_SIZE[1], MODEL_SIZE[0])
+        assert 0 <= image.min() and image.max() <= 1
+        assert 0 <= mask.min() and mask.max() <= 1
+        assert torch.equal(mask[0], torch.from_numpy(store.masks[i]).float() / 255)
+        assert torch.equal(image, torch.from_numpy(store.images[i]).permute(2, 0, 1).float() / 255)
+        assert car_iou(image, mask) > 0.9
+    # the area-averaged mask is soft at the car's edge
+    assert ((mask > 0) & (mask < 1)).any()
+
+
+def test_no_augmentation_is_no_transform():
+    assert build_transform("none") is None
+
+
+@pytest.mark.parametrize("strength", ["light", "strong"])
+def test_augmentation_is_reproducible_from_the_epoch_seed(store, strength):
+    ds = CarvanaDataset(store, build_transform(strength))
+    ds.set_epoch(12345)
+    first = [ds[i] for i in range(len(ds))]
+    ds.set_epoch(12345)
+    second = [ds[i] for i in range(len(ds))]
+    for (a_img, a_mask, _), (b_img, b_mask, _) in zip(first, second):
+        assert torch.equal(a_img, b_img) and torch.equal(a_mask, b_mask)
+    ds.set_epoch(54321)
+    third = [ds[i] for i in range(len(ds))]
+    assert any(not torch.equal(a[0], c[0]) for a, c in zip(first, third))
+    plain = CarvanaDataset(store)
+    assert any(not torch.equal(a[0], plain[i][0]) for i, a in enumerate(first))
+
+
+def test_augmentation_moves_image_and_mask_together(store):
+    ds = CarvanaDataset(store, build_transform("strong"))
+    for seed in range(3):
+        ds.set_epoch(seed)
+        for i in range(len(ds)):
+            image, mask, _ = ds[i]
+            assert image.shape == (3, MODEL_SIZE[1], MODEL_SIZE[0]) and mask.shape == (1, MODEL_SIZE[1], MODEL_SIZE[0])
+            assert 0 <= mask.min() and mask.max() <= 1
+            assert car_iou(image, mask) > 0.85, (seed, i)

@@ -1,0 +1,89 @@
+"""Protects the loss (soft Dice, BCE + Dice) against hand-computed values, dtype drift and NaN gradients."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import BCEDiceLoss, soft_dice_loss
+
+LN3 = math.log(3.0)  # sigmoid(ln 3) = 0.75, sigmoid(-ln 3) = 0.25
+
+
+def img(rows):
+    """(1, 1, H, W) float tensor from nested lists."""
+    return torch.tensor(rows, dtype=torch.float32)[None, None]
+
+
+def test_perfect_prediction_has_zero_dice_loss():
+    targets = img([[1, 0, 1], [0, 1, 1]])
+    logits = (targets * 2 - 1) * 30.0  # +30 on car, -30 on background
+    assert soft_dice_loss(logits, targets).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("eps, expected", [
+    # probs [[.75, .5], [.25, .5]], targets [[1, 1], [0, 0]]: I = 1.25, sum(p) = 2, sum(t) = 2
+    (1.0, 1 - (2 * 1.25 + 1) / (4 + 1)),   # 0.3
+    (0.0, 1 - (2 * 1.25) / 4),             # 0.375
+    (0.5, 1 - (2 * 1.25 + 0.5) / 4.5),     # 1/3
+])
+def test_soft_dice_hand_computed_2x2(eps, expected):
+    logits = img([[LN3, 0.0], [-LN3, 0.0]])
+    targets = img([[1, 1], [0, 0]])
+    assert soft_dice_loss(logits, targets, eps=eps).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_soft_dice_is_the_mean_of_per_image_losses():
+    # image 1: the 2x2 case above (0.3); image 2: probs all 0.5, empty target: (0 + 1) / (2 + 0 + 1) -> 1 - 1/3
+    logits = torch.cat([img([[LN3, 0.0], [-LN3, 0.0]]), img([[0.0, 0.0], [0.0, 0.0]])])
+    targets = torch.cat([img([[1, 1], [0, 0]]), img([[0, 0], [0, 0]])])
+    assert soft_dice_loss(logits, targets).item() == pytest.approx((0.3 + 2 / 3) / 2, abs=1e-6)
+
+
+def test_empty_target_and_empty_prediction_has_zero_loss():
+    targets = torch.zeros(2, 1, 4, 4)
+    logits = torch.full((2, 1, 4, 4), -30.0)
+    assert soft_dice_loss(logits, targets).item() == pytest.approx(0.0, abs=1e-6)
+    assert BCEDiceLoss()(logits, targets).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("bce_weight, dice_weight", [(1.0, 1.0), (0.7, 1.3), (1.0, 0.0), (0.0, 2.0)])
+def test_bce_dice_is_the_weighted_sum_of_its_parts(bce_weight, dice_weight):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 5, 6, generator=g) * 3
+    targets = (torch.rand(3, 1, 5, 6, generator=g) > 0.5).float()
+    expected = bce_weight * F.binary_cross_entropy_with_logits(logits, targets) \
+        + dice_weight * soft_dice_loss(logits, targets)
+    got = BCEDiceLoss(bce_weight, dice_weight)(logits, targets)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_loss_is_fp32_for_bf16_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 1, 8, 8, generator=g) * 2).bfloat16()
+    targets = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).bfloat16()
+    loss = BCEDiceLoss()(logits, targets)
+    assert loss.dtype == torch.float32
+    assert soft_dice_loss(logits, targets).dtype == torch.float32
+    # The upcast is exact, so the bf16 loss equals the fp32 loss of the same (bf16-rounded) values.
+    assert torch.equal(loss, BCEDiceLoss()(logits.float(), targets.float()))
+
+
+@pytest.mark.parametrize("scale", [50.0, 1e4])
+def test_gradient_is_finite_at_large_logits(scale):
+    targets = img([[1, 0], [0, 1]])
+    # right and wrong answers, both saturated
+    logits = (img([[1, -1], [1, -1]]) * scale).requires_grad_()
+    loss = BCEDiceLoss()(logits, targets)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_soft_targets_are_accepted():
+    # logits 0 -> p = 0.5 against targets 0.5: BCE = ln 2 per pixel; Dice: I = 4 * 0.25 = 1,
+    # sum(p) = sum(t) = 2 -> 1 - (2 + 1) / (4 + 1) = 0.4
+    logits = torch.zeros(1, 1, 2, 2)
+    targets = torch.full((1, 1, 2, 2), 0.5)
+    assert soft_dice_loss(logits, targets).item() == pytest.approx(0.4, abs=1e-6)
+    assert BCEDiceLoss()(logits, targets).item() == pytest.approx(math.log(2) + 0.4, abs=1e-6)

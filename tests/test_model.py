@@ -1,0 +1,120 @@
+"""Protects the U-Net's shapes for any input size, its gradients, and safe checkpoint save/load."""
+import os
+import shlex
+
+import pytest
+import torch
+
+from model import CHECKPOINT_FORMAT, UNet, load_checkpoint
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("height, width", [(33, 47), (64, 48), (48, 64), (17, 9)])
+def test_output_has_the_input_height_and_width(bilinear, depth, height, width):
+    model = UNet(base_channels=4, depth=depth, bilinear=bilinear).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(1, 3, height, width))
+    assert logits.shape == (1, 1, height, width)
+
+
+def test_out_channels_and_batch_are_kept():
+    model = UNet(in_channels=3, out_channels=2, base_channels=4, depth=2).eval()
+    with torch.no_grad():
+        assert model(torch.rand(3, 3, 20, 28)).shape == (3, 2, 20, 28)
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_backward_gives_finite_gradients_everywhere(bilinear):
+    model = UNet(base_channels=4, depth=2, bilinear=bilinear)
+    model(torch.rand(2, 3, 33, 47)).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_model_args_rebuild_an_identical_architecture(bilinear):
+    model = UNet(base_channels=4, depth=3, bilinear=bilinear)
+    twin = UNet(**model.model_args)
+    a, b = model.state_dict(), twin.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+
+
+def checkpoint_of(model) -> dict:
+    return {"format_version": CHECKPOINT_FORMAT, "model_args": model.model_args, "model": model.state_dict()}
+
+
+def test_saved_checkpoint_reproduces_outputs_exactly(tmp_path):
+    model = UNet(base_channels=4, depth=2)
+    model(torch.rand(4, 3, 32, 32))  # a training-mode pass moves BatchNorm running stats off their defaults
+    model.eval()
+    path = tmp_path / "model.pt"
+    torch.save(checkpoint_of(model), path)
+    restored = UNet.from_checkpoint(load_checkpoint(path)).eval()
+    images = torch.rand(2, 3, 33, 47)
+    with torch.no_grad():
+        assert torch.equal(model(images), restored(images))
+
+
+def test_from_checkpoint_gives_fp32_weights_from_bf16_ones():
+    model = UNet(base_channels=4, depth=2)
+    checkpoint = checkpoint_of(model)
+    checkpoint["model"] = {k: v.bfloat16() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    restored = UNet.from_checkpoint(checkpoint)
+    assert all(p.dtype == torch.float32 for p in restored.parameters())
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_load_checkpoint_refuses_a_pickle_carrying_code(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pt"
+    model = UNet(base_channels=4, depth=1)
+    torch.save({**checkpoint_of(model), "extra": Payload(marker)}, path)
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        load_checkpoint(path)
+    assert not marker.exists(), "load_checkpoint executed code from the checkpoint"
+    # The payload is real: an unsafe load does run it (so the assertion above means something).
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content", [
+    {"weights": 1},                                                       # not a checkpoint
+    {"format_version": 99, "model_args": {}, "model": {}},                # an unknown format
+    [1, 2, 3],                                                            # not even a dict
+])
+def test_load_checkpoint_refuses_non_checkpoints(tmp_path, content):
+    path = tmp_path / "other.pt"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+        load_checkpoint(path)
+
+
+def test_load_checkpoint_refuses_a_bare_state_dict(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(UNet(base_channels=4, depth=1).state_dict(), path)
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+        load_checkpoint(path)
+
+
+def test_load_checkpoint_refuses_garbage(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_text("this is not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        load_checkpoint(path)
+
+
+def test_load_checkpoint_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing-here.pt"):
+        load_checkpoint(tmp_path / "nothing-here.pt")

@@ -1,0 +1,418 @@
+"""Protects the scripts end to end: run files, exact resume, run/NaN guards, evaluate's metric and predict's outputs."""
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+import evaluate
+import predict
+import train
+from config import EvaluateConfig, PredictConfig, TrainConfig, parse_config
+from conftest import IMAGE_SIZE, MODEL_SIZE, car_picture, tiny_config, write_kaggle_dataset
+from dataset import find_samples, image_to_tensor, load_image, split_by_car
+from losses import BCEDiceLoss
+from model import UNet, load_checkpoint
+
+TIMING_FIELDS = {"seconds", "images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_kaggle_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, work):
+    """A 2-epoch run, trained once for the whole module: (cfg, summary, run folder)."""
+    cfg = tiny_config(data_dir, work, run_name="straight")
+    summary = train.train(cfg)
+    return cfg, summary, Path(summary["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, work):
+    """A run long enough to segment the synthetic cars (val Dice ~0.95), so masks are not trivially empty."""
+    cfg = tiny_config(data_dir, work, run_name="trained", epochs=15, batch_size=2, lr=3e-2, warmup_epochs=0.5)
+    summary = train.train(cfg)
+    return cfg, summary, Path(summary["run_dir"])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def config_file(cfg, path) -> str:
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    return str(path)
+
+
+# ---------------------------------------------------------------- train.py
+
+def test_train_writes_a_complete_run(straight, data_dir):
+    cfg, summary, run = straight
+    assert summary["epoch"] == 2 and summary["run_dir"] == str(run)
+    assert run == Path(cfg.out_dir) / "straight"
+    for key in ("train_loss", "val_loss", "val_dice", "val_dice_full", "val_iou_full", "best_val_dice"):
+        assert np.isfinite(summary[key]), key
+    assert 0 <= summary["val_dice_full"] <= 1
+    for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl", "curves.png"):
+        assert (run / name).is_file(), name
+    assert Image.open(run / "curves.png").format == "PNG"
+    assert json.loads((run / "config.json").read_text()) == dataclasses.asdict(cfg)
+
+    history = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert [r["step"] for r in history] == [2, 4]  # 9 training images, batches of 4, last partial batch dropped
+    assert summary["best_val_dice"] == max(r["val_dice_full"] for r in history)
+
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 4 and last["history"] == history
+    assert {"optimizer", "scheduler", "scaler"} <= last.keys()
+    assert "optimizer" not in best  # best.pt holds weights only
+    best_epoch = max(history, key=lambda r: r["val_dice_full"])["epoch"]
+    assert best["epoch"] == best_epoch and best["best_val_dice"] == summary["best_val_dice"]
+    assert last["model_args"] == dict(in_channels=3, out_channels=1, base_channels=4, depth=2, bilinear=False)
+    assert last["threshold"] == cfg.threshold and last["config"] == dataclasses.asdict(cfg)
+    for checkpoint in (last, best):
+        assert load_checkpoint(run / "last.pt")["format_version"] == checkpoint["format_version"]
+        model = UNet.from_checkpoint(checkpoint)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_tiny_model_learns_the_synthetic_cars(trained):
+    # Deterministic (fixed seeds, one thread); ~0.95 when written. Misaligned masks or a broken loss stay near 0.
+    _, summary, run = trained
+    history = read_jsonl(run / "metrics.jsonl")
+    assert len(history) == 15
+    assert summary["best_val_dice"] > 0.8
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_learning_rate_schedule_hand_computed(straight):
+    # warm-up 2 steps, 4 steps in all: factors 1/2, 1, then cosine 1 -> 0.5*(1+cos(pi/2)) = 1/2 -> 0
+    factor = train.warmup_cosine(2, 4)
+    assert [factor(s) for s in range(5)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    cfg, _, run = straight
+    # the lr logged after each epoch is the one the next step would use: steps 2 and 4
+    assert [r["lr"] for r in read_jsonl(run / "metrics.jsonl")] == pytest.approx([cfg.lr, 0.0])
+
+
+def test_train_fails_before_training_on_bad_data(tiny_cfg, monkeypatch):
+    data = Path(tiny_cfg.data_dir)
+    (data / "train_masks" / "aaaaaaaaaa01_01_mask.gif").unlink()
+    (data / "train" / "aaaaaaaaaa02_02.jpg").write_text("not a photo")
+    monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", config_file(tiny_cfg, data.parent / "cfg.json")])
+    message = str(exit_info.value.code)
+    assert "2 problem(s)" in message and "aaaaaaaaaa01_01.jpg: no mask" in message and "aaaaaaaaaa02_02.jpg" in message
+    assert not (Path(tiny_cfg.out_dir) / tiny_cfg.run_name).exists()
+
+
+def test_train_on_the_plain_layout(plain_dir, tmp_path):
+    summary = train.train(tiny_config(plain_dir, tmp_path, epochs=1))
+    checkpoint = load_checkpoint(Path(summary["run_dir"]) / "last.pt")
+    assert len(checkpoint["val_cars"]) == 1 and checkpoint["val_cars"][0].startswith("bbbbbbbbbb")
+
+
+def test_bf16_autocast_training_keeps_fp32_weights(tiny_cfg):
+    summary = train.train(dataclasses.replace(tiny_cfg, precision="bf16", epochs=1))
+    assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["val_loss"])
+    checkpoint = load_checkpoint(Path(summary["run_dir"]) / "last.pt")
+    assert all(v.dtype == torch.float32 for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_val_cars_are_the_car_split(straight, data_dir):
+    cfg, _, run = straight
+    val_cars = set(torch.load(run / "last.pt", weights_only=True)["val_cars"])
+    train_samples, val_samples = split_by_car(find_samples(data_dir)[0], cfg.val_fraction, cfg.split_seed)
+    train_cars = {s.car_id for s in train_samples}
+    assert val_cars == {s.car_id for s in val_samples}
+    assert val_cars and train_cars and val_cars.isdisjoint(train_cars)
+
+
+def test_resume_after_an_interruption_is_exact(straight, data_dir, work, monkeypatch):
+    _, _, straight_run = straight
+    cfg = tiny_config(data_dir, work, run_name="interrupted")
+    real_log_epoch = train.log_epoch
+
+    def stop_after_epoch_1(run_dir, cfg, record):
+        real_log_epoch(run_dir, cfg, record)
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt  # as if Ctrl-C came right after epoch 1 was saved
+
+    monkeypatch.setattr(train, "log_epoch", stop_after_epoch_1)
+    with pytest.raises(SystemExit, match="interrupted"):
+        train.main(["--config", config_file(cfg, work / "interrupted.json")])
+    run = Path(cfg.out_dir) / "interrupted"
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(train, "log_epoch", real_log_epoch)
+
+    summary = train.main(["--resume", str(run / "last.pt")])
+    assert summary["epoch"] == 2
+    assert_same_training(run, straight_run)
+
+
+def test_extending_a_finished_run_with_resume_matches_a_straight_run(straight, data_dir, work):
+    # Epoch 1 is exactly the warm-up (warmup_epochs=1), whose learning rates do not depend on --epochs,
+    # so a 1-epoch run resumed to 2 epochs takes the same steps as a 2-epoch run.
+    _, _, straight_run = straight
+    cfg = tiny_config(data_dir, work, run_name="extended", epochs=1)
+    train.train(cfg)
+    run = Path(cfg.out_dir) / "extended"
+    summary = train.main(["--resume", str(run / "last.pt"), "--epochs", "2"])
+    assert summary["epoch"] == 2
+    assert_same_training(run, straight_run)
+
+
+def assert_same_training(run, reference):
+    a = torch.load(run / "last.pt", weights_only=True)
+    b = torch.load(reference / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        for key in state_a:
+            assert torch.equal(torch.as_tensor(state_a[key]), torch.as_tensor(state_b[key])), key
+    assert without_timing(read_jsonl(run / "metrics.jsonl")) == without_timing(read_jsonl(reference / "metrics.jsonl"))
+
+
+def test_resume_refuses_a_different_architecture(straight, tmp_path):
+    _, _, straight_run = straight
+    run = shutil.copytree(straight_run, tmp_path / "copy")
+    with pytest.raises(SystemExit, match="base_channels"):
+        train.main(["--resume", str(run / "last.pt"), "--base-channels", "8"])
+    cfg = parse_config(TrainConfig, ["--resume", str(run)], base=train.resume_defaults(["--resume", str(run)]))
+    with pytest.raises(ValueError, match="width"):
+        train.train(dataclasses.replace(cfg, width=32))
+
+
+def test_train_refuses_to_reuse_a_run_folder(straight):
+    cfg, _, run = straight
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.train(cfg)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(["--config", config_file(cfg, run.parent / "again.json")])
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_epoch(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg
+    real_forward = BCEDiceLoss.forward
+    training_calls = []
+
+    def nan_on_third_training_step(self, logits, targets):
+        if logits.requires_grad:  # a training step, not a validation batch
+            training_calls.append(1)
+            if len(training_calls) == 3:  # epoch 2 (2 steps per epoch), step 3
+                return logits.new_tensor(float("nan"))
+        return real_forward(self, logits, targets)
+
+    monkeypatch.setattr(BCEDiceLoss, "forward", nan_on_third_training_step)
+    with pytest.raises(FloatingPointError, match="epoch 2, step 3"):
+        train.train(cfg)
+    run = Path(cfg.out_dir) / cfg.run_name
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert checkpoint["epoch"] == 1 and "optimizer" in checkpoint
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    assert len(read_jsonl(run / "metrics.jsonl")) == 1
+
+
+# ---------------------------------------------------------------- evaluate.py
+
+def independent_full_res_dice(checkpoint_path, data_dir, threshold=0.5) -> dict:
+    """Per-image Dice recomputed without evaluate.py: PIL masks, own forward pass, numpy Dice."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    model = UNet(**checkpoint["model_args"])
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    size = (checkpoint["config"]["width"], checkpoint["config"]["height"])
+    dice = {}
+    for car in checkpoint["val_cars"]:
+        for image_path in sorted((Path(data_dir) / "train").glob(f"{car}_*.jpg")):
+            truth = np.array(Image.open(Path(data_dir) / "train_masks" / f"{image_path.stem}_mask.gif")) == 1
+            image, _ = load_image(image_path, size)
+            with torch.no_grad():
+                probs = torch.sigmoid(model(image_to_tensor(image)[None]))
+            probs = F.interpolate(probs, size=truth.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+            pred = probs > threshold
+            total = pred.sum() + truth.sum()
+            dice[image_path.stem] = 1.0 if total == 0 else 2.0 * (pred & truth).sum() / total
+    return dice
+
+
+def test_evaluate_checkpoint_from_the_checkpoint_alone(trained, data_dir, tmp_path):
+    _, _, run = trained
+    out = tmp_path / "eval"
+    cfg = EvaluateConfig(checkpoint=str(run / "best.pt"), cache_dir=str(tmp_path / "cache"), out_dir=str(out),
+                         device="cpu")
+    summary = evaluate.evaluate_checkpoint(cfg)
+    for name in ("per_image.csv", "summary.json", "worst.png", "samples.png", "threshold_sweep.png"):
+        assert (out / name).is_file(), name
+
+    expected = independent_full_res_dice(run / "best.pt", data_dir)
+    assert len(expected) == summary["full_resolution"]["images"] == 3  # one validation car x 3 views
+    assert summary["full_resolution"]["dice"] == pytest.approx(np.mean(list(expected.values())), abs=1e-9)
+    assert 0.5 < summary["full_resolution"]["dice"] < 1  # a real, imperfect segmentation: the check is not vacuous
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["name"]: float(r["dice"]) for r in rows} == pytest.approx(expected, abs=1e-9)
+    assert [float(r["dice"]) for r in rows] == sorted(float(r["dice"]) for r in rows)  # worst first
+    stored = json.loads((out / "summary.json").read_text())
+    assert stored["full_resolution"]["dice"] == summary["full_resolution"]["dice"]
+    assert stored["threshold"] == 0.5 and stored["model_size"] == list(MODEL_SIZE)
+    assert [r["threshold"] for r in stored["sweep"]] == list(evaluate.SWEEP_THRESHOLDS)
+    at_half = next(r for r in stored["sweep"] if r["threshold"] == 0.5)
+    assert at_half["dice"] == pytest.approx(summary["full_resolution"]["dice"], abs=1e-12)
+
+
+@pytest.mark.parametrize("split, images", [("train", 9), ("all", 12)])
+def test_evaluate_other_splits(trained, tmp_path, split, images):
+    _, _, run = trained
+    summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(run / "best.pt"), split=split, cache_dir="",
+                                                          out_dir=str(tmp_path / split), device="cpu", worst_k=1,
+                                                          num_samples=1))
+    assert summary["full_resolution"]["images"] == images
+
+
+def test_evaluate_on_data_without_the_checkpoint_cars(trained, plain_dir, tmp_path):
+    _, _, run = trained
+    cfg = EvaluateConfig(checkpoint=str(run / "best.pt"), data_dir=str(plain_dir), cache_dir="",
+                         out_dir=str(tmp_path / "eval"), device="cpu")
+    with pytest.raises(ValueError, match="--split all"):
+        evaluate.evaluate_checkpoint(cfg)
+    summary = evaluate.evaluate_checkpoint(dataclasses.replace(cfg, split="all"))
+    assert summary["full_resolution"]["images"] == 6
+
+
+def test_evaluate_finds_the_data_of_a_run_trained_on_the_default_folder(data_dir, tmp_path, monkeypatch):
+    # `python train.py` without --data-dir reads $CARVANA_DIR and stores data_dir "" in the checkpoint;
+    # `python evaluate.py --checkpoint ...` must then look there again, not in the current directory.
+    monkeypatch.setenv("CARVANA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    summary = train.train(tiny_config("", tmp_path, epochs=1))
+    assert torch.load(Path(summary["run_dir"]) / "best.pt", weights_only=True)["config"]["data_dir"] == ""
+    result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(Path(summary["run_dir"]) / "best.pt"),
+                                                         cache_dir="", out_dir=str(tmp_path / "eval"), device="cpu"))
+    assert result["data_dir"] == str(data_dir)
+    assert result["full_resolution"]["images"] == 3
+
+
+# ---------------------------------------------------------------- predict.py
+
+def own_mask(checkpoint_path, image_path) -> np.ndarray:
+    """The 0/255 full-size mask predict.py should write, computed here step by step."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    model = UNet.from_checkpoint(checkpoint).eval()
+    image, (w, h) = load_image(image_path, (checkpoint["config"]["width"], checkpoint["config"]["height"]))
+    with torch.no_grad():
+        probs = torch.sigmoid(model(image_to_tensor(image)[None]))
+    probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    return (probs > 0.5).numpy().astype(np.uint8) * 255
+
+
+@pytest.fixture
+def photos(data_dir, tmp_path) -> Path:
+    """A folder of inputs of several sizes and formats, one of them EXIF-rotated."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted((data_dir / "train").glob("*.jpg"))[:2]:
+        shutil.copy(path, folder / path.name)
+    image, _ = car_picture(1, 2, size=(101, 67))  # odd size, PNG
+    Image.fromarray(image).save(folder / "odd.png")
+    stored, _ = car_picture(2, 1, size=(120, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed 80 wide x 120 high
+    Image.fromarray(stored).save(folder / "rotated.jpg", exif=exif)
+    return folder
+
+
+def test_predict_writes_full_size_masks_overlays_and_cutouts(trained, photos, tmp_path):
+    _, _, run = trained
+    out = tmp_path / "out"
+    cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=str(run / "best.pt"), device="cpu",
+                        overlay=True, cutout=True, batch_size=3)
+    written, failures = predict.predict_files(cfg)
+    assert failures == {}
+    inputs = sorted(photos.iterdir())
+    assert sorted(written) == sorted(out.resolve() / f"{p.stem}_mask.png" for p in inputs)
+    for path in inputs:
+        size = ImageOps.exif_transpose(Image.open(path)).size  # upright (width, height)
+        mask = Image.open(out / f"{path.stem}_mask.png")
+        assert mask.mode == "L" and mask.size == size, path.name
+        mask = np.array(mask)
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        assert np.array_equal(mask, own_mask(run / "best.pt", path)), path.name
+        overlay = Image.open(out / f"{path.stem}_overlay.jpg")
+        assert overlay.mode == "RGB" and overlay.size == size
+        cutout = Image.open(out / f"{path.stem}_cutout.png")
+        assert cutout.mode == "RGBA" and cutout.size == size
+        cutout = np.array(cutout)
+        assert np.array_equal(cutout[..., 3], mask)
+        assert np.array_equal(cutout[..., :3], load_image(path)[0])
+    assert (out / "rotated_mask.png").exists() and Image.open(out / "rotated_mask.png").size == (80, 120)
+
+
+def test_predict_reports_a_corrupt_file_and_writes_the_others(trained, photos, tmp_path):
+    _, _, run = trained
+    bad = photos / "broken.jpg"
+    data = (photos / "odd.png").read_bytes()
+    shutil.copy(sorted(photos.glob("*.jpg"))[0], bad)
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated inside the compressed data
+    empty = photos / "empty.png"
+    empty.write_bytes(b"")
+    out = tmp_path / "out"
+    cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=str(run / "best.pt"), device="cpu")
+    written, failures = predict.predict_files(cfg)
+    assert set(failures) == {str(bad.resolve()), str(empty.resolve())}
+    assert "broken.jpg" in failures[str(bad.resolve())] and "empty.png" in failures[str(empty.resolve())]
+    good = sorted(p for p in photos.iterdir() if p not in (bad, empty))
+    assert sorted(written) == sorted(out.resolve() / f"{p.stem}_mask.png" for p in good)
+    assert not (out / "broken_mask.png").exists() and not (out / "empty_mask.png").exists()
+    assert (photos / "odd.png").read_bytes() == data
+
+    out2 = tmp_path / "out2"
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(photos), "--out-dir", str(out2), "--checkpoint", str(run / "best.pt"), "--device", "cpu"])
+    assert exit_info.value.code == 1
+    assert sorted(p.name for p in out2.iterdir()) == sorted(f"{p.stem}_mask.png" for p in good)
+
+
+def test_predict_refuses_to_overwrite_an_input(trained, photos):
+    _, _, run = trained
+    # A second run into the input folder itself: the first run's odd_mask.png is now an input.
+    Image.new("L", (10, 10)).save(photos / "odd_mask.png")
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    cfg = PredictConfig(inputs=[str(photos)], out_dir=str(photos), checkpoint=str(run / "best.pt"), device="cpu")
+    with pytest.raises(ValueError, match="odd_mask.png"):
+        predict.predict_files(cfg)
+    with pytest.raises(SystemExit, match="refusing to write over input"):
+        predict.main([str(photos), "--out-dir", str(photos), "--checkpoint", str(run / "best.pt"), "--device", "cpu"])
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+
+def test_predict_refuses_two_inputs_with_one_output_name(trained, photos, tmp_path):
+    _, _, run = trained
+    Image.new("RGB", IMAGE_SIZE).save(photos / "odd.jpg")  # beside odd.png
+    cfg = PredictConfig(inputs=[str(photos)], out_dir=str(tmp_path / "out"), checkpoint=str(run / "best.pt"),
+                        device="cpu")
+    with pytest.raises(ValueError, match="odd_mask.png"):
+        predict.predict_files(cfg)
