@@ -55,7 +55,7 @@ def plot_prediction_panels(rows: list, path, title=""):
             ax.set_title(f"{name}: {row['label']}" if name == "image" else name, fontsize=9)
             ax.axis("off")
     fig.suptitle(title + "   (errors: red = false positive, blue = false negative)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.8 * len(rows))))  # leave room for the suptitle
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
