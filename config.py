@@ -119,6 +119,7 @@ class PredictConfig:
     threshold: float = _opt(0.0, "probability threshold; 0 = the checkpoint's own")
     overlay: bool = _opt(False, "also write <stem>_overlay.jpg: the photo with the mask tinted")
     cutout: bool = _opt(False, "also write <stem>_cutout.png: RGBA, background transparent")
+    rle_csv: str = _opt("", "also write every mask run-length encoded to this CSV (Kaggle's img,rle_mask)")
     recursive: bool = _opt(False, "search folders recursively")
     batch_size: int = _opt(8, "images per forward pass")
     precision: str = _opt("fp32", "inference precision", choices=PRECISIONS)
@@ -142,19 +143,19 @@ def resolve_data_dir(data_dir: str) -> Path:
 
 def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one kebab-case flag per dataclass field."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", metavar="JSON", help="read options from this JSON file; flags override it")
     for f in dataclasses.fields(cls):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        shown = meta["help"] + (f" (default: {f.default})" if f.default not in ("", None) else "")
         if meta.get("positional"):
             parser.add_argument(f.name, nargs="*", help=meta["help"])
         elif f.type is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=meta["help"])
+                                default=f.default, help=meta["help"] + f" (default: {f.default})")
         else:
             parser.add_argument(flag, dest=f.name, type=f.type, default=f.default,
-                                choices=meta.get("choices"), help=meta["help"])
+                                choices=meta.get("choices"), help=shown)
     return parser
 
 

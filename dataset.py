@@ -213,6 +213,36 @@ def shrink_mask(mask: np.ndarray, size) -> np.ndarray:
     return np.rint(small * 255.0).astype(np.uint8)
 
 
+def rle_encode(mask: np.ndarray) -> str:
+    """Kaggle's run-length encoding: 1-indexed 'start length' pairs over the row-major flattened mask."""
+    flat = np.asarray(mask).ravel() > 0
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # 0-indexed positions where a run starts or ends
+    edges = np.concatenate([[0] if flat[:1].any() else [], edges, [flat.size] if flat[-1:].any() else []])
+    edges = edges.astype(np.int64)
+    starts, ends = edges[::2], edges[1::2]
+    pairs = np.stack([starts + 1, ends - starts], axis=1).ravel()
+    return " ".join(map(str, pairs.tolist()))
+
+
+def rle_decode(rle: str, shape) -> np.ndarray:
+    """Inverse of rle_encode: a uint8 {0,1} mask of shape (H, W); malformed input is a ValueError."""
+    h, w = shape
+    try:
+        numbers = np.array(rle.split(), dtype=np.int64)
+    except (ValueError, OverflowError):
+        raise ValueError(f"RLE must be whitespace-separated integers, got {rle[:40]!r}")
+    if len(numbers) % 2:
+        raise ValueError("RLE must hold 'start length' pairs, got an odd count of numbers")
+    starts, lengths = numbers[::2] - 1, numbers[1::2]
+    if len(numbers) and (starts.min() < 0 or lengths.min() < 1 or (starts + lengths).max() > h * w
+                         or np.any(starts[1:] < starts[:-1] + lengths[:-1])):
+        raise ValueError(f"RLE runs must be increasing, non-overlapping and inside {w}x{h}")
+    flat = np.zeros(h * w + 1, np.int8)
+    np.add.at(flat, starts, 1)
+    np.add.at(flat, starts + lengths, -1)
+    return np.cumsum(flat[:-1]).astype(np.uint8).reshape(h, w)
+
+
 # ---------------------------------------------------------------- the decoded-sample store
 
 class SampleStore:

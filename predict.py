@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import runtime
 from config import PredictConfig, parse_config
-from dataset import IMAGE_EXTENSIONS, image_to_tensor, load_image
+from dataset import IMAGE_EXTENSIONS, image_to_tensor, load_image, rle_encode
 from evaluate import predict_logits, upsample_probs
 from model import UNet, load_checkpoint
 
@@ -90,8 +90,9 @@ def encode(ext: str, array: np.ndarray) -> bytes:
 
 
 def write_outputs(path: Path, mask_path: Path, pred_mask: np.ndarray, cfg: PredictConfig):
-    """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout."""
+    """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout; returns (mask path, RLE)."""
     write_atomic(mask_path, encode(".png", pred_mask))
+    rle = rle_encode(pred_mask) if cfg.rle_csv else None
     if cfg.overlay or cfg.cutout:
         image, _ = load_image(path)  # full resolution, upright RGB
         if cfg.overlay:
@@ -102,7 +103,7 @@ def write_outputs(path: Path, mask_path: Path, pred_mask: np.ndarray, cfg: Predi
         if cfg.cutout:
             rgba = np.dstack([image[..., ::-1], pred_mask])  # OpenCV writes BGRA
             write_atomic(mask_path.with_name(f"{path.stem}_cutout.png"), encode(".png", rgba))
-    return mask_path
+    return mask_path, rle
 
 
 def predict_masks(model, images: torch.Tensor, full_sizes, threshold, device, precision) -> list:
@@ -137,7 +138,10 @@ def _prefetch(paths, size, pool, depth):
 
 
 def predict_files(cfg: PredictConfig):
-    """Predict every input; returns (written mask paths, {input: error message})."""
+    """Predict every input; returns (written mask paths, {input: error message}).
+
+    With cfg.rle_csv, the masks are also written run-length encoded to that CSV, in input order.
+    """
     checkpoint = load_checkpoint(cfg.checkpoint)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
@@ -149,7 +153,7 @@ def predict_files(cfg: PredictConfig):
     outputs = output_paths(paths, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = UNet.from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
-    written = []
+    written, rles = [], {}
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
             tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
         decoded = _prefetch(paths, size, readers, 2 * cfg.batch_size)
@@ -160,9 +164,12 @@ def predict_files(cfg: PredictConfig):
             for (path, _), pred_mask in zip(batch, pred_masks):
                 pending.append((path, writers.submit(write_outputs, path, outputs[path], pred_mask, cfg)))
             while pending and (pending[0][1].done() or len(pending) > 4 * cfg.batch_size):
-                _collect(pending.popleft(), written, failures, bar)
+                _collect(pending.popleft(), written, rles, failures, bar)
         while pending:
-            _collect(pending.popleft(), written, failures, bar)
+            _collect(pending.popleft(), written, rles, failures, bar)
+    if cfg.rle_csv:
+        rows = "".join(f"{p.name},{rles[p]}\n" for p in paths if p in rles)
+        write_atomic(Path(cfg.rle_csv), ("img,rle_mask\n" + rows).encode())
     return written, {str(k): v for k, v in failures.items()}
 
 
@@ -182,10 +189,11 @@ def _batches(decoded, batch_size, failures, bar):
         yield batch
 
 
-def _collect(entry, written, failures, bar):
+def _collect(entry, written, rles, failures, bar):
     path, future = entry
     try:
-        written.append(future.result())
+        mask_path, rles[path] = future.result()
+        written.append(mask_path)
     except (OSError, ValueError) as err:
         failures[path] = f"{path}: cannot write output: {err}"
     bar.update(1)

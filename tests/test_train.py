@@ -416,3 +416,17 @@ def test_predict_refuses_two_inputs_with_one_output_name(trained, photos, tmp_pa
                         device="cpu")
     with pytest.raises(ValueError, match="odd_mask.png"):
         predict.predict_files(cfg)
+
+
+def test_predict_rle_csv_decodes_to_the_written_masks(trained, photos, tmp_path):
+    from dataset import rle_decode
+    _, _, run = trained
+    out, csv_path = tmp_path / "out", tmp_path / "submission.csv"
+    cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=str(run / "best.pt"), device="cpu",
+                        rle_csv=str(csv_path))
+    predict.predict_files(cfg)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["img"] for r in rows] == sorted(p.name for p in photos.iterdir())
+    for row in rows:
+        mask = np.array(Image.open(out / f"{Path(row['img']).stem}_mask.png")) // 255
+        assert np.array_equal(rle_decode(row["rle_mask"], mask.shape), mask), row["img"]
