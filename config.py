@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_DATA_DIR = "data/carvana"
-BUNDLED_CHECKPOINT = "checkpoints/carvana_unet.pt"
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "carvana_unet.pt"
+CHECKPOINT_HELP = ("default: the bundled checkpoints/carvana_unet.pt, else the newest "
+                   "checkpoints/<run>/best.pt under the current folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -90,7 +92,7 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = _opt(BUNDLED_CHECKPOINT, "checkpoint to score (a train.py last.pt/best.pt)")
+    checkpoint: str = _opt("", "checkpoint to score (a train.py best.pt/last.pt); " + CHECKPOINT_HELP)
     data_dir: str = _opt("", "dataset folder; default: the checkpoint's own, else $CARVANA_DIR, "
                              f"else {DEFAULT_DATA_DIR}")
     split: str = _opt("val", "val = the checkpoint's validation cars; train; all = every image found",
@@ -115,7 +117,7 @@ class EvaluateConfig:
 class PredictConfig:
     inputs: list = _opt(None, "image files, folders or glob patterns", positional=True)
     out_dir: str = _opt("predictions", "where <stem>_mask.png (and overlays/cutouts) are written")
-    checkpoint: str = _opt(BUNDLED_CHECKPOINT, "checkpoint to predict with")
+    checkpoint: str = _opt("", "checkpoint to predict with; " + CHECKPOINT_HELP)
     threshold: float = _opt(0.0, "probability threshold; 0 = the checkpoint's own")
     overlay: bool = _opt(False, "also write <stem>_overlay.jpg: the photo with the mask tinted")
     cutout: bool = _opt(False, "also write <stem>_cutout.png: RGBA, background transparent")
@@ -139,6 +141,19 @@ def _check(cfg, name, ok, why):
 def resolve_data_dir(data_dir: str) -> Path:
     """The dataset folder: the option if given, else $CARVANA_DIR, else data/carvana."""
     return Path(data_dir or os.environ.get("CARVANA_DIR") or DEFAULT_DATA_DIR).expanduser()
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """The checkpoint option: as given, else the bundled model, else the newest run's best.pt."""
+    if checkpoint:
+        return checkpoint
+    if BUNDLED_CHECKPOINT.is_file():
+        return str(BUNDLED_CHECKPOINT)
+    runs = sorted(Path("checkpoints").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if runs:
+        return str(runs[-1])
+    raise FileNotFoundError("no checkpoint given, none bundled at checkpoints/carvana_unet.pt and no "
+                            "checkpoints/<run>/best.pt here: train one with `python train.py` or pass --checkpoint")
 
 
 def build_parser(cls, description: str = "") -> argparse.ArgumentParser:

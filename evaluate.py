@@ -6,6 +6,7 @@ a checkpoint alone, rebuilding the model, the input size and the validation cars
     python evaluate.py --checkpoint checkpoints/<run>/best.pt
 """
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 import plots
 import runtime
-from config import EvaluateConfig, parse_config, resolve_data_dir
+from config import EvaluateConfig, parse_config, resolve_checkpoint, resolve_data_dir
 from dataset import CarvanaDataset, find_samples, prepare_store
 from metrics import SegmentationMeter
 from model import UNet, load_checkpoint
@@ -112,6 +113,9 @@ def evaluation_data_dir(cfg, train_config):
 
 def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     """Score a checkpoint and write per_image.csv, summary.json and the PNGs; returns the summary."""
+    cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
+    cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or str(Path(cfg.checkpoint).parent / f"eval-{cfg.split}"))
+    log.info("evaluating %s", cfg.checkpoint)
     checkpoint = load_checkpoint(cfg.checkpoint)
     train_config = checkpoint["config"]
     device = runtime.resolve_device(cfg.device)
@@ -119,7 +123,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     threshold = cfg.threshold or checkpoint.get("threshold", 0.5)
     size = (train_config["width"], train_config["height"])
     data_dir = evaluation_data_dir(cfg, train_config)
-    out_dir = Path(cfg.out_dir or Path(cfg.checkpoint).parent / f"eval-{cfg.split}")
+    out_dir = Path(cfg.out_dir)
     samples, problems = select_samples(checkpoint, data_dir, cfg.split)
     store = prepare_store(samples, size, cfg.cache_dir, data_dir, problems)
     model = UNet.from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
@@ -128,7 +132,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     start = time.perf_counter()
     result = evaluate(model, loader, device, precision, threshold, sweep=SWEEP_THRESHOLDS)
     summary = {"checkpoint": str(cfg.checkpoint), "data_dir": str(data_dir), "split": cfg.split,
-               "threshold": threshold, "precision": precision, "model_size": list(size),
+               "out_dir": str(out_dir), "threshold": threshold, "precision": precision, "model_size": list(size),
                "cars": len({s.car_id for s in store.samples}), "seconds": round(time.perf_counter() - start, 1),
                "full_resolution": result["full"], "model_resolution": result["small"], "sweep": result["sweep"]}
     write_reports(out_dir, summary, result["records"], cfg.worst_k)
@@ -192,7 +196,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     print(format_summary(summary))
-    print(f"reports in {Path(cfg.out_dir or Path(cfg.checkpoint).parent / f'eval-{cfg.split}')}")
+    print(f"reports in {summary['out_dir']}")
     return summary
 
 

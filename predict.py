@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import runtime
-from config import PredictConfig, parse_config
+from config import PredictConfig, parse_config, resolve_checkpoint
 from dataset import IMAGE_EXTENSIONS, image_to_tensor, load_image, rle_encode
 from evaluate import predict_logits, upsample_probs
 from model import UNet, load_checkpoint
@@ -142,7 +142,8 @@ def predict_files(cfg: PredictConfig):
 
     With cfg.rle_csv, the masks are also written run-length encoded to that CSV, in input order.
     """
-    checkpoint = load_checkpoint(cfg.checkpoint)
+    log.info("predicting with %s", resolve_checkpoint(cfg.checkpoint))
+    checkpoint = load_checkpoint(resolve_checkpoint(cfg.checkpoint))
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     size = (checkpoint["config"]["width"], checkpoint["config"]["height"])

@@ -213,3 +213,20 @@ def test_autocast_fp32_is_a_no_op_and_bf16_casts():
         assert (a @ a).dtype == torch.float32
     with runtime.autocast(cpu, "bf16"):
         assert (a @ a).dtype == torch.bfloat16
+
+
+def test_resolve_checkpoint_prefers_explicit_then_bundled_then_newest_run(tmp_path, monkeypatch):
+    import os
+    import config
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "BUNDLED_CHECKPOINT", tmp_path / "bundled.pt")
+    with pytest.raises(FileNotFoundError, match="python train.py"):
+        config.resolve_checkpoint("")
+    for i, run in enumerate(["old", "new"]):
+        (tmp_path / "checkpoints" / run).mkdir(parents=True)
+        (tmp_path / "checkpoints" / run / "best.pt").write_bytes(b"x")
+        os.utime(tmp_path / "checkpoints" / run / "best.pt", (1000 + i, 1000 + i))
+    assert config.resolve_checkpoint("") == str(Path("checkpoints/new/best.pt"))
+    (tmp_path / "bundled.pt").write_bytes(b"x")
+    assert config.resolve_checkpoint("") == str(tmp_path / "bundled.pt")
+    assert config.resolve_checkpoint("mine.pt") == "mine.pt"
