@@ -115,13 +115,18 @@ def split_by_car(samples, val_fraction: float, seed: int):
 def open_image(path) -> Image.Image:
     """Open an image file lazily; errors name the file and the reason."""
     try:
-        return Image.open(path)
+        img = Image.open(path)
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path}: image too large ({err}); limit is {MAX_IMAGE_PIXELS} pixels")
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image file (or a format Pillow cannot read)")
     except OSError as err:
         raise ValueError(f"{path}: cannot read: {err}")
+    # Pillow only warns between 1x and 2x its limit; refuse from 1x, before any pixel is decoded.
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{path}: image too large ({img.width}x{img.height} pixels); "
+                         f"limit is {MAX_IMAGE_PIXELS} pixels")
+    return img
 
 
 def _oriented_size(img: Image.Image):

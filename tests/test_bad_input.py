@@ -1,0 +1,51 @@
+"""Protects the handling of awkward files: oversized images, odd colour modes, unusual paths."""
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset
+from conftest import MODEL_SIZE, car_picture, write_kaggle_dataset
+from dataset import find_samples, load_image, prepare_store
+
+
+def test_pixel_limit_refuses_an_image_before_decoding_it(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (20, 20)).save(path)
+    monkeypatch.setattr(dataset, "MAX_IMAGE_PIXELS", 399)  # Pillow itself would only warn up to 2x its limit
+    with pytest.raises(ValueError, match=r"big\.png: image too large \(20x20 pixels\)"):
+        load_image(path)
+    with pytest.raises(ValueError, match="too large"):
+        dataset.load_mask(path)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "L", "LA", "I;16"])
+def test_colour_modes_decode_to_rgb(tmp_path, mode):
+    image, _ = car_picture(0, 1, size=(40, 30))
+    img = Image.fromarray(image)
+    img = img.convert(mode) if mode != "I;16" else Image.fromarray(image[..., 0].astype(np.uint16) * 257)
+    path = tmp_path / f"photo.{'jpg' if mode == 'CMYK' else 'png'}"
+    img.save(path)
+    array, full_size = load_image(path, MODEL_SIZE)
+    assert array.shape == (MODEL_SIZE[1], MODEL_SIZE[0], 3) and array.dtype == np.uint8
+    assert full_size == (40, 30)
+    assert array.std() > 5  # the picture survived, not a blank conversion
+
+
+def test_paths_with_spaces_and_non_ascii_characters(tmp_path):
+    root = write_kaggle_dataset(tmp_path / "my data" / "Carvana ünïcode 車")
+    samples, problems = find_samples(root)
+    assert problems == [] and len(samples) == 12
+    store = prepare_store(samples, MODEL_SIZE, cache_dir=str(tmp_path / "cache dir é"))
+    assert len(store) == 12
+    renamed = tmp_path / "voiture é 1.jpg"
+    shutil.copy(samples[0].image, renamed)
+    assert load_image(renamed, MODEL_SIZE)[0].shape == (MODEL_SIZE[1], MODEL_SIZE[0], 3)
+
+
+def test_empty_image_folder_is_a_problem(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train_masks").mkdir()
+    samples, problems = find_samples(tmp_path)
+    assert samples == [] and len(problems) == 1 and "no images" in problems[0]
