@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -133,10 +134,10 @@ def save_checkpoint(path: Path, checkpoint: dict):
     os.replace(tmp, path)
 
 
-def make_checkpoint(raw_model, cfg, state: dict, val_cars, full=True) -> dict:
+def make_checkpoint(raw_model, cfg, state: dict, full=True) -> dict:
     checkpoint = {"format_version": CHECKPOINT_FORMAT, "model_args": raw_model.model_args,
                   "model": raw_model.state_dict(), "config": dataclasses.asdict(cfg),
-                  "threshold": cfg.threshold, "val_cars": sorted(val_cars),
+                  "threshold": cfg.threshold, "val_cars": sorted(state["val_cars"]),
                   "epoch": state["epoch"], "global_step": state["step"], "best_val_dice": state["best"],
                   "metrics": state["history"][-1] if state["history"] else {}, "history": state["history"]}
     if full:
@@ -210,16 +211,30 @@ def train(cfg: TrainConfig) -> dict:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(train_loader))
     state = dict(optimizer=optimizer, scheduler=scheduler, scaler=runtime.grad_scaler(device, precision),
-                 epoch=0, step=0, best=-1.0, history=[])
+                 epoch=0, step=0, best=-1.0, history=[], val_cars={s.car_id for s in val_store.samples})
     if resumed is not None:
         restore(resumed, raw_model, state)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     loss_fn = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
-    val_cars = {s.car_id for s in val_store.samples}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     log.info("run %s: %s, %s, U-Net width %d depth %d (%.2f M parameters)", run_dir, device, precision,
              cfg.base_channels, cfg.depth, sum(p.numel() for p in raw_model.parameters()) / 1e6)
+    try:
+        run_epochs(cfg, run_dir, model, raw_model, train_loader, val_loader, loss_fn, state, device, precision)
+    except KeyboardInterrupt:
+        # last.pt (the last whole epoch) stays the resume point: resuming from mid-epoch weights
+        # could not replay the epoch exactly. The weights of the moment go to interrupted.pt.
+        save_checkpoint(run_dir / "interrupted.pt", make_checkpoint(raw_model, cfg, state, full=False))
+        log.warning("interrupted during epoch %d: weights of this moment in %s; resume from %s",
+                    state["epoch"] + 1, run_dir / "interrupted.pt", run_dir / "last.pt")
+        raise
+    return {"run_dir": str(run_dir), "best_val_dice": state["best"], **state["history"][-1]}
+
+
+def run_epochs(cfg, run_dir, model, raw_model, train_loader, val_loader, loss_fn, state, device, precision):
+    """The epoch loop: train, validate, checkpoint, log."""
+    optimizer, scheduler = state["optimizer"], state["scheduler"]
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         start = time.perf_counter()
         # Everything random in an epoch derives from (seed, epoch), so a resumed run replays it exactly.
@@ -239,12 +254,11 @@ def train(cfg: TrainConfig) -> dict:
         score = record.get("val_dice_full", record["val_dice"])
         improved = score > state["best"]
         state["best"] = max(state["best"], score)
-        save_checkpoint(run_dir / "last.pt", make_checkpoint(raw_model, cfg, state, val_cars))
+        save_checkpoint(run_dir / "last.pt", make_checkpoint(raw_model, cfg, state))
         if improved:
-            save_checkpoint(run_dir / "best.pt", make_checkpoint(raw_model, cfg, state, val_cars, full=False))
+            save_checkpoint(run_dir / "best.pt", make_checkpoint(raw_model, cfg, state, full=False))
         write_history(run_dir, state["history"])
         log_epoch(run_dir, cfg, record)
-    return {"run_dir": str(run_dir), "best_val_dice": state["best"], **state["history"][-1]}
 
 
 def resume_defaults(argv):
@@ -266,7 +280,9 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
         raise SystemExit(f"error: {err}")
     except KeyboardInterrupt:
-        raise SystemExit("interrupted: last.pt holds the last completed epoch; continue with --resume")
+        print("interrupted: last.pt holds the last completed epoch; continue with --resume <run>/last.pt",
+              file=sys.stderr)
+        raise SystemExit(130)
     log.info("done: best validation Dice %.5f; checkpoints in %s", summary["best_val_dice"], summary["run_dir"])
     return summary
 

@@ -148,7 +148,7 @@ def test_checkpoint_val_cars_are_the_car_split(straight, data_dir):
     assert val_cars and train_cars and val_cars.isdisjoint(train_cars)
 
 
-def test_resume_after_an_interruption_is_exact(straight, data_dir, work, monkeypatch):
+def test_resume_after_an_interruption_is_exact(straight, data_dir, work, monkeypatch, capsys):
     _, _, straight_run = straight
     cfg = tiny_config(data_dir, work, run_name="interrupted")
     real_log_epoch = train.log_epoch
@@ -159,10 +159,13 @@ def test_resume_after_an_interruption_is_exact(straight, data_dir, work, monkeyp
             raise KeyboardInterrupt  # as if Ctrl-C came right after epoch 1 was saved
 
     monkeypatch.setattr(train, "log_epoch", stop_after_epoch_1)
-    with pytest.raises(SystemExit, match="interrupted"):
+    with pytest.raises(SystemExit) as exit_info:
         train.main(["--config", config_file(cfg, work / "interrupted.json")])
+    assert exit_info.value.code == 130 and "interrupted" in capsys.readouterr().err  # 128 + SIGINT
     run = Path(cfg.out_dir) / "interrupted"
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    interrupted = load_checkpoint(run / "interrupted.pt")  # the weights of the moment, for inspection
+    assert "optimizer" not in interrupted and interrupted["epoch"] == 1
     monkeypatch.setattr(train, "log_epoch", real_log_epoch)
 
     summary = train.main(["--resume", str(run / "last.pt")])
