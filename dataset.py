@@ -115,6 +115,8 @@ def split_by_car(samples, val_fraction: float, seed: int):
 def open_image(path) -> Image.Image:
     """Open an image file lazily; errors name the file and the reason."""
     try:
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path}: empty file (0 bytes)")
         img = Image.open(path)
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path}: image too large ({err}); limit is {MAX_IMAGE_PIXELS} pixels")
