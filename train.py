@@ -283,7 +283,9 @@ def main(argv=None):
         print("interrupted: last.pt holds the last completed epoch; continue with --resume <run>/last.pt",
               file=sys.stderr)
         raise SystemExit(130)
-    log.info("done: best validation Dice %.5f; checkpoints in %s", summary["best_val_dice"], summary["run_dir"])
+    best = Path(summary["run_dir"]) / "best.pt"
+    log.info("done: best validation Dice %.5f (full resolution); next:\n  python evaluate.py --checkpoint %s"
+             "\n  python predict.py PHOTOS... --checkpoint %s --out-dir masks/", summary["best_val_dice"], best, best)
     return summary
 
 
