@@ -6,7 +6,9 @@ For each input, OUT_DIR/<stem>_mask.png is a single-channel 0/255 PNG of the inp
 A file that cannot be read is reported with its reason and the rest are still processed; the exit
 status is 1 if any input failed. Outputs are written atomically and never over an input.
 """
+import csv
 import glob
+import io
 import logging
 import os
 import sys
@@ -169,8 +171,9 @@ def predict_files(cfg: PredictConfig):
         while pending:
             _collect(pending.popleft(), written, rles, failures, bar)
     if cfg.rle_csv:
-        rows = "".join(f"{p.name},{rles[p]}\n" for p in paths if p in rles)
-        write_atomic(Path(cfg.rle_csv), ("img,rle_mask\n" + rows).encode())
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([("img", "rle_mask")] + [(p.name, rles[p]) for p in paths if p in rles])
+        write_atomic(Path(cfg.rle_csv), text.getvalue().encode())  # csv quotes names with commas
     return written, {str(k): v for k, v in failures.items()}
 
 

@@ -1,5 +1,6 @@
 """Protects the handling of awkward files: oversized images, odd colour modes, unusual paths."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,3 +50,27 @@ def test_empty_image_folder_is_a_problem(tmp_path):
     (tmp_path / "train_masks").mkdir()
     samples, problems = find_samples(tmp_path)
     assert samples == [] and len(problems) == 1 and "no images" in problems[0]
+
+
+@pytest.mark.parametrize("name", ["..jpg", "-rf.jpg", "a,b.jpg", "line\nbreak.jpg", " .jpg", "x.y.z.jpg"])
+def test_output_names_stay_inside_the_output_folder(tmp_path, name):
+    import csv
+
+    import predict
+    import train
+    from config import PredictConfig
+    from conftest import tiny_config
+    data = write_kaggle_dataset(tmp_path / "data")
+    summary = train.train(tiny_config(data, tmp_path, epochs=1))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sorted((data / "train").glob("*.jpg"))[0], photos / name)
+    out = tmp_path / "out"
+    written, failures = predict.predict_files(PredictConfig(
+        inputs=[str(photos / name)], out_dir=str(out), checkpoint=str(Path(summary["run_dir"]) / "best.pt"),
+        device="cpu", cutout=True, rle_csv=str(tmp_path / "sub.csv")))
+    assert failures == {} and len(written) == 1
+    produced = [p for p in tmp_path.rglob("*") if p.is_file() and ("_mask.png" in p.name or "_cutout" in p.name)]
+    assert produced and all(p.resolve().parent == out.resolve() for p in produced)
+    rows = list(csv.reader((tmp_path / "sub.csv").open(newline="")))
+    assert rows[1][0] == name and len(rows) == 2
