@@ -198,6 +198,8 @@ def write_history(run_dir, history):
 
 def train(cfg: TrainConfig) -> dict:
     """Train to cfg.epochs (continuing --resume if given); returns the last epoch's metrics."""
+    # Record where the data really came from, so evaluate.py finds it from the checkpoint alone.
+    cfg = dataclasses.replace(cfg, data_dir=str(resolve_data_dir(cfg.data_dir).resolve()))
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device)

@@ -35,9 +35,19 @@ def write_config(cfg, path: Path) -> Path:
     return path
 
 
+def wait_for_new_epoch(process, last: Path, timeout=120.0):
+    """Block until `process` writes a newer last.pt (so training is under way) or exits."""
+    before = last.stat().st_mtime_ns if last.exists() else 0
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if last.exists() and last.stat().st_mtime_ns != before:
+            return
+        time.sleep(0.02)
+
+
 def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tmp_path):
     data = write_kaggle_dataset(tmp_path / "data")
-    base = tiny_config(data, tmp_path, epochs=10, batch_size=2)
+    base = tiny_config(data, tmp_path, epochs=20, batch_size=2)
     reference = dataclasses.replace(base, run_name="reference")
     process = start_training(write_config(reference, tmp_path / "reference.json"))
     assert process.wait(timeout=300) == 0, process.stderr.read().decode()
@@ -49,20 +59,22 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tmp_path):
     rng = random.Random(seed)
     kills = 0
     for attempt in range(4):  # up to 3 kills, then let it finish
-        resume = run / "last.pt" if (run / "last.pt").exists() else None
-        process = start_training(cfg_path, resume)
+        process = start_training(cfg_path, run / "last.pt" if (run / "last.pt").exists() else None)
         if attempt < 3:
-            time.sleep(rng.uniform(3.0, 8.0))  # import takes ~3 s; the 10 epochs take a few more
+            # Kill at a random moment after training is under way: mid-step, mid-validation or
+            # mid-checkpoint-write, wherever the delay lands.
+            wait_for_new_epoch(process, run / "last.pt")
+            time.sleep(rng.uniform(0.0, 0.6))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 kills += 1
-                if (run / "last.pt").exists():  # whatever moment the kill hit, last.pt must load
-                    load_checkpoint(run / "last.pt")
+                load_checkpoint(run / "last.pt")  # whatever the kill hit, last.pt must load
                 continue
         assert process.wait(timeout=300) == 0, f"seed {seed}: " + process.stderr.read().decode()
         break
     assert kills >= 1, f"seed {seed}: no kill landed while training ran"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 20
     assert_same_training(run, Path(reference.out_dir) / "reference")
 
 

@@ -307,12 +307,13 @@ def test_evaluate_on_data_without_the_checkpoint_cars(trained, plain_dir, tmp_pa
 
 
 def test_evaluate_finds_the_data_of_a_run_trained_on_the_default_folder(data_dir, tmp_path, monkeypatch):
-    # `python train.py` without --data-dir reads $CARVANA_DIR and stores data_dir "" in the checkpoint;
-    # `python evaluate.py --checkpoint ...` must then look there again, not in the current directory.
+    # `python train.py` without --data-dir reads $CARVANA_DIR and records the folder it resolved to;
+    # `python evaluate.py --checkpoint ...` must find the data from the checkpoint alone, env var gone.
     monkeypatch.setenv("CARVANA_DIR", str(data_dir))
     monkeypatch.chdir(tmp_path)
     summary = train.train(tiny_config("", tmp_path, epochs=1))
-    assert torch.load(Path(summary["run_dir"]) / "best.pt", weights_only=True)["config"]["data_dir"] == ""
+    assert torch.load(Path(summary["run_dir"]) / "best.pt", weights_only=True)["config"]["data_dir"] == str(data_dir.resolve())
+    monkeypatch.delenv("CARVANA_DIR")
     result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(Path(summary["run_dir"]) / "best.pt"),
                                                          cache_dir="", out_dir=str(tmp_path / "eval"), device="cpu"))
     assert result["data_dir"] == str(data_dir)
