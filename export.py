@@ -1,0 +1,64 @@
+"""Slim a training checkpoint into a model to ship: fp16 weights and what evaluate/predict need.
+
+    python export.py checkpoints/<run>/best.pt                # -> checkpoints/carvana_unet.pt (the bundled model)
+    python export.py checkpoints/<run>/best.pt --out my.pt
+
+Drops optimizer/scheduler state and stores floating-point weights as fp16 (half the size); the
+model is rebuilt in fp32 when loaded. The written file is checked: it must load with
+weights_only=True and give the same masks as the original on a random input batch.
+"""
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from config import BUNDLED_CHECKPOINT
+from model import UNet, load_checkpoint
+
+KEEP = ("format_version", "model_args", "config", "threshold", "val_cars", "epoch", "global_step",
+        "metrics", "best_val_dice", "history")
+
+
+def export_checkpoint(source, out) -> dict:
+    """Write the slim copy of `source` to `out` atomically; returns it."""
+    checkpoint = load_checkpoint(source)
+    slim = {k: checkpoint[k] for k in KEEP if k in checkpoint}
+    slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    slim["exported_from"] = str(source)
+    check_same_masks(checkpoint, slim)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(slim, tmp)
+    os.replace(tmp, out)
+    load_checkpoint(out)
+    return slim
+
+
+def check_same_masks(original, slim, threshold=0.5):
+    """fp16 storage must not change the predicted masks beyond a few boundary pixels."""
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, original["config"]["height"], original["config"]["width"])
+    with torch.no_grad():
+        a = torch.sigmoid(UNet.from_checkpoint(original).eval()(images)) > threshold
+        b = torch.sigmoid(UNet.from_checkpoint(slim).eval()(images)) > threshold
+    changed = (a != b).float().mean().item()
+    if changed > 1e-3:
+        raise ValueError(f"fp16 weights change {changed:.2%} of the predicted pixels; keep fp32")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt)")
+    parser.add_argument("--out", default=str(BUNDLED_CHECKPOINT), help="where to write (default: the bundled model)")
+    args = parser.parse_args(argv)
+    try:
+        export_checkpoint(args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Protects export.py: the shipped model is plain data, fp16, smaller, and predicts like its source."""
+from pathlib import Path
+
+import torch
+
+import export
+import train
+from conftest import tiny_config, write_kaggle_dataset
+from model import UNet, load_checkpoint
+
+
+def test_export_writes_a_slim_fp16_checkpoint_that_predicts_the_same(tmp_path):
+    data = write_kaggle_dataset(tmp_path / "data")
+    run = Path(train.train(tiny_config(data, tmp_path, epochs=1))["run_dir"])
+    out = tmp_path / "ship" / "model.pt"
+    export.main([str(run / "last.pt"), "--out", str(out)])
+    slim = torch.load(out, weights_only=True)
+    assert "optimizer" not in slim and slim["val_cars"] == load_checkpoint(run / "last.pt")["val_cars"]
+    assert all(v.dtype == torch.float16 for v in slim["model"].values() if v.is_floating_point())
+    assert out.stat().st_size < (run / "last.pt").stat().st_size / 2
+    images = torch.rand(1, 3, 48, 64)
+    with torch.no_grad():
+        a = UNet.from_checkpoint(load_checkpoint(run / "last.pt")).eval()(images)
+        b = UNet.from_checkpoint(load_checkpoint(out)).eval()(images)
+    assert torch.allclose(a, b, atol=0.05)
