@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ IMAGE_DIRS = ("train", "train_hq", "images")  # Kaggle layout first, then the pl
 MASK_DIRS = {"train": "train_masks", "train_hq": "train_masks", "images": "masks"}
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs; a Carvana photo is 2.5 M pixels
 CACHE_VERSION = 1
+# What Pillow's decoders raise on corrupt files besides OSError (found by tests/test_fuzz.py).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
 HOW_TO_GET_DATA = """Get the Carvana training data (a Kaggle account that has accepted the competition rules):
   pip install kaggle        # and put your API token in ~/.kaggle/kaggle.json
   kaggle competitions download -c carvana-image-masking-challenge -f train.zip -p data/carvana
@@ -114,9 +117,9 @@ def split_by_car(samples, val_fraction: float, seed: int):
 
 def open_image(path) -> Image.Image:
     """Open an image file lazily; errors name the file and the reason."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
     try:
-        if os.path.getsize(path) == 0:
-            raise ValueError(f"{path}: empty file (0 bytes)")
         img = Image.open(path)
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path}: image too large ({err}); limit is {MAX_IMAGE_PIXELS} pixels")
@@ -124,6 +127,8 @@ def open_image(path) -> Image.Image:
         raise ValueError(f"{path}: not an image file (or a format Pillow cannot read)")
     except OSError as err:
         raise ValueError(f"{path}: cannot read: {err}")
+    except DECODE_ERRORS as err:  # Pillow's parsers raise these too on corrupt headers
+        raise ValueError(f"{path}: corrupt image header: {err}")
     # Pillow only warns between 1x and 2x its limit; refuse from 1x, before any pixel is decoded.
     if img.width * img.height > MAX_IMAGE_PIXELS:
         raise ValueError(f"{path}: image too large ({img.width}x{img.height} pixels); "
@@ -172,7 +177,7 @@ def load_image(path, size=None):
         array = np.array(img)  # a writable copy: torch.from_numpy warns on read-only arrays
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path}: image too large ({err})")
-    except (OSError, SyntaxError) as err:  # truncated or corrupt data shows up only when decoding
+    except DECODE_ERRORS as err:  # truncated or corrupt data shows up only when decoding
         raise ValueError(f"{path}: cannot decode: {err}")
     if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
         array = cv2.resize(array, tuple(size), interpolation=cv2.INTER_AREA)
@@ -191,15 +196,16 @@ def load_mask(path) -> np.ndarray:
         # Kaggle's GIFs are palette images whose indices are the labels; read indices, not colours.
         if img.mode in ("RGB", "RGBA"):
             array = np.asarray(img.convert("RGB"))
-            if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])):
-                raise ValueError(f"{path}: mask is a colour image; expected one channel of 0/1 or 0/255")
-            array = array[..., 0]
         elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             array = np.asarray(img).astype(np.int64)
         else:
             array = np.asarray(img.convert("L") if img.mode in ("1", "LA") else img)
-    except (OSError, SyntaxError) as err:
+    except DECODE_ERRORS as err:
         raise ValueError(f"{path}: cannot decode mask: {err}")
+    if array.ndim == 3:
+        if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])):
+            raise ValueError(f"{path}: mask is a colour image; expected one channel of 0/1 or 0/255")
+        array = array[..., 0]
     values = np.unique(array)
     if set(values.tolist()) <= {0, 1}:
         return array.astype(np.uint8)

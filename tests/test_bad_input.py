@@ -74,3 +74,13 @@ def test_output_names_stay_inside_the_output_folder(tmp_path, name):
     assert produced and all(p.resolve().parent == out.resolve() for p in produced)
     rows = list(csv.reader((tmp_path / "sub.csv").open(newline="")))
     assert rows[1][0] == name and len(rows) == 2
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\x00IHDR",  # found by test_fuzz: Pillow raised
+                                  b"GIF89a\x01\x00"])                            # a bare ValueError / struct.error
+def test_corrupt_headers_are_reported_with_the_file_name(tmp_path, data):
+    path = tmp_path / "header_mask.png"
+    path.write_bytes(data)
+    for loader in (load_image, dataset.load_mask):
+        with pytest.raises(ValueError, match="header_mask.png"):
+            loader(path)
