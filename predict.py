@@ -144,8 +144,9 @@ def predict_files(cfg: PredictConfig):
 
     With cfg.rle_csv, the masks are also written run-length encoded to that CSV, in input order.
     """
-    log.info("predicting with %s", resolve_checkpoint(cfg.checkpoint))
-    checkpoint = load_checkpoint(resolve_checkpoint(cfg.checkpoint))
+    checkpoint_path = resolve_checkpoint(cfg.checkpoint)
+    log.info("predicting with %s", checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     size = (checkpoint["config"]["width"], checkpoint["config"]["height"])
