@@ -220,9 +220,3 @@ def _coerce(path, key, value, f):
     if choices and value not in choices:
         raise ValueError(f"--config {path}: option '{key}' must be one of {choices}, got {value!r}")
     return float(value) if expected is float else value
-
-
-def config_from_dict(cls, values: dict):
-    """Rebuild a config from a checkpoint's stored dict, ignoring keys a newer or older version lacks."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})

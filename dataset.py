@@ -261,14 +261,15 @@ def rle_decode(rle: str, shape) -> np.ndarray:
 class SampleStore:
     """Decoded samples in RAM: small images, soft small masks, packed full-resolution masks."""
 
-    def __init__(self, samples, size):
-        self.samples, self.size = list(samples), tuple(size)
+    def __init__(self, size):
+        self.samples, self.size = [], tuple(size)
         self.images, self.masks, self.full_masks, self.full_sizes = [], [], [], []
 
     def __len__(self):
         return len(self.samples)
 
-    def add(self, image, mask, full_mask_bits, full_size):
+    def add(self, sample, image, mask, full_mask_bits, full_size):
+        self.samples.append(sample)
         self.images.append(image)
         self.masks.append(mask)
         self.full_masks.append(full_mask_bits)
@@ -276,9 +277,9 @@ class SampleStore:
 
     def subset(self, indices) -> "SampleStore":
         """A store sharing this one's arrays for the samples at `indices`."""
-        part = SampleStore([self.samples[i] for i in indices], self.size)
+        part = SampleStore(self.size)
         for i in indices:
-            part.add(self.images[i], self.masks[i], self.full_masks[i], self.full_sizes[i])
+            part.add(self.samples[i], self.images[i], self.masks[i], self.full_masks[i], self.full_sizes[i])
         return part
 
     def full_mask(self, index) -> np.ndarray:
@@ -322,7 +323,7 @@ def _save_cached(path: Path, image, mask, full_mask, full_size):
 
 def load_samples(samples, size, cache_dir="", desc="decoding") -> tuple:
     """Decode (or read from the cache) every sample; returns (store, problems), checking them all."""
-    store, problems = SampleStore([], size), []
+    store, problems = SampleStore(size), []
     cache = Path(cache_dir) if cache_dir else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -337,8 +338,7 @@ def load_samples(samples, size, cache_dir="", desc="decoding") -> tuple:
         except (ValueError, OSError) as err:
             problems.append(str(err))
             continue
-        store.samples.append(sample)
-        store.add(*item)
+        store.add(sample, *item)
         if item[1].max() == 0 or item[1].min() == 255:  # cheap pre-check on the small mask
             full = store.full_mask(len(store) - 1)
             if full.min() == full.max():

@@ -71,10 +71,10 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16" and device.type == "cuda"))
 
 
-def configure_backends(device: torch.device, deterministic: bool = False):
+def configure_backends(device: torch.device):
     """cuDNN autotuning and TF32 on CUDA; keep big allocations cached on CPU."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     elif device.type == "cpu":

@@ -44,7 +44,7 @@ def seed_everything(seed: int):
 
 def build_stores(cfg: TrainConfig):
     """Find, split (by car) and decode all samples, failing before training on any problem."""
-    data_dir = resolve_data_dir(cfg.data_dir)
+    data_dir = Path(cfg.data_dir)  # train() has resolved it already
     samples, problems = find_samples(data_dir)
     if cfg.max_cars:
         keep = set(sorted({s.car_id for s in samples})[:cfg.max_cars])
