@@ -1,8 +1,10 @@
 """Measure training and inference speed on this machine; prints a table and writes JSON.
 
-    python bench.py                          # width-16 U-Net at 480x320, fp32/bf16 x contiguous/channels_last
+    python bench.py                          # the CPU recipe's U-Net, fp32/bf16 x contiguous/channels_last
     python bench.py --compile --widths 16 32 # add torch.compile rows, two widths
     python bench.py --predict-images 64      # also time predict.py end to end on 64 Carvana photos
+
+Training steps run on --train-size inputs (the recipe's random crops), inference on --size (whole images).
 
 Every number is the median of several timed repetitions after warm-up, so a noisy shared machine
 moves it less; rerun on an idle machine for numbers to quote. GFLOP/s come from
@@ -54,24 +56,26 @@ def step_flops(model, images, masks, loss_fn, train: bool) -> float:
     return counter.get_total_flops()
 
 
-def bench_variant(width, size, batch, precision, channels_last, compile_, repeats) -> dict:
-    """Training and model-only inference throughput of one configuration."""
+def bench_variant(arch, train_size, size, batch, precision, channels_last, compile_, repeats) -> dict:
+    """Training (on train_size inputs) and model-only inference (on size) throughput of one configuration."""
     device = torch.device("cpu")
     torch.manual_seed(0)
-    model = UNet(base_channels=width)
+    model = UNet(**arch)
+    crops = torch.rand(batch, 3, train_size[1], train_size[0])
+    masks = (torch.rand(batch, 1, train_size[1], train_size[0]) > 0.5).float()
     images = torch.rand(batch, 3, size[1], size[0])
-    masks = (torch.rand(batch, 1, size[1], size[0]) > 0.5).float()
     if channels_last:
-        model, images = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+        crops, images = (t.contiguous(memory_format=torch.channels_last) for t in (crops, images))
     loss_fn = BCEDiceLoss()
-    flops_train = step_flops(model, images, masks, loss_fn, train=True)
-    flops_infer = step_flops(model, images, masks, loss_fn, train=False)
+    flops_train = step_flops(model, crops, masks, loss_fn, train=True)
+    flops_infer = step_flops(model, images, None, loss_fn, train=False)
     run_model = torch.compile(model) if compile_ else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step():
         with runtime.autocast(device, precision):
-            logits = run_model(images)
+            logits = run_model(crops)
         loss = loss_fn(logits, masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,37 +92,41 @@ def bench_variant(width, size, batch, precision, channels_last, compile_, repeat
     train_s = median_seconds(train_step, repeats)
     model.eval()
     infer_s = median_seconds(infer_step, repeats)
-    return {"width": width, "size": f"{size[0]}x{size[1]}", "batch": batch, "precision": precision,
+    return {**arch, "train_size": f"{train_size[0]}x{train_size[1]}", "size": f"{size[0]}x{size[1]}",
+            "batch": batch, "precision": precision,
             "channels_last": channels_last, "compile": compile_, "first_step_s": round(first_call, 2),
             "train_images_per_s": batch / train_s, "train_gflops_per_s": flops_train / train_s / 1e9,
             "infer_images_per_s": batch / infer_s, "infer_gflops_per_s": flops_infer / infer_s / 1e9,
             "gflop_per_train_image": flops_train / batch / 1e9}
 
 
-def bench_predict(n_images: int, width: int, size, precision: str) -> dict:
+def bench_predict(n_images: int, arch: dict, size, precision: str, tta: bool) -> dict:
     """predict.py end to end (decode, inference, upsampling, threshold, PNG writing) on real photos."""
     import predict
     photos = sorted((resolve_data_dir("") / "train").glob("*.jpg"))[:n_images]
     if not photos:
         return {"skipped": f"no Carvana photos in {resolve_data_dir('')}/train"}
     with tempfile.TemporaryDirectory() as tmp:
-        model = UNet(base_channels=width)
+        model = UNet(**arch)
         checkpoint = {"format_version": CHECKPOINT_FORMAT, "model_args": model.model_args,
                       "model": model.state_dict(), "config": {"width": size[0], "height": size[1]}, "threshold": 0.5}
         torch.save(checkpoint, Path(tmp) / "bench.pt")
         cfg = PredictConfig(inputs=[str(p) for p in photos], out_dir=str(Path(tmp) / "out"),
-                            checkpoint=str(Path(tmp) / "bench.pt"), precision=precision, device="cpu")
+                            checkpoint=str(Path(tmp) / "bench.pt"), precision=precision, device="cpu", tta=tta)
         start = time.perf_counter()
         written, failures = predict.predict_files(cfg)
         seconds = time.perf_counter() - start
     return {"images": len(written), "failed": len(failures), "seconds": seconds,
-            "masks_per_s": len(written) / seconds, "precision": precision, "width": width}
+            "masks_per_s": len(written) / seconds, "precision": precision, "tta": tta, **arch}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[16])
-    parser.add_argument("--size", default="480x320", help="model input WIDTHxHEIGHT")
+    parser.add_argument("--depth", type=int, default=5)
+    parser.add_argument("--bilinear", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--size", default="480x320", help="model input WIDTHxHEIGHT for inference")
+    parser.add_argument("--train-size", default="256x256", help="training input WIDTHxHEIGHT (the random crops)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (15-25 s each to compile)")
@@ -126,6 +134,7 @@ def main(argv=None):
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.size.lower().split("x"))
+    train_size = tuple(int(v) for v in args.train_size.lower().split("x"))
     runtime.keep_freed_memory()
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
@@ -134,26 +143,31 @@ def main(argv=None):
     print(f"{machine['platform']}, {machine['threads']} threads, torch {torch.__version__}; "
           f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     rows = []
-    header = f"{'width':>5} {'size':>8} {'prec':>5} {'layout':>8} {'compile':>7} | {'train img/s':>11} " \
+    header = f"{'width':>5} {'train':>8} {'prec':>5} {'layout':>8} {'compile':>7} | {'train img/s':>11} " \
              f"{'GFLOP/s':>8} {'%fp32':>6} {'%bf16':>6} | {'infer img/s':>11} {'1st step':>8}"
     print(header + "\n" + "-" * len(header))
     for width in args.widths:
         for precision in ("fp32", "bf16"):
             for channels_last in (False, True):
                 for compile_ in ((False, True) if args.compile else (False,)):
-                    r = bench_variant(width, size, args.batch_size, precision, channels_last, compile_, args.repeats)
+                    arch = {"base_channels": width, "depth": args.depth, "bilinear": args.bilinear}
+                    r = bench_variant(arch, train_size, size, args.batch_size, precision, channels_last, compile_,
+                                      args.repeats)
                     rows.append(r)
-                    print(f"{width:>5} {r['size']:>8} {precision:>5} {'cl' if channels_last else 'nchw':>8} "
+                    print(f"{width:>5} {r['train_size']:>8} {precision:>5} {'cl' if channels_last else 'nchw':>8} "
                           f"{str(compile_):>7} | {r['train_images_per_s']:>11.2f} {r['train_gflops_per_s']:>8.1f} "
                           f"{100 * r['train_gflops_per_s'] / peaks['fp32']:>5.0f}% "
                           f"{100 * r['train_gflops_per_s'] / peaks['bf16']:>5.0f}% | "
                           f"{r['infer_images_per_s']:>11.2f} {r['first_step_s']:>7.1f}s", flush=True)
     result = {"machine": machine, "rows": rows}
     if args.predict_images:
-        result["predict"] = [bench_predict(args.predict_images, args.widths[0], size, p) for p in ("fp32", "bf16")]
+        arch = {"base_channels": args.widths[0], "depth": args.depth, "bilinear": args.bilinear}
+        result["predict"] = [bench_predict(args.predict_images, arch, size, p, tta)
+                             for p, tta in (("fp32", False), ("bf16", False), ("bf16", True))]
         for p in result["predict"]:
             print("predict.py end to end: " + (p.get("skipped") or
-                  f"{p['images']} photos in {p['seconds']:.1f} s = {p['masks_per_s']:.1f} full-size masks/s ({p['precision']})"))
+                  f"{p['images']} photos in {p['seconds']:.1f} s = {p['masks_per_s']:.1f} full-size masks/s "
+                  f"({p['precision']}{', flip TTA' if p['tta'] else ''})"))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return result

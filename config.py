@@ -36,18 +36,24 @@ class TrainConfig:
     max_cars: int = _opt(0, "use only this many cars (0 = all); for quick runs")
     cache_dir: str = _opt(".cache", "where decoded, resized samples are kept between runs ('' = RAM only)")
     augment: str = _opt("light", "training augmentation: none, light or strong", choices=("none", "light", "strong"))
+    crop_width: int = _opt(256, "train on random crops this wide (0 = whole images); validation sees whole images")
+    crop_height: int = _opt(256, "train on random crops this high (0 = whole images)")
     # model
     base_channels: int = _opt(16, "channels of the first U-Net level; doubles at each level down")
-    depth: int = _opt(4, "number of down-sampling steps")
-    bilinear: bool = _opt(False, "bilinear upsampling + conv instead of transposed convolutions")
+    depth: int = _opt(5, "number of down-sampling steps")
+    bilinear: bool = _opt(True, "bilinear upsampling + conv instead of transposed convolutions")
     # optimisation
-    epochs: int = _opt(30, "number of passes over the training images")
+    epochs: int = _opt(70, "number of passes over the training images")
     batch_size: int = _opt(8, "images per optimisation step")
     lr: float = _opt(3e-3, "peak learning rate")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
     optimizer: str = _opt("adamw", "adam or adamw", choices=("adam", "adamw"))
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay to zero")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 = off)")
+    precise_bn: int = _opt(64, "before each validation, recompute BatchNorm statistics on this many "
+                              "augmented training samples (0 = keep the running ones)")
+    ema_decay: float = _opt(0.0, "validate and save an exponential moving average of the weights with this "
+                                 "decay per step, e.g. 0.998 (0 = off)")
     bce_weight: float = _opt(1.0, "weight of the BCE term in the loss")
     dice_weight: float = _opt(1.0, "weight of the soft Dice term in the loss")
     precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto = bf16 where the device has it "
@@ -74,12 +80,20 @@ class TrainConfig:
                f"must be a positive multiple of 2**depth = {2 ** self.depth}")
         _check(self, "height", self.height % (2 ** self.depth) == 0 and self.height > 0,
                f"must be a positive multiple of 2**depth = {2 ** self.depth}")
+        for name, full in (("crop_width", self.width), ("crop_height", self.height)):
+            crop = getattr(self, name)
+            _check(self, name, crop == 0 or (crop % (2 ** self.depth) == 0 and 0 < crop <= full),
+                   f"must be 0 or a positive multiple of 2**depth = {2 ** self.depth} up to the input size {full}")
+        _check(self, "crop_width", (self.crop_width == 0) == (self.crop_height == 0),
+               "crop_width and crop_height must be both set or both 0")
         _check(self, "epochs", self.epochs >= 1, "must be >= 1")
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
         _check(self, "lr", self.lr > 0, "must be > 0")
         _check(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
         _check(self, "warmup_epochs", self.warmup_epochs >= 0, "must be >= 0")
         _check(self, "grad_clip", self.grad_clip >= 0, "must be >= 0")
+        _check(self, "ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
+        _check(self, "precise_bn", self.precise_bn >= 0, "must be >= 0")
         _check(self, "bce_weight", self.bce_weight >= 0, "must be >= 0")
         _check(self, "dice_weight", self.dice_weight >= 0, "must be >= 0")
         _check(self, "bce_weight", self.bce_weight + self.dice_weight > 0,
@@ -101,6 +115,7 @@ class EvaluateConfig:
     batch_size: int = _opt(8, "images per forward pass")
     threshold: float = _opt(0.0, "probability threshold; 0 = the checkpoint's own")
     precision: str = _opt("fp32", "inference precision", choices=PRECISIONS)
+    tta: bool = _opt(False, "test-time augmentation: also predict the mirrored image and average (2x compute)")
     worst_k: int = _opt(8, "list and draw this many worst images")
     num_samples: int = _opt(4, "also draw this many random images")
     cache_dir: str = _opt(".cache", "where decoded, resized samples are kept ('' = RAM only)")
@@ -125,6 +140,7 @@ class PredictConfig:
     recursive: bool = _opt(False, "search folders recursively")
     batch_size: int = _opt(8, "images per forward pass")
     precision: str = _opt("fp32", "inference precision", choices=PRECISIONS)
+    tta: bool = _opt(False, "test-time augmentation: also predict the mirrored image and average (2x compute)")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
 
     def __post_init__(self):

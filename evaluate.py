@@ -28,14 +28,22 @@ log = logging.getLogger(__name__)
 SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8)
 
 
-def predict_logits(model, images, device, precision, channels_last=True) -> torch.Tensor:
-    """Forward pass -> fp32 logits (B, 1, h, w), on `device`."""
+def predict_logits(model, images, device, precision, channels_last=True, tta=False) -> torch.Tensor:
+    """Forward pass -> fp32 logits (B, 1, h, w), on `device`.
+
+    With `tta`, the mirrored images go through the model too and the two answers' logits are averaged.
+    """
     images = images.to(device, non_blocking=True)
+    if tta:
+        images = torch.cat([images, images.flip(-1)])
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), runtime.autocast(device, precision):
-        logits = model(images)
-    return logits.float()
+        logits = model(images).float()
+    if tta:
+        plain, mirrored = logits.chunk(2)
+        logits = (plain + mirrored.flip(-1)) / 2
+    return logits
 
 
 def upsample_probs(probs: torch.Tensor, full_size) -> torch.Tensor:
@@ -45,7 +53,7 @@ def upsample_probs(probs: torch.Tensor, full_size) -> torch.Tensor:
 
 
 def evaluate(model, loader, device, precision="fp32", threshold=0.5, full_res=True, sweep=(),
-             loss_fn=None) -> dict:
+             loss_fn=None, tta=False) -> dict:
     """Score `model` on a loader of CarvanaDataset items; returns metrics and per-image records.
 
     Model-resolution scores compare against the area-averaged mask thresholded at 0.5; full-resolution
@@ -59,7 +67,7 @@ def evaluate(model, loader, device, precision="fp32", threshold=0.5, full_res=Tr
     sweeps = {t: SegmentationMeter() for t in sweep}
     records, loss_sum = [], 0.0
     for images, masks, indices in tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True, disable=None):
-        logits = predict_logits(model, images, device, precision)
+        logits = predict_logits(model, images, device, precision, tta=tta)
         probs, masks = torch.sigmoid(logits), masks.to(device)
         if loss_fn is not None:
             loss_sum += loss_fn(logits, masks).item() * len(images)
@@ -130,9 +138,9 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     loader = torch.utils.data.DataLoader(CarvanaDataset(store), batch_size=cfg.batch_size,
                                          pin_memory=device.type == "cuda")
     start = time.perf_counter()
-    result = evaluate(model, loader, device, precision, threshold, sweep=SWEEP_THRESHOLDS)
+    result = evaluate(model, loader, device, precision, threshold, sweep=SWEEP_THRESHOLDS, tta=cfg.tta)
     summary = {"checkpoint": str(cfg.checkpoint), "data_dir": str(data_dir), "split": cfg.split,
-               "out_dir": str(out_dir), "threshold": threshold, "precision": precision, "model_size": list(size),
+               "out_dir": str(out_dir), "threshold": threshold, "precision": precision, "tta": cfg.tta, "model_size": list(size),
                "cars": len({s.car_id for s in store.samples}), "seconds": round(time.perf_counter() - start, 1),
                "full_resolution": result["full"], "model_resolution": result["small"], "sweep": result["sweep"]}
     write_reports(out_dir, summary, result["records"], cfg.worst_k)
@@ -167,7 +175,7 @@ def draw_examples(model, store, records, out_dir, cfg, device, precision, thresh
         rows = []
         for index in indices:
             images, _, _ = CarvanaDataset(store)[index]
-            logits = predict_logits(model, images[None], device, precision)
+            logits = predict_logits(model, images[None], device, precision, tta=cfg.tta)
             prob = upsample_probs(torch.sigmoid(logits[0]), store.full_sizes[index])
             name = store.samples[index].name
             rows.append({"image": store.images[index], "pred": (prob > threshold).cpu().numpy(),
@@ -182,7 +190,8 @@ def format_summary(summary: dict) -> str:
              f"full resolution   mean Dice {full['dice']:.5f}  mean IoU {full['iou']:.5f}  "
              f"pooled Dice {full['dice_pooled']:.5f}  pixel accuracy {full['pixel_accuracy']:.5f}",
              f"model resolution  mean Dice {small['dice']:.5f}  mean IoU {small['iou']:.5f}  "
-             f"({summary['model_size'][0]}x{summary['model_size'][1]}, threshold {summary['threshold']})",
+             f"({summary['model_size'][0]}x{summary['model_size'][1]}, threshold {summary['threshold']}"
+             f"{', flip TTA' if summary.get('tta') else ''})",
              "worst images: " + ", ".join(f"{w['name']} {w['dice']:.4f}" for w in summary["worst"]),
              "threshold sweep (full-res Dice): " + "  ".join(f"{r['threshold']}:{r['dice']:.5f}" for r in summary["sweep"])]
     return "\n".join(lines)

@@ -108,13 +108,13 @@ def write_outputs(path: Path, mask_path: Path, pred_mask: np.ndarray, cfg: Predi
     return mask_path, rle
 
 
-def predict_masks(model, images: torch.Tensor, full_sizes, threshold, device, precision) -> list:
+def predict_masks(model, images: torch.Tensor, full_sizes, threshold, device, precision, tta=False) -> list:
     """Model-size images (B, 3, h, w) -> uint8 0/255 masks, each at its full_size=(W, H).
 
     Probabilities are upsampled bilinearly *before* thresholding: thresholding first and resizing a
     hard mask loses the sub-pixel boundary the model predicted.
     """
-    probs = torch.sigmoid(predict_logits(model, images, device, precision))
+    probs = torch.sigmoid(predict_logits(model, images, device, precision, tta=tta))
     return [((upsample_probs(prob, full_size) > threshold).to(torch.uint8) * 255).cpu().numpy()
             for prob, full_size in zip(probs, full_sizes)]
 
@@ -164,7 +164,8 @@ def predict_files(cfg: PredictConfig):
         pending = deque()
         for batch in _batches(decoded, cfg.batch_size, failures, bar):
             images = torch.stack([image_to_tensor(image) for _, (image, _) in batch])
-            pred_masks = predict_masks(model, images, [full for _, (_, full) in batch], threshold, device, precision)
+            full_sizes = [full for _, (_, full) in batch]
+            pred_masks = predict_masks(model, images, full_sizes, threshold, device, precision, cfg.tta)
             for (path, _), pred_mask in zip(batch, pred_masks):
                 pending.append((path, writers.submit(write_outputs, path, outputs[path], pred_mask, cfg)))
             while pending and (pending[0][1].done() or len(pending) > 4 * cfg.batch_size):

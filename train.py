@@ -26,6 +26,7 @@ import plots
 import runtime
 from config import TrainConfig, parse_config, resolve_data_dir
 from dataset import CarvanaDataset, build_transform, find_samples, prepare_store, split_by_car
+from averaging import WeightEMA, recompute_batchnorm
 from evaluate import evaluate
 from losses import BCEDiceLoss
 from model import CHECKPOINT_FORMAT, UNet, load_checkpoint
@@ -67,7 +68,8 @@ def _worker_init(worker_id):
 
 def build_loaders(cfg, train_store, val_store, device):
     pin = device.type == "cuda"
-    train_set = CarvanaDataset(train_store, build_transform(cfg.augment))
+    crop = (cfg.crop_width, cfg.crop_height) if cfg.crop_width else None
+    train_set = CarvanaDataset(train_store, build_transform(cfg.augment, crop))
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
         num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator(),
@@ -75,6 +77,21 @@ def build_loaders(cfg, train_store, val_store, device):
     val_loader = torch.utils.data.DataLoader(CarvanaDataset(val_store), batch_size=cfg.batch_size,
                                              num_workers=cfg.num_workers, pin_memory=pin)
     return train_loader, val_loader
+
+
+def batchnorm_batches(cfg, train_store):
+    """Batches for recompute_batchnorm: a fixed, seeded draw of augmented training samples (crops too).
+
+    They must look like training batches: statistics of whole images, when the model trained on crops,
+    cost 0.011 Dice here. The same draw every time, so a resumed run recomputes the same statistics.
+    """
+    crop = (cfg.crop_width, cfg.crop_height) if cfg.crop_width else None
+    dataset = CarvanaDataset(train_store, build_transform(cfg.augment, crop))
+    dataset.set_epoch(cfg.seed)
+    count = min(cfg.precise_bn, len(train_store))
+    chosen = torch.randperm(len(train_store), generator=torch.Generator().manual_seed(cfg.seed))[:count].tolist()
+    for start in range(0, count, cfg.batch_size):
+        yield torch.stack([dataset[i][0] for i in chosen[start:start + cfg.batch_size]])
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -94,7 +111,8 @@ def build_optimizer(cfg, model, steps_per_epoch):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device, precision, cfg, epoch, step):
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device, precision, cfg, epoch, step,
+                    ema=None):
     """One pass over the training set; returns (mean loss, images/s, global step)."""
     model.train()
     total, count, start = 0.0, 0, time.perf_counter()
@@ -119,6 +137,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
         scaler.update()
         scheduler.step()
         step += 1
+        if ema is not None:
+            ema.update(step)
         total += loss.item() * len(images)
         count += len(images)
         bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
@@ -135,14 +155,18 @@ def save_checkpoint(path: Path, checkpoint: dict):
 
 
 def make_checkpoint(raw_model, cfg, state: dict, full=True) -> dict:
+    """"model" holds the weights to predict with: the EMA where there is one, else the trained weights."""
+    ema = state.get("ema")
     checkpoint = {"format_version": CHECKPOINT_FORMAT, "model_args": raw_model.model_args,
-                  "model": raw_model.state_dict(), "config": dataclasses.asdict(cfg),
+                  "model": (ema.model if ema else raw_model).state_dict(), "config": dataclasses.asdict(cfg),
                   "threshold": cfg.threshold, "val_cars": sorted(state["val_cars"]),
                   "epoch": state["epoch"], "global_step": state["step"], "best_val_dice": state["best"],
                   "metrics": state["history"][-1] if state["history"] else {}, "history": state["history"]}
     if full:
         checkpoint.update(optimizer=state["optimizer"].state_dict(), scheduler=state["scheduler"].state_dict(),
                           scaler=state["scaler"].state_dict())
+        if ema:
+            checkpoint["train_model"] = raw_model.state_dict()
     return checkpoint
 
 
@@ -171,7 +195,10 @@ def load_resume_checkpoint(cfg):
 
 def restore(checkpoint, raw_model, state):
     """Put a resumed run's weights and optimizer/scheduler/scaler state back in place."""
-    raw_model.load_state_dict(checkpoint["model"])
+    raw_model.load_state_dict(checkpoint.get("train_model", checkpoint["model"]))
+    if state.get("ema"):  # a run that had no EMA yet starts one from its current weights
+        state["ema"].model.load_state_dict(checkpoint["model"] if "train_model" in checkpoint
+                                           else raw_model.state_dict())
     for name in ("optimizer", "scheduler", "scaler"):
         state[name].load_state_dict(checkpoint[name])
     state.update(epoch=checkpoint["epoch"], step=checkpoint["global_step"], best=checkpoint["best_val_dice"],
@@ -213,7 +240,8 @@ def train(cfg: TrainConfig) -> dict:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(train_loader))
     state = dict(optimizer=optimizer, scheduler=scheduler, scaler=runtime.grad_scaler(device, precision),
-                 epoch=0, step=0, best=-1.0, history=[], val_cars={s.car_id for s in val_store.samples})
+                 epoch=0, step=0, best=-1.0, history=[], val_cars={s.car_id for s in val_store.samples},
+                 ema=WeightEMA(raw_model, cfg.ema_decay) if cfg.ema_decay else None)
     if resumed is not None:
         restore(resumed, raw_model, state)
     model = torch.compile(raw_model) if cfg.compile else raw_model
@@ -223,7 +251,8 @@ def train(cfg: TrainConfig) -> dict:
     log.info("run %s: %s, %s, U-Net width %d depth %d (%.2f M parameters)", run_dir, device, precision,
              cfg.base_channels, cfg.depth, sum(p.numel() for p in raw_model.parameters()) / 1e6)
     try:
-        run_epochs(cfg, run_dir, model, raw_model, train_loader, val_loader, loss_fn, state, device, precision)
+        run_epochs(cfg, run_dir, model, raw_model, train_loader, val_loader, loss_fn, state, device, precision,
+                   train_store)
     except KeyboardInterrupt:
         # last.pt (the last whole epoch) stays the resume point: resuming from mid-epoch weights
         # could not replay the epoch exactly. The weights of the moment go to interrupted.pt.
@@ -234,7 +263,8 @@ def train(cfg: TrainConfig) -> dict:
     return {"run_dir": str(run_dir), "best_val_dice": state["best"], **state["history"][-1]}
 
 
-def run_epochs(cfg, run_dir, model, raw_model, train_loader, val_loader, loss_fn, state, device, precision):
+def run_epochs(cfg, run_dir, model, raw_model, train_loader, val_loader, loss_fn, state, device, precision,
+               train_store):
     """The epoch loop: train, validate, checkpoint, log."""
     optimizer, scheduler = state["optimizer"], state["scheduler"]
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -243,8 +273,13 @@ def run_epochs(cfg, run_dir, model, raw_model, train_loader, val_loader, loss_fn
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         train_loader.dataset.set_epoch(cfg.seed * 100_003 + epoch)
         train_loss, speed, state["step"] = train_one_epoch(model, train_loader, optimizer, scheduler, state["scaler"],
-                                                           loss_fn, device, precision, cfg, epoch, state["step"])
-        result = evaluate(model, val_loader, device, precision, cfg.threshold, cfg.full_res_val, loss_fn=loss_fn)
+                                                           loss_fn, device, precision, cfg, epoch, state["step"],
+                                                           state["ema"])
+        eval_model = state["ema"].model if state["ema"] else model
+        if cfg.precise_bn:
+            recompute_batchnorm(state["ema"].model if state["ema"] else raw_model,
+                                batchnorm_batches(cfg, train_store), device, precision, cfg.channels_last)
+        result = evaluate(eval_model, val_loader, device, precision, cfg.threshold, cfg.full_res_val, loss_fn=loss_fn)
         record = {"epoch": epoch, "step": state["step"], "train_loss": train_loss, "val_loss": result["loss"],
                   "val_dice": result["small"]["dice"], "val_iou": result["small"]["iou"],
                   "lr": scheduler.get_last_lr()[0], "images_per_s": speed}

@@ -84,6 +84,7 @@ def tiny_config(data_dir, tmp, **overrides) -> TrainConfig:
     """A TrainConfig that trains a 4-channel, depth-2 U-Net at 64x48 on the CPU in seconds."""
     values = dict(data_dir=str(data_dir), width=MODEL_SIZE[0], height=MODEL_SIZE[1], base_channels=4, depth=2,
                   epochs=2, batch_size=4, device="cpu", precision="fp32", num_workers=0, augment="light",
+                  bilinear=False, crop_width=0, crop_height=0, precise_bn=0,
                   full_res_val=True, cache_dir=str(Path(tmp) / "cache"), out_dir=str(Path(tmp) / "runs"),
                   run_name="tiny", seed=42)
     values.update(overrides)

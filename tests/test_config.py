@@ -19,7 +19,9 @@ def write_json(path: Path, values) -> str:
 def test_defaults():
     cfg = parse_config(TrainConfig, [])
     assert cfg == TrainConfig()
-    assert (cfg.width, cfg.height, cfg.depth, cfg.base_channels) == (480, 320, 4, 16)
+    # the CPU recipe: width-16, depth-5 bilinear U-Net on 256x256 crops of 480x320 samples
+    assert (cfg.width, cfg.height, cfg.depth, cfg.base_channels, cfg.bilinear) == (480, 320, 5, 16, True)
+    assert (cfg.crop_width, cfg.crop_height, cfg.precise_bn, cfg.ema_decay) == (256, 256, 64, 0.0)
     assert cfg.val_fraction == 0.125 and cfg.threshold == 0.5 and cfg.channels_last is True
     assert cfg.resume == "" and cfg.data_dir == ""
 
@@ -106,6 +108,10 @@ def test_bool_flag_beats_file(tmp_path):
     (["--threshold", "1"], "threshold"),
     (["--bce-weight", "0", "--dice-weight", "0"], "bce_weight"),
     (["--run-name", "a/b"], "run_name"),
+    (["--crop-width", "200", "--crop-height", "160"], "crop_width"),   # not a multiple of 2**4
+    (["--crop-width", "512", "--crop-height", "160"], "crop_width"),   # wider than --width 480
+    (["--crop-width", "0"], "crop_width"),                             # the height is still 256
+    (["--ema-decay", "1"], "ema_decay"),
 ])
 def test_range_checks_name_the_field(capsys, argv, field):
     with pytest.raises(SystemExit) as exit_info:

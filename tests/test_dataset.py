@@ -462,3 +462,20 @@ def test_augmentation_moves_image_and_mask_together(store):
             assert image.shape == (3, MODEL_SIZE[1], MODEL_SIZE[0]) and mask.shape == (1, MODEL_SIZE[1], MODEL_SIZE[0])
             assert 0 <= mask.min() and mask.max() <= 1
             assert car_iou(image, mask) > 0.85, (seed, i)
+
+
+def test_random_crops_cut_image_and_mask_at_the_same_place(store):
+    crop = (32, 16)
+    ds = CarvanaDataset(store, build_transform("none", crop))
+    plain = CarvanaDataset(store)
+    ds.set_epoch(0)
+    for i in range(len(ds)):
+        image, mask, _ = ds[i]
+        assert image.shape == (3, 16, 32) and mask.shape == (1, 16, 32)
+        full_image, full_mask, _ = plain[i]
+        # find the crop in the whole image: the mask must come from the very same window
+        windows = full_image.unfold(1, 16, 1).unfold(2, 32, 1)  # (3, rows, cols, 16, 32)
+        hits = (windows == image[:, None, None]).flatten(3).all(-1).all(0).nonzero()
+        assert len(hits) >= 1
+        top, left = hits[0].tolist()
+        assert torch.equal(mask, full_mask[:, top:top + 16, left:left + 32])

@@ -185,12 +185,40 @@ def test_extending_a_finished_run_with_resume_matches_a_straight_run(straight, d
     assert_same_training(run, straight_run)
 
 
+def test_resume_with_ema_crops_and_precise_bn_is_exact(data_dir, work):
+    options = dict(ema_decay=0.9, crop_width=32, crop_height=32, precise_bn=5)
+    straight_ema = tiny_config(data_dir, work, run_name="straight-ema", **options)
+    train.train(straight_ema)
+    extended = tiny_config(data_dir, work, run_name="extended-ema", **{**options, "epochs": 1})
+    train.train(extended)
+    run = Path(extended.out_dir) / "extended-ema"
+    train.main(["--resume", str(run / "last.pt"), "--epochs", "2"])
+    assert_same_training(run, Path(straight_ema.out_dir) / "straight-ema")
+
+
+def test_ema_checkpoints_predict_with_the_average(data_dir, work):
+    cfg = tiny_config(data_dir, work, run_name="ema", epochs=1, ema_decay=0.9)
+    train.train(cfg)
+    last = load_checkpoint(Path(cfg.out_dir) / "ema" / "last.pt")
+    best = load_checkpoint(Path(cfg.out_dir) / "ema" / "best.pt")
+    assert "train_model" not in best
+    key = next(iter(last["model"]))  # the first convolution's weights
+    assert not torch.equal(last["model"][key], last["train_model"][key])  # the average lags the weights
+    assert torch.equal(best["model"][key], last["model"][key])
+    # evaluate.py scores the average, reproducing the run's own validation Dice
+    summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(Path(cfg.out_dir) / "ema" / "best.pt"),
+                                                          out_dir=str(work / "ema-eval"), device="cpu",
+                                                          cache_dir=str(work / "cache")))
+    assert summary["full_resolution"]["dice"] == pytest.approx(best["metrics"]["val_dice_full"], abs=1e-6)
+
+
 def assert_same_training(run, reference):
     a = torch.load(run / "last.pt", weights_only=True)
     b = torch.load(reference / "last.pt", weights_only=True)
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["model"].keys() == b["model"].keys() and a.keys() == b.keys()
+    for name in ("model", "train_model"):
+        for key in a.get(name, {}):
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         for key in state_a:
             assert torch.equal(torch.as_tensor(state_a[key]), torch.as_tensor(state_b[key])), key
@@ -285,6 +313,20 @@ def test_evaluate_checkpoint_from_the_checkpoint_alone(trained, data_dir, tmp_pa
     assert [r["threshold"] for r in stored["sweep"]] == list(evaluate.SWEEP_THRESHOLDS)
     at_half = next(r for r in stored["sweep"] if r["threshold"] == 0.5)
     assert at_half["dice"] == pytest.approx(summary["full_resolution"]["dice"], abs=1e-12)
+
+
+def test_flip_tta_averages_the_prediction_of_the_mirrored_image():
+    model = UNet(base_channels=4, depth=2).eval()
+    images = torch.rand(2, 3, 16, 24)
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(-1)).flip(-1)) / 2
+    got = evaluate.predict_logits(model, images, torch.device("cpu"), "fp32", tta=True)
+    assert torch.allclose(got, expected, atol=1e-5)
+    plain = evaluate.predict_logits(model, images, torch.device("cpu"), "fp32")
+    assert not torch.allclose(got, plain, atol=1e-5)  # the model is not mirror-symmetric, so TTA changes it
+    symmetric = torch.cat([images[..., :12], images[..., :12].flip(-1)], dim=-1)
+    answer = evaluate.predict_logits(model, symmetric, torch.device("cpu"), "fp32", tta=True)
+    assert torch.allclose(answer, answer.flip(-1), atol=1e-5)  # a mirror-symmetric photo gets a symmetric mask
 
 
 @pytest.mark.parametrize("split, images", [("train", 9), ("all", 12)])
