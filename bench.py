@@ -70,7 +70,7 @@ def bench_variant(arch, train_size, size, batch, precision, channels_last, compi
     loss_fn = BCEDiceLoss()
     flops_train = step_flops(model, crops, masks, loss_fn, train=True)
     flops_infer = step_flops(model, images, None, loss_fn, train=False)
-    run_model = torch.compile(model) if compile_ else model
+    run_model = torch.compile(model, dynamic=False) if compile_ else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step():

@@ -244,7 +244,9 @@ def train(cfg: TrainConfig) -> dict:
                  ema=WeightEMA(raw_model, cfg.ema_decay) if cfg.ema_decay else None)
     if resumed is not None:
         restore(resumed, raw_model, state)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    # Static shapes: training crops and whole validation images get a graph each. Dynamic-shape
+    # graphs of this model failed to compile in bf16 with torch 2.14 (an inductor TypeError).
+    model = torch.compile(raw_model, dynamic=False) if cfg.compile else raw_model
     loss_fn = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
