@@ -146,12 +146,14 @@ def main(argv=None):
     header = f"{'width':>5} {'train':>8} {'prec':>5} {'layout':>8} {'compile':>7} | {'train img/s':>11} " \
              f"{'GFLOP/s':>8} {'%fp32':>6} {'%bf16':>6} | {'infer img/s':>11} {'1st step':>8}"
     print(header + "\n" + "-" * len(header))
+    def arch(width):
+        return {"base_channels": width, "depth": args.depth, "bilinear": args.bilinear}
+
     for width in args.widths:
         for precision in ("fp32", "bf16"):
             for channels_last in (False, True):
                 for compile_ in ((False, True) if args.compile else (False,)):
-                    arch = {"base_channels": width, "depth": args.depth, "bilinear": args.bilinear}
-                    r = bench_variant(arch, train_size, size, args.batch_size, precision, channels_last, compile_,
+                    r = bench_variant(arch(width), train_size, size, args.batch_size, precision, channels_last, compile_,
                                       args.repeats)
                     rows.append(r)
                     print(f"{width:>5} {r['train_size']:>8} {precision:>5} {'cl' if channels_last else 'nchw':>8} "
@@ -161,8 +163,7 @@ def main(argv=None):
                           f"{r['infer_images_per_s']:>11.2f} {r['first_step_s']:>7.1f}s", flush=True)
     result = {"machine": machine, "rows": rows}
     if args.predict_images:
-        arch = {"base_channels": args.widths[0], "depth": args.depth, "bilinear": args.bilinear}
-        result["predict"] = [bench_predict(args.predict_images, arch, size, p, tta)
+        result["predict"] = [bench_predict(args.predict_images, arch(args.widths[0]), size, p, tta)
                              for p, tta in (("fp32", False), ("bf16", False), ("bf16", True))]
         for p in result["predict"]:
             print("predict.py end to end: " + (p.get("skipped") or
