@@ -25,8 +25,8 @@ from tqdm import tqdm
 import plots
 import runtime
 from config import TrainConfig, parse_config, resolve_data_dir
-from dataset import CarvanaDataset, build_transform, find_samples, prepare_store, split_by_car
 from averaging import WeightEMA, recompute_batchnorm
+from dataset import CarvanaDataset, build_transform, find_samples, prepare_store, split_by_car
 from evaluate import evaluate
 from losses import BCEDiceLoss
 from model import CHECKPOINT_FORMAT, UNet, load_checkpoint
@@ -66,10 +66,14 @@ def _worker_init(worker_id):
     info.dataset.set_epoch(info.seed % 2**31)
 
 
+def training_transform(cfg):
+    """The augmentation and random crop every training sample goes through."""
+    return build_transform(cfg.augment, (cfg.crop_width, cfg.crop_height) if cfg.crop_width else None)
+
+
 def build_loaders(cfg, train_store, val_store, device):
     pin = device.type == "cuda"
-    crop = (cfg.crop_width, cfg.crop_height) if cfg.crop_width else None
-    train_set = CarvanaDataset(train_store, build_transform(cfg.augment, crop))
+    train_set = CarvanaDataset(train_store, training_transform(cfg))
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
         num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator(),
@@ -85,8 +89,7 @@ def batchnorm_batches(cfg, train_store):
     They must look like training batches: statistics of whole images, when the model trained on crops,
     cost 0.011 Dice here. The same draw every time, so a resumed run recomputes the same statistics.
     """
-    crop = (cfg.crop_width, cfg.crop_height) if cfg.crop_width else None
-    dataset = CarvanaDataset(train_store, build_transform(cfg.augment, crop))
+    dataset = CarvanaDataset(train_store, training_transform(cfg))
     dataset.set_epoch(cfg.seed)
     count = min(cfg.precise_bn, len(train_store))
     chosen = torch.randperm(len(train_store), generator=torch.Generator().manual_seed(cfg.seed))[:count].tolist()
@@ -277,10 +280,10 @@ def run_epochs(cfg, run_dir, model, raw_model, train_loader, val_loader, loss_fn
         train_loss, speed, state["step"] = train_one_epoch(model, train_loader, optimizer, scheduler, state["scaler"],
                                                            loss_fn, device, precision, cfg, epoch, state["step"],
                                                            state["ema"])
-        eval_model = state["ema"].model if state["ema"] else model
+        # Validate what the checkpoint will hold: the average if there is one, else the (compiled) model.
+        stats_model, eval_model = (state["ema"].model,) * 2 if state["ema"] else (raw_model, model)
         if cfg.precise_bn:
-            recompute_batchnorm(state["ema"].model if state["ema"] else raw_model,
-                                batchnorm_batches(cfg, train_store), device, precision, cfg.channels_last)
+            recompute_batchnorm(stats_model, batchnorm_batches(cfg, train_store), device, precision, cfg.channels_last)
         result = evaluate(eval_model, val_loader, device, precision, cfg.threshold, cfg.full_res_val, loss_fn=loss_fn)
         record = {"epoch": epoch, "step": state["step"], "train_loss": train_loss, "val_loss": result["loss"],
                   "val_dice": result["small"]["dice"], "val_iou": result["small"]["iou"],
