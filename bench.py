@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import runtime
-from config import PredictConfig, resolve_data_dir
+from config import PredictConfig, TrainConfig, resolve_data_dir
 from losses import BCEDiceLoss
 from model import CHECKPOINT_FORMAT, UNet
 
@@ -121,12 +121,15 @@ def bench_predict(n_images: int, arch: dict, size, precision: str, tta: bool) ->
 
 
 def main(argv=None):
+    recipe = TrainConfig()  # the defaults: what `python train.py` trains
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[16])
-    parser.add_argument("--depth", type=int, default=5)
-    parser.add_argument("--bilinear", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--size", default="480x320", help="model input WIDTHxHEIGHT for inference")
-    parser.add_argument("--train-size", default="256x256", help="training input WIDTHxHEIGHT (the random crops)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[recipe.base_channels])
+    parser.add_argument("--depth", type=int, default=recipe.depth)
+    parser.add_argument("--bilinear", action=argparse.BooleanOptionalAction, default=recipe.bilinear)
+    parser.add_argument("--space-to-depth", type=int, default=recipe.space_to_depth)
+    parser.add_argument("--size", default=f"{recipe.width}x{recipe.height}", help="model input WIDTHxHEIGHT for inference")
+    parser.add_argument("--train-size", default=f"{recipe.crop_width or recipe.width}x{recipe.crop_height or recipe.height}",
+                        help="training input WIDTHxHEIGHT (the recipe's random crops)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (15-25 s each to compile)")
@@ -147,7 +150,8 @@ def main(argv=None):
              f"{'GFLOP/s':>8} {'%fp32':>6} {'%bf16':>6} | {'infer img/s':>11} {'1st step':>8}"
     print(header + "\n" + "-" * len(header))
     def arch(width):
-        return {"base_channels": width, "depth": args.depth, "bilinear": args.bilinear}
+        return {"base_channels": width, "depth": args.depth, "bilinear": args.bilinear,
+                "space_to_depth": args.space_to_depth}
 
     for width in args.widths:
         for precision in ("fp32", "bf16"):

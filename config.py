@@ -42,6 +42,8 @@ class TrainConfig:
     base_channels: int = _opt(16, "channels of the first U-Net level; doubles at each level down")
     depth: int = _opt(5, "number of down-sampling steps")
     bilinear: bool = _opt(True, "bilinear upsampling + conv instead of transposed convolutions")
+    space_to_depth: int = _opt(1, "fold SxS pixel blocks into channels: the U-Net runs at 1/S of the input "
+                                  "size and unfolds its logits back to it (1 = off)")
     # optimisation
     epochs: int = _opt(70, "number of passes over the training images")
     batch_size: int = _opt(8, "images per optimisation step")
@@ -56,6 +58,7 @@ class TrainConfig:
                                  "decay per step, e.g. 0.998 (0 = off)")
     bce_weight: float = _opt(1.0, "weight of the BCE term in the loss")
     dice_weight: float = _opt(1.0, "weight of the soft Dice term in the loss")
+    boundary_weight: float = _opt(0.0, "extra BCE weight on pixels within 2 of the mask's edge (0 = off)")
     precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto = bf16 where the device has it "
                                   "(fp16 + GradScaler on older GPUs, fp32 elsewhere)", choices=PRECISIONS)
     channels_last: bool = _opt(True, "use the channels_last memory format (faster convolutions)")
@@ -76,14 +79,14 @@ class TrainConfig:
         _check(self, "max_cars", self.max_cars >= 0, "must be >= 0")
         _check(self, "base_channels", self.base_channels >= 1, "must be >= 1")
         _check(self, "depth", 1 <= self.depth <= 6, "must be between 1 and 6")
-        _check(self, "width", self.width % (2 ** self.depth) == 0 and self.width > 0,
-               f"must be a positive multiple of 2**depth = {2 ** self.depth}")
-        _check(self, "height", self.height % (2 ** self.depth) == 0 and self.height > 0,
-               f"must be a positive multiple of 2**depth = {2 ** self.depth}")
+        _check(self, "space_to_depth", 1 <= self.space_to_depth <= 8, "must be between 1 and 8")
+        step, why = 2 ** self.depth * self.space_to_depth, "2**depth * space_to_depth"
+        _check(self, "width", self.width % step == 0 and self.width > 0, f"must be a positive multiple of {why} = {step}")
+        _check(self, "height", self.height % step == 0 and self.height > 0, f"must be a positive multiple of {why} = {step}")
         for name, full in (("crop_width", self.width), ("crop_height", self.height)):
             crop = getattr(self, name)
-            _check(self, name, crop == 0 or (crop % (2 ** self.depth) == 0 and 0 < crop <= full),
-                   f"must be 0 or a positive multiple of 2**depth = {2 ** self.depth} up to the input size {full}")
+            _check(self, name, crop == 0 or (crop % step == 0 and 0 < crop <= full),
+                   f"must be 0 or a positive multiple of {why} = {step} up to the input size {full}")
         _check(self, "crop_width", (self.crop_width == 0) == (self.crop_height == 0),
                "crop_width and crop_height must be both set or both 0")
         _check(self, "epochs", self.epochs >= 1, "must be >= 1")
@@ -96,6 +99,7 @@ class TrainConfig:
         _check(self, "precise_bn", self.precise_bn >= 0, "must be >= 0")
         _check(self, "bce_weight", self.bce_weight >= 0, "must be >= 0")
         _check(self, "dice_weight", self.dice_weight >= 0, "must be >= 0")
+        _check(self, "boundary_weight", self.boundary_weight >= 0, "must be >= 0")
         _check(self, "bce_weight", self.bce_weight + self.dice_weight > 0,
                "bce_weight and dice_weight cannot both be 0")
         _check(self, "threshold", 0 < self.threshold < 1, "must be between 0 and 1")

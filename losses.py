@@ -20,18 +20,32 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0
     return (1.0 - (2.0 * intersection + eps) / (total + eps)).mean()
 
 
-class BCEDiceLoss(nn.Module):
-    """bce_weight * BCE-with-logits + dice_weight * soft Dice loss, in fp32."""
+def boundary_weights(targets: torch.Tensor, weight: float, radius: int = 2) -> torch.Tensor:
+    """Per-pixel weights 1 + weight near the mask's edge, scaled to mean 1 in each image.
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0):
+    A pixel is near the edge when its (2 * radius + 1)^2 window holds both car and background (or a
+    soft boundary value). The edge is about 4 % of a Carvana image but nearly all of its error, so
+    an unweighted loss spends most of its signal on pixels the model already gets right.
+    """
+    local = F.avg_pool2d(targets, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    near = (local > 1e-6) & (local < 1 - 1e-6)
+    weights = 1.0 + weight * near.float()
+    return weights / weights.mean(dim=(1, 2, 3), keepdim=True)
+
+
+class BCEDiceLoss(nn.Module):
+    """bce_weight * BCE-with-logits (edge pixels weighted up by boundary_weight) + dice_weight * soft Dice, in fp32."""
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, boundary_weight: float = 0.0):
         super().__init__()
-        self.bce_weight, self.dice_weight = bce_weight, dice_weight
+        self.bce_weight, self.dice_weight, self.boundary_weight = bce_weight, dice_weight, boundary_weight
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits, targets = logits.float(), targets.float()
         loss = logits.new_zeros(())
         if self.bce_weight:
-            loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(logits, targets)
+            weights = boundary_weights(targets, self.boundary_weight) if self.boundary_weight else None
+            loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(logits, targets, weight=weights)
         if self.dice_weight:
             loss = loss + self.dice_weight * soft_dice_loss(logits, targets)
         return loss

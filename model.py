@@ -61,10 +61,16 @@ class Up(nn.Module):
 class UNet(nn.Module):
     """U-Net returning per-pixel logits of shape (B, out_channels, H, W)."""
 
-    def __init__(self, in_channels=3, out_channels=1, base_channels=64, depth=4, bilinear=False):
+    def __init__(self, in_channels=3, out_channels=1, base_channels=64, depth=4, bilinear=False, space_to_depth=1):
         super().__init__()
         self.model_args = dict(in_channels=in_channels, out_channels=out_channels,
-                               base_channels=base_channels, depth=depth, bilinear=bilinear)
+                               base_channels=base_channels, depth=depth, bilinear=bilinear,
+                               space_to_depth=space_to_depth)
+        # space_to_depth=S folds each SxS block of input pixels into channels, runs the U-Net at 1/S
+        # of the input size and unfolds S*S logits per position back to full size: the network sees
+        # and draws detail finer than its own grid for the cost of a wider first and last layer.
+        self.space_to_depth = space_to_depth
+        in_channels, out_channels = in_channels * space_to_depth ** 2, out_channels * space_to_depth ** 2
         widths = [base_channels * 2 ** i for i in range(depth + 1)]
         # With bilinear upsampling the bottleneck keeps the width of the level above it, so the
         # concatenated tensors match without a learned up-projection (as in the reference code).
@@ -77,7 +83,7 @@ class UNet(nn.Module):
         self.outc = nn.Conv2d(widths[0], out_channels, kernel_size=1)
 
     def forward(self, images):  # (B, C, H, W) -> (B, out_channels, H, W)
-        x = self.inc(images)
+        x = self.inc(self._fold(images))
         skips = [x]
         for down in self.downs:
             x = down(x)
@@ -85,7 +91,21 @@ class UNet(nn.Module):
         skips.pop()  # the bottleneck output is not a skip
         for up in self.ups:
             x = up(x, skips.pop())
-        return self.outc(x)
+        return self._unfold(self.outc(x), images.shape[-2:])
+
+    def _fold(self, images):
+        s = self.space_to_depth
+        if s == 1:
+            return images
+        pad_h, pad_w = -images.shape[-2] % s, -images.shape[-1] % s  # any input size, like the s=1 model
+        if pad_h or pad_w:
+            images = F.pad(images, [0, pad_w, 0, pad_h], mode="replicate")
+        return F.pixel_unshuffle(images, s)
+
+    def _unfold(self, logits, size):
+        if self.space_to_depth == 1:
+            return logits
+        return F.pixel_shuffle(logits, self.space_to_depth)[..., :size[0], :size[1]]
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "UNet":

@@ -33,7 +33,8 @@ from model import CHECKPOINT_FORMAT, UNet, load_checkpoint
 
 log = logging.getLogger(__name__)
 # Options that change what the weights mean or which cars are validation: a resume may not change them.
-FIXED_ON_RESUME = ("width", "height", "base_channels", "depth", "bilinear", "val_fraction", "split_seed", "max_cars")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # for options older runs lack
+FIXED_ON_RESUME = ("width", "height", "base_channels", "depth", "bilinear", "space_to_depth", "val_fraction", "split_seed", "max_cars")
 
 
 def seed_everything(seed: int):
@@ -188,7 +189,7 @@ def load_resume_checkpoint(cfg):
     path = Path(cfg.resume)
     checkpoint = load_checkpoint(path / "last.pt" if path.is_dir() else path)
     for key in FIXED_ON_RESUME:
-        if checkpoint["config"].get(key) != getattr(cfg, key):
+        if checkpoint["config"].get(key, DEFAULTS[key]) != getattr(cfg, key):
             raise ValueError(f"--resume {cfg.resume}: the run used {key}={checkpoint['config'].get(key)!r}, "
                              f"this command says {getattr(cfg, key)!r}; drop the flag to continue the run")
     if "optimizer" not in checkpoint:
@@ -238,7 +239,8 @@ def train(cfg: TrainConfig) -> dict:
     train_store, val_store = build_stores(cfg)
     train_loader, val_loader = build_loaders(cfg, train_store, val_store, device)
     seed_everything(cfg.seed)
-    raw_model = UNet(base_channels=cfg.base_channels, depth=cfg.depth, bilinear=cfg.bilinear).to(device)
+    raw_model = UNet(base_channels=cfg.base_channels, depth=cfg.depth, bilinear=cfg.bilinear,
+                     space_to_depth=cfg.space_to_depth).to(device)
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(train_loader))
@@ -250,7 +252,7 @@ def train(cfg: TrainConfig) -> dict:
     # Static shapes: training crops and whole validation images get a graph each. Dynamic-shape
     # graphs of this model failed to compile in bf16 with torch 2.14 (an inductor TypeError).
     model = torch.compile(raw_model, dynamic=False) if cfg.compile else raw_model
-    loss_fn = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
+    loss_fn = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight, cfg.boundary_weight)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     log.info("run %s: %s, %s, U-Net width %d depth %d (%.2f M parameters)", run_dir, device, precision,

@@ -112,6 +112,10 @@ def test_bool_flag_beats_file(tmp_path):
     (["--crop-width", "512", "--crop-height", "160"], "crop_width"),   # wider than --width 480
     (["--crop-width", "0"], "crop_width"),                             # the height is still 256
     (["--ema-decay", "1"], "ema_decay"),
+    (["--boundary-weight", "-1"], "boundary_weight"),
+    (["--space-to-depth", "0"], "space_to_depth"),
+    (["--space-to-depth", "2"], "width"),   # 480 = 15 * 2**5: fine alone, not a multiple of 2**5 * 2
+    (["--space-to-depth", "2", "--width", "512", "--crop-width", "96", "--crop-height", "128"], "crop_width"),
 ])
 def test_range_checks_name_the_field(capsys, argv, field):
     with pytest.raises(SystemExit) as exit_info:

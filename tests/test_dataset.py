@@ -223,6 +223,28 @@ def test_load_image_reduced_decoding_matches_a_full_decode(tmp_path):
     assert np.abs(small.astype(int) - reference.astype(int)).mean() < 2.0
 
 
+def edge_position(profile: np.ndarray) -> float:
+    """Where a rising 0..1 profile crosses 0.5, in pixel-centre coordinates, interpolated linearly."""
+    i = int(np.argmax(profile >= 0.5))
+    return i - 1 + (0.5 - profile[i - 1]) / (profile[i] - profile[i - 1])
+
+
+@pytest.mark.parametrize("edge_column", [101, 1701])
+def test_reduced_jpeg_decoding_stays_aligned_with_the_shrunk_mask(tmp_path, edge_column):
+    # 1918 is not a multiple of 4: a 1/4-scale decode covers 1920 columns and put the image up to half
+    # a model pixel off its area-averaged mask near the right edge. The step must land where the
+    # mask's does, on both sides of the photo.
+    mask = np.zeros((64, 1918), np.uint8)
+    mask[:, edge_column:] = 1
+    path = tmp_path / "step.jpg"
+    Image.fromarray(np.dstack([mask * 255] * 3)).save(path, quality=98)
+    image, full = load_image(path, (480, 16))
+    assert full == (1918, 64)
+    image_edge = edge_position(image[8, :, 1].astype(float) / 255.0)
+    mask_edge = edge_position(shrink_mask(mask, (480, 16))[8].astype(float) / 255.0)
+    assert abs(image_edge - mask_edge) < 0.1, (image_edge, mask_edge)
+
+
 @pytest.mark.parametrize("fmt", ["jpg", "png"])
 def test_load_image_upscales_a_small_file(tmp_path, fmt):
     # A photo smaller than the model's input (a thumbnail given to predict.py) must still load.

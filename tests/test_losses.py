@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import BCEDiceLoss, soft_dice_loss
+from losses import BCEDiceLoss, boundary_weights, soft_dice_loss
 
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 0.75, sigmoid(-ln 3) = 0.25
 
@@ -87,3 +87,39 @@ def test_soft_targets_are_accepted():
     targets = torch.full((1, 1, 2, 2), 0.5)
     assert soft_dice_loss(logits, targets).item() == pytest.approx(0.4, abs=1e-6)
     assert BCEDiceLoss()(logits, targets).item() == pytest.approx(math.log(2) + 0.4, abs=1e-6)
+
+
+def test_boundary_weights_by_hand():
+    # One row, car from column 3 on. With radius 1, only columns 2 and 3 see both classes in their
+    # 3-wide window (the window is cut, not zero-padded, at the image's ends).
+    targets = img([[0, 0, 0, 1, 1, 1, 1]])
+    weights = boundary_weights(targets, weight=3.0, radius=1)
+    raw = torch.tensor([1, 1, 4, 4, 1, 1, 1], dtype=torch.float32)
+    assert torch.allclose(weights[0, 0, 0], raw / raw.mean())
+    # radius 2 (the default) widens the band to columns 1..4
+    raw = torch.tensor([1, 4, 4, 4, 4, 1, 1], dtype=torch.float32)
+    assert torch.allclose(boundary_weights(targets, 3.0)[0, 0, 0], raw / raw.mean())
+
+
+def test_boundary_weights_treat_soft_pixels_as_edge_and_keep_each_image_mean_one():
+    targets = torch.cat([img([[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0.4]]),   # one soft pixel
+                         img([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])])   # no edge at all
+    weights = boundary_weights(targets, weight=2.0, radius=1)
+    assert torch.allclose(weights.mean(dim=(1, 2, 3)), torch.ones(2))
+    assert torch.equal(weights[1], torch.ones(1, 2, 6))
+    near = weights[0, 0] > weights[0, 0].min()
+    assert near.tolist() == [[False] * 4 + [True] * 2, [False] * 4 + [True] * 2]
+
+
+def test_boundary_weighted_bce_by_hand():
+    # logits 0 everywhere -> BCE ln 2 per pixel whatever the target, so the weighted mean is still ln 2;
+    # with logits ln 3 on the edge pixels only, their BCE changes and enters with weight 4/mean.
+    targets = img([[0, 0, 0, 1, 1, 1, 1]])
+    assert BCEDiceLoss(1.0, 0.0, boundary_weight=3.0)(torch.zeros_like(targets), targets).item() \
+        == pytest.approx(math.log(2), abs=1e-6)
+    logits = img([[0, LN3, LN3, LN3, LN3, 0, 0]])      # p = 0.75 on columns 1..4 (the radius-2 band)
+    per_pixel = [math.log(2), -math.log(0.25), -math.log(0.25), -math.log(0.75), -math.log(0.75),
+                 math.log(2), math.log(2)]
+    w = [1, 4, 4, 4, 4, 1, 1]
+    expected = sum(a * b for a, b in zip(w, per_pixel)) / sum(w)
+    assert BCEDiceLoss(1.0, 0.0, boundary_weight=3.0)(logits, targets).item() == pytest.approx(expected, abs=1e-6)

@@ -18,6 +18,25 @@ def test_output_has_the_input_height_and_width(bilinear, depth, height, width):
     assert logits.shape == (1, 1, height, width)
 
 
+@pytest.mark.parametrize("height, width", [(64, 64), (33, 47), (17, 9)])
+def test_space_to_depth_keeps_the_input_size(height, width):
+    model = UNet(base_channels=4, depth=2, bilinear=True, space_to_depth=2).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, height, width)).shape == (2, 1, height, width)
+
+
+def test_space_to_depth_unfolds_each_logit_to_its_own_pixel():
+    # With the U-Net body replaced by an identity, fold -> 1x1 conv -> unfold must put output channel
+    # k of grid cell (i, j) at pixel (2i + k // 2, 2j + k % 2): the layout pixel_unshuffle read it from.
+    model = UNet(base_channels=4, depth=1, space_to_depth=2)
+    images = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    folded = model._fold(images)
+    assert folded.shape == (2, 12, 2, 3)
+    assert folded[0, 0, 1, 2] == images[0, 0, 2, 4] and folded[0, 3, 1, 2] == images[0, 0, 3, 5]
+    assert torch.equal(model._unfold(folded, (4, 6)), images)
+    assert torch.equal(model._unfold(model._fold(images[..., :3, :5]), (3, 5)), images[..., :3, :5])
+
+
 def test_out_channels_and_batch_are_kept():
     model = UNet(in_channels=3, out_channels=2, base_channels=4, depth=2).eval()
     with torch.no_grad():
@@ -33,9 +52,9 @@ def test_backward_gives_finite_gradients_everywhere(bilinear):
         assert torch.isfinite(p.grad).all(), name
 
 
-@pytest.mark.parametrize("bilinear", [False, True])
-def test_model_args_rebuild_an_identical_architecture(bilinear):
-    model = UNet(base_channels=4, depth=3, bilinear=bilinear)
+@pytest.mark.parametrize("bilinear, space_to_depth", [(False, 1), (True, 1), (True, 2)])
+def test_model_args_rebuild_an_identical_architecture(bilinear, space_to_depth):
+    model = UNet(base_channels=4, depth=3, bilinear=bilinear, space_to_depth=space_to_depth)
     twin = UNet(**model.model_args)
     a, b = model.state_dict(), twin.state_dict()
     assert list(a) == list(b)
@@ -56,6 +75,13 @@ def test_saved_checkpoint_reproduces_outputs_exactly(tmp_path):
     images = torch.rand(2, 3, 33, 47)
     with torch.no_grad():
         assert torch.equal(model(images), restored(images))
+
+
+def test_checkpoints_from_before_space_to_depth_still_load():
+    model = UNet(base_channels=4, depth=2)
+    checkpoint = checkpoint_of(model)
+    del checkpoint["model_args"]["space_to_depth"]
+    assert UNet.from_checkpoint(checkpoint).space_to_depth == 1
 
 
 def test_from_checkpoint_gives_fp32_weights_from_bf16_ones():
