@@ -58,7 +58,7 @@ class TrainConfig:
                                  "decay per step, e.g. 0.998 (0 = off)")
     bce_weight: float = _opt(1.0, "weight of the BCE term in the loss")
     dice_weight: float = _opt(1.0, "weight of the soft Dice term in the loss")
-    boundary_weight: float = _opt(0.0, "extra BCE weight on pixels within 2 of the mask's edge (0 = off)")
+    boundary_weight: float = _opt(12.0, "extra BCE weight on pixels within 2 of the mask's edge (0 = off)")
     precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto = bf16 where the device has it "
                                   "(fp16 + GradScaler on older GPUs, fp32 elsewhere)", choices=PRECISIONS)
     channels_last: bool = _opt(True, "use the channels_last memory format (faster convolutions)")
