@@ -67,7 +67,8 @@ def bench_variant(arch, train_size, size, batch, precision, channels_last, compi
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         crops, images = (t.contiguous(memory_format=torch.channels_last) for t in (crops, images))
-    loss_fn = BCEDiceLoss()
+    recipe = TrainConfig()
+    loss_fn = BCEDiceLoss(recipe.bce_weight, recipe.dice_weight, recipe.boundary_weight)  # the recipe's loss
     flops_train = step_flops(model, crops, masks, loss_fn, train=True)
     flops_infer = step_flops(model, images, None, loss_fn, train=False)
     run_model = torch.compile(model, dynamic=False) if compile_ else model
