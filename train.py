@@ -34,6 +34,9 @@ from model import CHECKPOINT_FORMAT, UNet, load_checkpoint
 log = logging.getLogger(__name__)
 # Options that change what the weights mean or which cars are validation: a resume may not change them.
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # for options older runs lack
+# What a run from before an option existed effectively used, where today's default differs: resuming
+# such a run must go on with the loss it started with.
+BEFORE_OPTION = {"boundary_weight": 0.0}
 FIXED_ON_RESUME = ("width", "height", "base_channels", "depth", "bilinear", "space_to_depth", "val_fraction", "split_seed", "max_cars")
 
 
@@ -313,7 +316,8 @@ def resume_defaults(argv):
     if not resume:
         return None
     path = Path(resume)
-    return load_checkpoint(path / "last.pt" if path.is_dir() else path)["config"] | {"resume": resume}
+    stored = load_checkpoint(path / "last.pt" if path.is_dir() else path)["config"]
+    return BEFORE_OPTION | stored | {"resume": resume}
 
 
 def main(argv=None):

@@ -236,6 +236,20 @@ def test_resume_refuses_a_different_architecture(straight, tmp_path):
         train.train(dataclasses.replace(cfg, width=32))
 
 
+def test_resuming_a_run_from_before_the_boundary_weight_keeps_its_loss(straight, tmp_path):
+    # A last.pt written before --boundary-weight existed has no such key: the run trained without
+    # it, so its resume must not pick up today's default of 12.
+    _, _, straight_run = straight
+    run = shutil.copytree(straight_run, tmp_path / "old")
+    checkpoint = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    checkpoint["config"].pop("boundary_weight")
+    torch.save(checkpoint, run / "last.pt")
+    argv = ["--resume", str(run)]
+    assert parse_config(TrainConfig, argv, base=train.resume_defaults(argv)).boundary_weight == 0.0
+    argv += ["--boundary-weight", "3"]
+    assert parse_config(TrainConfig, argv, base=train.resume_defaults(argv)).boundary_weight == 3.0
+
+
 def test_train_refuses_to_reuse_a_run_folder(straight):
     cfg, _, run = straight
     before = (run / "last.pt").read_bytes()
