@@ -33,10 +33,9 @@ from model import CHECKPOINT_FORMAT, UNet, load_checkpoint
 
 log = logging.getLogger(__name__)
 # Options that change what the weights mean or which cars are validation: a resume may not change them.
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # for options older runs lack
-# What a run from before an option existed effectively used, where today's default differs: resuming
-# such a run must go on with the loss it started with.
-BEFORE_OPTION = {"boundary_weight": 0.0}
+# What a run saved before an option existed effectively used: today's default, except where that
+# default has changed since (resuming such a run must go on with the loss it started with).
+BEFORE_OPTION = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | {"boundary_weight": 0.0}
 FIXED_ON_RESUME = ("width", "height", "base_channels", "depth", "bilinear", "space_to_depth", "val_fraction", "split_seed", "max_cars")
 
 
@@ -192,7 +191,7 @@ def load_resume_checkpoint(cfg):
     path = Path(cfg.resume)
     checkpoint = load_checkpoint(path / "last.pt" if path.is_dir() else path)
     for key in FIXED_ON_RESUME:
-        if checkpoint["config"].get(key, DEFAULTS[key]) != getattr(cfg, key):
+        if checkpoint["config"].get(key, BEFORE_OPTION[key]) != getattr(cfg, key):
             raise ValueError(f"--resume {cfg.resume}: the run used {key}={checkpoint['config'].get(key)!r}, "
                              f"this command says {getattr(cfg, key)!r}; drop the flag to continue the run")
     if "optimizer" not in checkpoint:
