@@ -191,8 +191,9 @@ def load_resume_checkpoint(cfg):
     path = Path(cfg.resume)
     checkpoint = load_checkpoint(path / "last.pt" if path.is_dir() else path)
     for key in FIXED_ON_RESUME:
-        if checkpoint["config"].get(key, BEFORE_OPTION[key]) != getattr(cfg, key):
-            raise ValueError(f"--resume {cfg.resume}: the run used {key}={checkpoint['config'].get(key)!r}, "
+        used = checkpoint["config"].get(key, BEFORE_OPTION[key])
+        if used != getattr(cfg, key):
+            raise ValueError(f"--resume {cfg.resume}: the run used {key}={used!r}, "
                              f"this command says {getattr(cfg, key)!r}; drop the flag to continue the run")
     if "optimizer" not in checkpoint:
         raise ValueError(f"--resume {cfg.resume}: this checkpoint holds weights only; resume from last.pt")
