@@ -128,6 +128,7 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=recipe.depth)
     parser.add_argument("--bilinear", action=argparse.BooleanOptionalAction, default=recipe.bilinear)
     parser.add_argument("--space-to-depth", type=int, default=recipe.space_to_depth)
+    parser.add_argument("--refine-channels", type=int, default=recipe.refine_channels)
     parser.add_argument("--size", default=f"{recipe.width}x{recipe.height}", help="model input WIDTHxHEIGHT for inference")
     parser.add_argument("--train-size", default=f"{recipe.crop_width or recipe.width}x{recipe.crop_height or recipe.height}",
                         help="training input WIDTHxHEIGHT (the recipe's random crops)")
@@ -152,7 +153,7 @@ def main(argv=None):
     print(header + "\n" + "-" * len(header))
     def arch(width):
         return {"base_channels": width, "depth": args.depth, "bilinear": args.bilinear,
-                "space_to_depth": args.space_to_depth}
+                "space_to_depth": args.space_to_depth, "refine_channels": args.refine_channels}
 
     for width in args.widths:
         for precision in ("fp32", "bf16"):

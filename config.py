@@ -35,7 +35,8 @@ class TrainConfig:
     split_seed: int = _opt(0, "seed of the car-id split; independent of --seed")
     max_cars: int = _opt(0, "use only this many cars (0 = all); for quick runs")
     cache_dir: str = _opt(".cache", "where decoded, resized samples are kept between runs ('' = RAM only)")
-    augment: str = _opt("light", "training augmentation: none, light or strong", choices=("none", "light", "strong"))
+    augment: str = _opt("flip", "training augmentation: none; flip (mirror + color jitter, no resampling); "
+                                "light (+ a small affine warp); strong", choices=("none", "flip", "light", "strong"))
     crop_width: int = _opt(256, "train on random crops this wide (0 = whole images); validation sees whole images")
     crop_height: int = _opt(256, "train on random crops this high (0 = whole images)")
     # model
@@ -44,6 +45,8 @@ class TrainConfig:
     bilinear: bool = _opt(True, "bilinear upsampling + conv instead of transposed convolutions")
     space_to_depth: int = _opt(1, "fold SxS pixel blocks into channels: the U-Net runs at 1/S of the input "
                                   "size and unfolds its logits back to it (1 = off)")
+    refine_channels: int = _opt(0, "run the U-Net on the 2x2-averaged input and draw the logits at the input "
+                                   "size with a refinement head this many channels wide (0 = off)")
     # optimisation
     epochs: int = _opt(70, "number of passes over the training images")
     batch_size: int = _opt(8, "images per optimisation step")
@@ -80,7 +83,13 @@ class TrainConfig:
         _check(self, "base_channels", self.base_channels >= 1, "must be >= 1")
         _check(self, "depth", 1 <= self.depth <= 6, "must be between 1 and 6")
         _check(self, "space_to_depth", 1 <= self.space_to_depth <= 8, "must be between 1 and 8")
-        step, why = 2 ** self.depth * self.space_to_depth, "2**depth * space_to_depth"
+        _check(self, "refine_channels", self.refine_channels == 0 or self.refine_channels >= 2, "must be 0 or >= 2")
+        _check(self, "refine_channels", self.refine_channels == 0 or self.space_to_depth == 1,
+               "cannot be combined with space_to_depth > 1")
+        if self.refine_channels:
+            step, why = 2 ** (self.depth + 1), "2**(depth + 1) with refine_channels"
+        else:
+            step, why = 2 ** self.depth * self.space_to_depth, "2**depth * space_to_depth"
         _check(self, "width", self.width % step == 0 and self.width > 0, f"must be a positive multiple of {why} = {step}")
         _check(self, "height", self.height % step == 0 and self.height > 0, f"must be a positive multiple of {why} = {step}")
         for name, full in (("crop_width", self.width), ("crop_height", self.height)):

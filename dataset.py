@@ -367,21 +367,21 @@ def build_transform(strength: str, crop: tuple[int, int] | None = None):
 
     Masks are soft, so they are warped with bilinear interpolation too.
     """
-    steps = []
+    geometry, color = [], []
     if strength != "none":
         strong = strength == "strong"
-        steps = [
-            A.HorizontalFlip(p=0.5),  # the turntable views come in mirrored pairs; vertical flips never occur
-            A.Affine(scale=(0.9, 1.1) if strong else (0.95, 1.05),
-                     translate_percent=(-0.05, 0.05) if strong else (-0.02, 0.02),
-                     rotate=(-5, 5) if strong else (-2, 2),
-                     interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_LINEAR,
-                     border_mode=cv2.BORDER_REFLECT_101, p=0.7 if strong else 0.5),
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05 if strong else 0.02, p=0.5),
-        ]
-    if crop:
-        # Convolutions do not care where a crop came from, and a smaller crop is a cheaper step.
-        steps.append(A.RandomCrop(width=crop[0], height=crop[1]))
+        geometry = [A.HorizontalFlip(p=0.5)]  # the turntable views come in mirrored pairs; vertical flips never occur
+        if strength != "flip":
+            geometry.append(A.Affine(scale=(0.9, 1.1) if strong else (0.95, 1.05),
+                                     translate_percent=(-0.05, 0.05) if strong else (-0.02, 0.02),
+                                     rotate=(-5, 5) if strong else (-2, 2),
+                                     interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_LINEAR,
+                                     border_mode=cv2.BORDER_REFLECT_101, p=0.7 if strong else 0.5))
+        color = [A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05 if strong else 0.02, p=0.5)]
+    # Convolutions do not care where a crop came from, and a smaller crop is a cheaper step (and a
+    # cheaper color jitter, which therefore comes after it).
+    crop = [A.RandomCrop(width=crop[0], height=crop[1])] if crop else []
+    steps = geometry + crop + color
     return A.Compose(steps) if steps else None
 
 

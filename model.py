@@ -58,14 +58,50 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, x], dim=1))
 
 
+def conv_relu(in_channels, out_channels):
+    """3x3 conv (with bias) -> ReLU: no BatchNorm, which at 4x the U-Net's pixel count cost more than the convs."""
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
+
+
+class RefineHead(nn.Module):
+    """Logits at the input's own size from the U-Net's half-size answer and the full-size image.
+
+    The U-Net's last features (squeezed to a few channels) and logits are upsampled and joined with
+    one conv layer's view of the image; two more conv layers add a correction to the upsampled logits.
+    Every layer here runs at 4x the U-Net's top-level pixel count, so it is kept narrow.
+    """
+
+    def __init__(self, in_channels, feature_channels, out_channels, channels):
+        super().__init__()
+        self.squeeze = nn.Conv2d(feature_channels, channels - out_channels, 1)  # at half size: cheap
+        self.image = nn.Sequential(*conv_relu(in_channels, channels))
+        self.fuse = nn.Sequential(*conv_relu(2 * channels, channels), *conv_relu(channels, channels),
+                                  nn.Conv2d(channels, out_channels, 1))
+        # Start as plain bilinear upsampling of the U-Net's logits; training learns the correction.
+        nn.init.zeros_(self.fuse[-1].weight)
+        nn.init.zeros_(self.fuse[-1].bias)
+
+    def forward(self, images, features, logits):
+        coarse = torch.cat([logits, self.squeeze(features)], dim=1)
+        coarse = F.interpolate(coarse, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        correction = self.fuse(torch.cat([coarse, self.image(images)], dim=1))
+        return coarse[:, :logits.shape[1]] + correction
+
+
 class UNet(nn.Module):
     """U-Net returning per-pixel logits of shape (B, out_channels, H, W)."""
 
-    def __init__(self, in_channels=3, out_channels=1, base_channels=64, depth=4, bilinear=False, space_to_depth=1):
+    def __init__(self, in_channels=3, out_channels=1, base_channels=64, depth=4, bilinear=False, space_to_depth=1,
+                 refine_channels=0):
         super().__init__()
+        if space_to_depth > 1 and refine_channels:
+            raise ValueError("space_to_depth and refine_channels cannot be combined")
         self.model_args = dict(in_channels=in_channels, out_channels=out_channels,
                                base_channels=base_channels, depth=depth, bilinear=bilinear,
-                               space_to_depth=space_to_depth)
+                               space_to_depth=space_to_depth, refine_channels=refine_channels)
+        # refine_channels=C runs the U-Net on the 2x2-averaged input and draws the logits at the input's
+        # own size with a C-channel RefineHead, which sees the image at that finer size.
+        self.refine = RefineHead(in_channels, base_channels, out_channels, refine_channels) if refine_channels else None
         # space_to_depth=S folds each SxS block of input pixels into channels, runs the U-Net at 1/S
         # of the input size and unfolds S*S logits per position back to full size: the network sees
         # and draws detail finer than its own grid for the cost of a wider first and last layer.
@@ -83,7 +119,8 @@ class UNet(nn.Module):
         self.outc = nn.Conv2d(widths[0], out_channels, kernel_size=1)
 
     def forward(self, images):  # (B, C, H, W) -> (B, out_channels, H, W)
-        x = self.inc(self._fold(images))
+        body_input = F.avg_pool2d(images, 2, ceil_mode=True) if self.refine is not None else images
+        x = self.inc(self._fold(body_input))
         skips = [x]
         for down in self.downs:
             x = down(x)
@@ -91,6 +128,8 @@ class UNet(nn.Module):
         skips.pop()  # the bottleneck output is not a skip
         for up in self.ups:
             x = up(x, skips.pop())
+        if self.refine is not None:
+            return self.refine(images, x, self.outc(x))
         return self._unfold(self.outc(x), images.shape[-2:])
 
     def _fold(self, images):

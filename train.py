@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # What a run saved before an option existed effectively used: today's default, except where that
 # default has changed since (resuming such a run must go on with the loss it started with).
 BEFORE_OPTION = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | {"boundary_weight": 0.0}
-FIXED_ON_RESUME = ("width", "height", "base_channels", "depth", "bilinear", "space_to_depth", "val_fraction", "split_seed", "max_cars")
+FIXED_ON_RESUME = ("width", "height", "base_channels", "depth", "bilinear", "space_to_depth", "refine_channels", "val_fraction", "split_seed", "max_cars")
 
 
 def seed_everything(seed: int):
@@ -243,7 +243,7 @@ def train(cfg: TrainConfig) -> dict:
     train_loader, val_loader = build_loaders(cfg, train_store, val_store, device)
     seed_everything(cfg.seed)
     raw_model = UNet(base_channels=cfg.base_channels, depth=cfg.depth, bilinear=cfg.bilinear,
-                     space_to_depth=cfg.space_to_depth).to(device)
+                     space_to_depth=cfg.space_to_depth, refine_channels=cfg.refine_channels).to(device)
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(train_loader))
@@ -258,8 +258,9 @@ def train(cfg: TrainConfig) -> dict:
     loss_fn = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight, cfg.boundary_weight)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    log.info("run %s: %s, %s, U-Net width %d depth %d (%.2f M parameters)", run_dir, device, precision,
-             cfg.base_channels, cfg.depth, sum(p.numel() for p in raw_model.parameters()) / 1e6)
+    head = f" at half size + {cfg.refine_channels}-channel refinement head" if cfg.refine_channels else ""
+    log.info("run %s: %s, %s, U-Net width %d depth %d%s (%.2f M parameters)", run_dir, device, precision,
+             cfg.base_channels, cfg.depth, head, sum(p.numel() for p in raw_model.parameters()) / 1e6)
     try:
         run_epochs(cfg, run_dir, model, raw_model, train_loader, val_loader, loss_fn, state, device, precision,
                    train_store)

@@ -116,6 +116,9 @@ def test_bool_flag_beats_file(tmp_path):
     (["--space-to-depth", "0"], "space_to_depth"),
     (["--space-to-depth", "2"], "width"),   # 480 = 15 * 2**5: fine alone, not a multiple of 2**5 * 2
     (["--space-to-depth", "2", "--width", "512", "--crop-width", "96", "--crop-height", "128"], "crop_width"),
+    (["--refine-channels", "1"], "refine_channels"),
+    (["--refine-channels", "8", "--space-to-depth", "2", "--width", "512", "--height", "512"], "refine_channels"),
+    (["--refine-channels", "8"], "width"),  # the U-Net body sees 240 = 7.5 * 2**5
 ])
 def test_range_checks_name_the_field(capsys, argv, field):
     with pytest.raises(SystemExit) as exit_info:

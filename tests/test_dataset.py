@@ -459,7 +459,7 @@ def test_no_augmentation_is_no_transform():
     assert build_transform("none") is None
 
 
-@pytest.mark.parametrize("strength", ["light", "strong"])
+@pytest.mark.parametrize("strength", ["flip", "light", "strong"])
 def test_augmentation_is_reproducible_from_the_epoch_seed(store, strength):
     ds = CarvanaDataset(store, build_transform(strength))
     ds.set_epoch(12345)
@@ -484,6 +484,21 @@ def test_augmentation_moves_image_and_mask_together(store):
             assert image.shape == (3, MODEL_SIZE[1], MODEL_SIZE[0]) and mask.shape == (1, MODEL_SIZE[1], MODEL_SIZE[0])
             assert 0 <= mask.min() and mask.max() <= 1
             assert car_iou(image, mask) > 0.85, (seed, i)
+
+
+def test_flip_augmentation_never_resamples_the_mask(store):
+    # "flip" keeps every soft edge value exactly as decoded: each mask is the stored one or its mirror.
+    ds = CarvanaDataset(store, build_transform("flip"))
+    mirrored = 0
+    for seed in range(4):
+        ds.set_epoch(seed)
+        for i in range(len(ds)):
+            image, mask, _ = ds[i]
+            stored = torch.from_numpy(store.masks[i]).float()[None] / 255
+            assert torch.equal(mask, stored) or torch.equal(mask, stored.flip(-1)), (seed, i)
+            mirrored += not torch.equal(mask, stored)
+            assert car_iou(image, mask) > 0.9, (seed, i)
+    assert 0 < mirrored < 4 * len(ds)
 
 
 def test_random_crops_cut_image_and_mask_at_the_same_place(store):

@@ -37,24 +37,66 @@ def test_space_to_depth_unfolds_each_logit_to_its_own_pixel():
     assert torch.equal(model._unfold(model._fold(images[..., :3, :5]), (3, 5)), images[..., :3, :5])
 
 
+@pytest.mark.parametrize("height, width", [(64, 64), (33, 47), (17, 9)])
+def test_refine_head_keeps_the_input_size(height, width):
+    model = UNet(base_channels=4, depth=2, bilinear=True, refine_channels=4).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, height, width)).shape == (2, 1, height, width)
+
+
+def test_untrained_refine_head_is_bilinear_upsampling_of_the_half_size_answer():
+    # The head's last layer starts at zero, so before training the model must equal the plain U-Net run
+    # on the 2x2-averaged photo, its logits upsampled: the refinement can only add to that answer.
+    torch.manual_seed(0)
+    model = UNet(base_channels=4, depth=2, bilinear=True, refine_channels=4).eval()
+    plain = UNet(base_channels=4, depth=2, bilinear=True).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("refine.")})
+    images = torch.rand(2, 3, 32, 48)
+    with torch.no_grad():
+        half = plain(torch.nn.functional.avg_pool2d(images, 2))
+        expected = torch.nn.functional.interpolate(half, size=(32, 48), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(model(images), expected)
+
+
+def test_refine_head_sees_the_full_size_image():
+    # Two photos with the same 2x2 averages differ only in detail the U-Net body cannot see: once the
+    # head has weights, its answers must differ.
+    torch.manual_seed(0)
+    model = UNet(base_channels=4, depth=2, bilinear=True, refine_channels=4).eval()
+    torch.nn.init.normal_(model.refine.fuse[-1].weight)
+    images = torch.rand(1, 3, 16, 16)
+    checker = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(8, 8) * 0.1
+    with torch.no_grad():
+        assert torch.allclose(torch.nn.functional.avg_pool2d(images + checker, 2),
+                              torch.nn.functional.avg_pool2d(images, 2), atol=1e-6)
+        assert not torch.allclose(model(images + checker), model(images), atol=1e-4)
+
+
+def test_refine_and_space_to_depth_cannot_be_combined():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        UNet(base_channels=4, depth=2, space_to_depth=2, refine_channels=4)
+
+
 def test_out_channels_and_batch_are_kept():
     model = UNet(in_channels=3, out_channels=2, base_channels=4, depth=2).eval()
     with torch.no_grad():
         assert model(torch.rand(3, 3, 20, 28)).shape == (3, 2, 20, 28)
 
 
-@pytest.mark.parametrize("bilinear", [False, True])
-def test_backward_gives_finite_gradients_everywhere(bilinear):
-    model = UNet(base_channels=4, depth=2, bilinear=bilinear)
+@pytest.mark.parametrize("bilinear, refine_channels", [(False, 0), (True, 0), (True, 4)])
+def test_backward_gives_finite_gradients_everywhere(bilinear, refine_channels):
+    model = UNet(base_channels=4, depth=2, bilinear=bilinear, refine_channels=refine_channels)
     model(torch.rand(2, 3, 33, 47)).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
 
 
-@pytest.mark.parametrize("bilinear, space_to_depth", [(False, 1), (True, 1), (True, 2)])
-def test_model_args_rebuild_an_identical_architecture(bilinear, space_to_depth):
-    model = UNet(base_channels=4, depth=3, bilinear=bilinear, space_to_depth=space_to_depth)
+@pytest.mark.parametrize("bilinear, space_to_depth, refine_channels", [(False, 1, 0), (True, 1, 0), (True, 2, 0),
+                                                                       (True, 1, 8)])
+def test_model_args_rebuild_an_identical_architecture(bilinear, space_to_depth, refine_channels):
+    model = UNet(base_channels=4, depth=3, bilinear=bilinear, space_to_depth=space_to_depth,
+                 refine_channels=refine_channels)
     twin = UNet(**model.model_args)
     a, b = model.state_dict(), twin.state_dict()
     assert list(a) == list(b)
@@ -80,8 +122,9 @@ def test_saved_checkpoint_reproduces_outputs_exactly(tmp_path):
 def test_checkpoints_from_before_space_to_depth_still_load():
     model = UNet(base_channels=4, depth=2)
     checkpoint = checkpoint_of(model)
-    del checkpoint["model_args"]["space_to_depth"]
-    assert UNet.from_checkpoint(checkpoint).space_to_depth == 1
+    del checkpoint["model_args"]["space_to_depth"], checkpoint["model_args"]["refine_channels"]
+    restored = UNet.from_checkpoint(checkpoint)
+    assert restored.space_to_depth == 1 and restored.refine is None
 
 
 def test_from_checkpoint_gives_fp32_weights_from_bf16_ones():

@@ -89,7 +89,7 @@ def test_train_writes_a_complete_run(straight, data_dir):
     best_epoch = max(history, key=lambda r: r["val_dice_full"])["epoch"]
     assert best["epoch"] == best_epoch and best["best_val_dice"] == summary["best_val_dice"]
     assert last["model_args"] == dict(in_channels=3, out_channels=1, base_channels=4, depth=2, bilinear=False,
-                                      space_to_depth=1)
+                                      space_to_depth=1, refine_channels=0)
     assert last["threshold"] == cfg.threshold and last["config"] == dataclasses.asdict(cfg)
     for checkpoint in (last, best):
         assert load_checkpoint(run / "last.pt")["format_version"] == checkpoint["format_version"]
