@@ -18,9 +18,10 @@ def test_output_has_the_input_height_and_width(bilinear, depth, height, width):
     assert logits.shape == (1, 1, height, width)
 
 
+@pytest.mark.parametrize("variant", [{"space_to_depth": 2}, {"refine_channels": 4}])
 @pytest.mark.parametrize("height, width", [(64, 64), (33, 47), (17, 9)])
-def test_space_to_depth_keeps_the_input_size(height, width):
-    model = UNet(base_channels=4, depth=2, bilinear=True, space_to_depth=2).eval()
+def test_finer_than_grid_variants_keep_the_input_size(variant, height, width):
+    model = UNet(base_channels=4, depth=2, bilinear=True, **variant).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 3, height, width)).shape == (2, 1, height, width)
 
@@ -35,13 +36,6 @@ def test_space_to_depth_unfolds_each_logit_to_its_own_pixel():
     assert folded[0, 0, 1, 2] == images[0, 0, 2, 4] and folded[0, 3, 1, 2] == images[0, 0, 3, 5]
     assert torch.equal(model._unfold(folded, (4, 6)), images)
     assert torch.equal(model._unfold(model._fold(images[..., :3, :5]), (3, 5)), images[..., :3, :5])
-
-
-@pytest.mark.parametrize("height, width", [(64, 64), (33, 47), (17, 9)])
-def test_refine_head_keeps_the_input_size(height, width):
-    model = UNet(base_channels=4, depth=2, bilinear=True, refine_channels=4).eval()
-    with torch.no_grad():
-        assert model(torch.rand(2, 3, height, width)).shape == (2, 1, height, width)
 
 
 def test_untrained_refine_head_is_bilinear_upsampling_of_the_half_size_answer():
