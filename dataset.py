@@ -363,7 +363,8 @@ def prepare_store(samples, size, cache_dir="", where="", pairing_problems=()):
 # ---------------------------------------------------------------- augmentation and the Dataset
 
 def build_transform(strength: str, crop: tuple[int, int] | None = None):
-    """Training augmentation, then an optional random (width, height) crop.
+    """Training augmentation: mirror (and warp, for light/strong), an optional random (width, height)
+    crop, then colour jitter.
 
     Masks are soft, so they are warped with bilinear interpolation too.
     """
