@@ -1,16 +1,18 @@
 """Measure training and inference speed on this machine; prints a table and writes JSON.
 
-    python bench.py                          # the CPU recipe's U-Net, fp32/bf16 x contiguous/channels_last
-    python bench.py --compile --widths 16 32 # add torch.compile rows, two widths
-    python bench.py --predict-images 64      # also time predict.py end to end on 64 Carvana photos
+    python bench.py                                   # the CPU recipe's U-Net, fp32/bf16 x contiguous/channels_last
+    python bench.py --compile --base-channels 16 32   # add torch.compile rows, two network widths
+    python bench.py --predict-images 64               # also time predict.py end to end on 64 Carvana photos
 
-Training steps run on --train-size inputs (the recipe's random crops), inference on --size (whole images).
+Training steps run on --train-size inputs (the recipe's random crops), inference on --size (whole
+images) through inference.Predictor, the path evaluate.py and predict.py take.
 
 Every number is the median of several timed repetitions after warm-up, so a noisy shared machine
 moves it less; rerun on an idle machine for numbers to quote. GFLOP/s come from
 torch.utils.flop_counter and are compared with a matmul peak measured in the same run.
 """
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -23,8 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import runtime
 from config import PredictConfig, TrainConfig, resolve_data_dir
+from inference import InferenceSpec, Predictor, TorchRunner
 from losses import BCEDiceLoss
-from model import CHECKPOINT_FORMAT, UNet
+from model import build_model, checkpoint_for, save_checkpoint
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -57,22 +60,28 @@ def step_flops(model, images, masks, loss_fn, train: bool) -> float:
 
 
 def bench_variant(arch, train_size, size, batch, precision, channels_last, compile_, repeats) -> dict:
-    """Training (on train_size inputs) and model-only inference (on size) throughput of one configuration."""
+    """Training (on train_size inputs) and inference (on size, through a Predictor) throughput of one configuration.
+
+    `arch` is {"arch": name, **model_args}.
+    """
     device = torch.device("cpu")
     torch.manual_seed(0)
-    model = UNet(**arch)
+    model = build_model(**arch)
     crops = torch.rand(batch, 3, train_size[1], train_size[0])
     masks = (torch.rand(batch, 1, train_size[1], train_size[0]) > 0.5).float()
     images = torch.rand(batch, 3, size[1], size[0])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        crops, images = (t.contiguous(memory_format=torch.channels_last) for t in (crops, images))
+        crops = crops.contiguous(memory_format=torch.channels_last)
     recipe = TrainConfig()
     loss_fn = BCEDiceLoss(recipe.bce_weight, recipe.dice_weight, recipe.boundary_weight)  # the recipe's loss
     flops_train = step_flops(model, crops, masks, loss_fn, train=True)
     flops_infer = step_flops(model, images, None, loss_fn, train=False)
     run_model = torch.compile(model, dynamic=False) if compile_ else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    spec = InferenceSpec.from_config({"image_width": size[0], "image_height": size[1], "threshold": recipe.threshold},
+                                     model.normalization)
+    predictor = Predictor(TorchRunner(run_model, device, precision, channels_last), spec)
 
     def train_step():
         with runtime.autocast(device, precision):
@@ -83,8 +92,7 @@ def bench_variant(arch, train_size, size, batch, precision, channels_last, compi
         optimizer.step()
 
     def infer_step():
-        with torch.no_grad(), runtime.autocast(device, precision):
-            run_model(images)
+        predictor.logits(images)
 
     start = time.perf_counter()
     train_step()  # the first call pays for compilation, if any
@@ -108,10 +116,8 @@ def bench_predict(n_images: int, arch: dict, size, precision: str, tta: bool) ->
     if not photos:
         return {"skipped": f"no Carvana photos in {resolve_data_dir('')}/train"}
     with tempfile.TemporaryDirectory() as tmp:
-        model = UNet(**arch)
-        checkpoint = {"format_version": CHECKPOINT_FORMAT, "model_args": model.model_args,
-                      "model": model.state_dict(), "config": {"width": size[0], "height": size[1]}, "threshold": 0.5}
-        torch.save(checkpoint, Path(tmp) / "bench.pt")
+        config = dataclasses.asdict(TrainConfig()) | {"image_width": size[0], "image_height": size[1]}
+        save_checkpoint(Path(tmp) / "bench.pt", checkpoint_for(build_model(**arch), config))
         cfg = PredictConfig(inputs=[str(p) for p in photos], out_dir=str(Path(tmp) / "out"),
                             checkpoint=str(Path(tmp) / "bench.pt"), precision=precision, device="cpu", tta=tta)
         start = time.perf_counter()
@@ -124,52 +130,56 @@ def bench_predict(n_images: int, arch: dict, size, precision: str, tta: bool) ->
 def main(argv=None):
     recipe = TrainConfig()  # the defaults: what `python train.py` trains
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[recipe.base_channels])
+    parser.add_argument("--arch", default=recipe.arch, help="architecture (model.ARCHITECTURES)")
+    parser.add_argument("--base-channels", type=int, nargs="+", default=[recipe.base_channels],
+                        help="network widths to measure: channels of the first level")
     parser.add_argument("--depth", type=int, default=recipe.depth)
     parser.add_argument("--bilinear", action=argparse.BooleanOptionalAction, default=recipe.bilinear)
-    parser.add_argument("--space-to-depth", type=int, default=recipe.space_to_depth)
-    parser.add_argument("--refine-channels", type=int, default=recipe.refine_channels)
-    parser.add_argument("--size", default=f"{recipe.width}x{recipe.height}", help="model input WIDTHxHEIGHT for inference")
-    parser.add_argument("--train-size", default=f"{recipe.crop_width or recipe.width}x{recipe.crop_height or recipe.height}",
+    parser.add_argument("--size", default=f"{recipe.image_width}x{recipe.image_height}",
+                        help="model input WIDTHxHEIGHT for inference")
+    parser.add_argument("--train-size", default=f"{recipe.crop_width or recipe.image_width}x"
+                                                 f"{recipe.crop_height or recipe.image_height}",
                         help="training input WIDTHxHEIGHT (the recipe's random crops)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (15-25 s each to compile)")
     parser.add_argument("--predict-images", type=int, default=0, help="time predict.py on this many photos")
+    parser.add_argument("--peak-size", type=int, default=2048,
+                        help="matmul size N of the GFLOP/s reference (an N x N bf16 matmul takes minutes where "
+                             "the CPU has no native bf16)")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     train_size = tuple(int(v) for v in args.train_size.lower().split("x"))
     runtime.keep_freed_memory()
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = {"fp32": matmul_peak(torch.float32, args.peak_size), "bf16": matmul_peak(torch.bfloat16, args.peak_size)}
     machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "cpu_bf16_native": runtime.cpu_has_bf16(),
                "matmul_peak_gflops": peaks}
     print(f"{machine['platform']}, {machine['threads']} threads, torch {torch.__version__}; "
           f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     rows = []
-    header = f"{'width':>5} {'train':>8} {'prec':>5} {'layout':>8} {'compile':>7} | {'train img/s':>11} " \
+    header = f"{'base':>5} {'train':>8} {'prec':>5} {'layout':>8} {'compile':>7} | {'train img/s':>11} " \
              f"{'GFLOP/s':>8} {'%fp32':>6} {'%bf16':>6} | {'infer img/s':>11} {'1st step':>8}"
     print(header + "\n" + "-" * len(header))
-    def arch(width):
-        return {"base_channels": width, "depth": args.depth, "bilinear": args.bilinear,
-                "space_to_depth": args.space_to_depth, "refine_channels": args.refine_channels}
+    def arch(base_channels):
+        return {"arch": args.arch, "base_channels": base_channels, "depth": args.depth, "bilinear": args.bilinear}
 
-    for width in args.widths:
+    for base_channels in args.base_channels:
         for precision in ("fp32", "bf16"):
             for channels_last in (False, True):
                 for compile_ in ((False, True) if args.compile else (False,)):
-                    r = bench_variant(arch(width), train_size, size, args.batch_size, precision, channels_last, compile_,
+                    r = bench_variant(arch(base_channels), train_size, size, args.batch_size, precision, channels_last, compile_,
                                       args.repeats)
                     rows.append(r)
-                    print(f"{width:>5} {r['train_size']:>8} {precision:>5} {'cl' if channels_last else 'nchw':>8} "
+                    print(f"{base_channels:>5} {r['train_size']:>8} {precision:>5} {'cl' if channels_last else 'nchw':>8} "
                           f"{str(compile_):>7} | {r['train_images_per_s']:>11.2f} {r['train_gflops_per_s']:>8.1f} "
                           f"{100 * r['train_gflops_per_s'] / peaks['fp32']:>5.0f}% "
                           f"{100 * r['train_gflops_per_s'] / peaks['bf16']:>5.0f}% | "
                           f"{r['infer_images_per_s']:>11.2f} {r['first_step_s']:>7.1f}s", flush=True)
     result = {"machine": machine, "rows": rows}
     if args.predict_images:
-        result["predict"] = [bench_predict(args.predict_images, arch(args.widths[0]), size, p, tta)
+        result["predict"] = [bench_predict(args.predict_images, arch(args.base_channels[0]), size, p, tta)
                              for p, tta in (("fp32", False), ("bf16", False), ("bf16", True))]
         for p in result["predict"]:
             print("predict.py end to end: " + (p.get("skipped") or

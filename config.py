@@ -17,6 +17,8 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "carvana_
 CHECKPOINT_HELP = ("default: the bundled checkpoints/carvana_unet.pt, else the newest "
                    "checkpoints/<run>/best.pt under the current folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUGMENTATIONS = ("none", "flip", "light")
+THRESHOLD_HELP = "probability above which a pixel is car; default: the checkpoint's own"
 
 
 def _opt(default, help, **extra):
@@ -29,36 +31,30 @@ class TrainConfig:
     # data
     data_dir: str = _opt("", "dataset folder (Kaggle train/ + train_masks/, or images/ + masks/); "
                              f"default: $CARVANA_DIR, else {DEFAULT_DATA_DIR}")
-    width: int = _opt(480, "model input width in pixels (a multiple of 2**depth)")
-    height: int = _opt(320, "model input height in pixels (a multiple of 2**depth)")
+    image_width: int = _opt(480, "width in pixels of the images the model sees (a multiple of 2**depth)")
+    image_height: int = _opt(320, "height in pixels of the images the model sees (a multiple of 2**depth)")
     val_fraction: float = _opt(0.125, "fraction of cars held out for validation (split by car id)")
     split_seed: int = _opt(0, "seed of the car-id split; independent of --seed")
     max_cars: int = _opt(0, "use only this many cars (0 = all); for quick runs")
     cache_dir: str = _opt(".cache", "where decoded, resized samples are kept between runs ('' = RAM only)")
     augment: str = _opt("flip", "training augmentation: none; flip (mirror + color jitter, no resampling); "
-                                "light (+ a small affine warp); strong", choices=("none", "flip", "light", "strong"))
+                                "light (+ a small affine warp)", choices=AUGMENTATIONS)
     crop_width: int = _opt(256, "train on random crops this wide (0 = whole images); validation sees whole images")
     crop_height: int = _opt(256, "train on random crops this high (0 = whole images)")
     # model
+    arch: str = _opt("unet", "model architecture, by its name in model.ARCHITECTURES")
     base_channels: int = _opt(16, "channels of the first U-Net level; doubles at each level down")
     depth: int = _opt(5, "number of down-sampling steps")
     bilinear: bool = _opt(True, "bilinear upsampling + conv instead of transposed convolutions")
-    space_to_depth: int = _opt(1, "fold SxS pixel blocks into channels: the U-Net runs at 1/S of the input "
-                                  "size and unfolds its logits back to it (1 = off)")
-    refine_channels: int = _opt(0, "run the U-Net on the 2x2-averaged input and draw the logits at the input "
-                                   "size with a refinement head this many channels wide (0 = off)")
     # optimisation
     epochs: int = _opt(70, "number of passes over the training images")
     batch_size: int = _opt(8, "images per optimisation step")
     lr: float = _opt(3e-3, "peak learning rate")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    optimizer: str = _opt("adamw", "adam or adamw", choices=("adam", "adamw"))
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay to zero")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 = off)")
     precise_bn: int = _opt(64, "before each validation, recompute BatchNorm statistics on this many "
                               "augmented training samples (0 = keep the running ones)")
-    ema_decay: float = _opt(0.0, "validate and save an exponential moving average of the weights with this "
-                                 "decay per step, e.g. 0.998 (0 = off)")
     bce_weight: float = _opt(1.0, "weight of the BCE term in the loss")
     dice_weight: float = _opt(1.0, "weight of the soft Dice term in the loss")
     boundary_weight: float = _opt(12.0, "extra BCE weight on pixels within 2 of the mask's edge (0 = off)")
@@ -67,7 +63,7 @@ class TrainConfig:
     channels_last: bool = _opt(True, "use the channels_last memory format (faster convolutions)")
     compile: bool = _opt(False, "torch.compile the model (slow start, faster steps)")
     # evaluation during training
-    threshold: float = _opt(0.5, "probability above which a pixel is car")
+    threshold: float = _opt(0.5, "probability above which a pixel is car (stored in the checkpoint)")
     full_res_val: bool = _opt(True, "validate at each image's full resolution (the Kaggle metric)")
     # system
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu")
@@ -80,22 +76,17 @@ class TrainConfig:
     def __post_init__(self):
         _check(self, "val_fraction", 0 < self.val_fraction < 1, "must be between 0 and 1")
         _check(self, "max_cars", self.max_cars >= 0, "must be >= 0")
+        _check(self, "augment", self.augment in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}")
         _check(self, "base_channels", self.base_channels >= 1, "must be >= 1")
         _check(self, "depth", 1 <= self.depth <= 6, "must be between 1 and 6")
-        _check(self, "space_to_depth", 1 <= self.space_to_depth <= 8, "must be between 1 and 8")
-        _check(self, "refine_channels", self.refine_channels == 0 or self.refine_channels >= 2, "must be 0 or >= 2")
-        _check(self, "refine_channels", self.refine_channels == 0 or self.space_to_depth == 1,
-               "cannot be combined with space_to_depth > 1")
-        if self.refine_channels:
-            step, why = 2 ** (self.depth + 1), "2**(depth + 1) with refine_channels"
-        else:
-            step, why = 2 ** self.depth * self.space_to_depth, "2**depth * space_to_depth"
-        _check(self, "width", self.width % step == 0 and self.width > 0, f"must be a positive multiple of {why} = {step}")
-        _check(self, "height", self.height % step == 0 and self.height > 0, f"must be a positive multiple of {why} = {step}")
-        for name, full in (("crop_width", self.width), ("crop_height", self.height)):
+        step = 2 ** self.depth
+        for name in ("image_width", "image_height"):
+            _check(self, name, getattr(self, name) % step == 0 and getattr(self, name) > 0,
+                   f"must be a positive multiple of 2**depth = {step}")
+        for name, full in (("crop_width", self.image_width), ("crop_height", self.image_height)):
             crop = getattr(self, name)
             _check(self, name, crop == 0 or (crop % step == 0 and 0 < crop <= full),
-                   f"must be 0 or a positive multiple of {why} = {step} up to the input size {full}")
+                   f"must be 0 or a positive multiple of 2**depth = {step} up to the input size {full}")
         _check(self, "crop_width", (self.crop_width == 0) == (self.crop_height == 0),
                "crop_width and crop_height must be both set or both 0")
         _check(self, "epochs", self.epochs >= 1, "must be >= 1")
@@ -104,7 +95,6 @@ class TrainConfig:
         _check(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
         _check(self, "warmup_epochs", self.warmup_epochs >= 0, "must be >= 0")
         _check(self, "grad_clip", self.grad_clip >= 0, "must be >= 0")
-        _check(self, "ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
         _check(self, "precise_bn", self.precise_bn >= 0, "must be >= 0")
         _check(self, "bce_weight", self.bce_weight >= 0, "must be >= 0")
         _check(self, "dice_weight", self.dice_weight >= 0, "must be >= 0")
@@ -120,13 +110,12 @@ class TrainConfig:
 @dataclass
 class EvaluateConfig:
     checkpoint: str = _opt("", "checkpoint to score (a train.py best.pt/last.pt); " + CHECKPOINT_HELP)
-    data_dir: str = _opt("", "dataset folder; default: the checkpoint's own, else $CARVANA_DIR, "
-                             f"else {DEFAULT_DATA_DIR}")
+    data_dir: str = _opt("", f"dataset folder; default: $CARVANA_DIR, else {DEFAULT_DATA_DIR}")
     split: str = _opt("val", "val = the checkpoint's validation cars; train; all = every image found",
                       choices=("val", "train", "all"))
     out_dir: str = _opt("", "where reports go; default: <checkpoint folder>/eval-<split>")
     batch_size: int = _opt(8, "images per forward pass")
-    threshold: float = _opt(0.0, "probability threshold; 0 = the checkpoint's own")
+    threshold: float = _opt(None, THRESHOLD_HELP)
     precision: str = _opt("fp32", "inference precision", choices=PRECISIONS)
     tta: bool = _opt(False, "test-time augmentation: also predict the mirrored image and average (2x compute)")
     worst_k: int = _opt(8, "list and draw this many worst images")
@@ -136,7 +125,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
-        _check(self, "threshold", 0 <= self.threshold < 1, "must be in [0, 1) (0 = checkpoint's own)")
+        _check_threshold(self)
         _check(self, "worst_k", self.worst_k >= 0, "must be >= 0")
         _check(self, "num_samples", self.num_samples >= 0, "must be >= 0")
 
@@ -146,7 +135,7 @@ class PredictConfig:
     inputs: list = _opt(None, "image files, folders or glob patterns", positional=True)
     out_dir: str = _opt("predictions", "where <stem>_mask.png (and overlays/cutouts) are written")
     checkpoint: str = _opt("", "checkpoint to predict with; " + CHECKPOINT_HELP)
-    threshold: float = _opt(0.0, "probability threshold; 0 = the checkpoint's own")
+    threshold: float = _opt(None, THRESHOLD_HELP)
     overlay: bool = _opt(False, "also write <stem>_overlay.jpg: the photo with the mask tinted")
     cutout: bool = _opt(False, "also write <stem>_cutout.png: RGBA, background transparent")
     rle_csv: str = _opt("", "also write every mask run-length encoded to this CSV (Kaggle's img,rle_mask)")
@@ -158,8 +147,13 @@ class PredictConfig:
 
     def __post_init__(self):
         _check(self, "inputs", bool(self.inputs), "give at least one image file, folder or glob")
-        _check(self, "threshold", 0 <= self.threshold < 1, "must be in [0, 1) (0 = checkpoint's own)")
+        _check_threshold(self)
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
+
+
+def _check_threshold(cfg):
+    _check(cfg, "threshold", cfg.threshold is None or 0 < cfg.threshold < 1,
+           "must be between 0 and 1 (leave it out to use the checkpoint's)")
 
 
 def _check(cfg, name, ok, why):
@@ -239,6 +233,8 @@ def load_config_file(cls, path) -> dict:
 def _coerce(path, key, value, f):
     """Check one file value against its field's type (int is accepted where float is expected)."""
     expected = f.type
+    if value is None and f.default is None:  # an option whose default is "not given"
+        return None
     ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if expected is list \
         else isinstance(value, bool) if expected is bool \
         else isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float \

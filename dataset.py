@@ -21,6 +21,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from atomic import atomic_write  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -189,9 +191,15 @@ def load_image(path, size=None):
     return np.ascontiguousarray(array), full_size
 
 
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+def image_to_tensor(image: np.ndarray, normalization: dict | None = None) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1], then (x - mean) / std per channel if a
+    normalization {"mean": [r, g, b], "std": [r, g, b]} other than the identity is given."""
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+    if normalization is None or (list(normalization["mean"]) == [0.0] * 3 and list(normalization["std"]) == [1.0] * 3):
+        return tensor
+    mean = torch.tensor(normalization["mean"], dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(normalization["std"], dtype=torch.float32).view(3, 1, 1)
+    return tensor.sub_(mean).div_(std)
 
 
 def load_mask(path) -> np.ndarray:
@@ -320,10 +328,8 @@ def _load_cached(path: Path):
 
 
 def _save_cached(path: Path, image, mask, full_mask, full_size):
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, image=image, mask=mask, full_mask=full_mask, full_size=np.array(full_size))
-    os.replace(tmp, path)
 
 
 def load_samples(samples, size, cache_dir="", desc="decoding") -> tuple:
@@ -363,22 +369,19 @@ def prepare_store(samples, size, cache_dir="", where="", pairing_problems=()):
 # ---------------------------------------------------------------- augmentation and the Dataset
 
 def build_transform(strength: str, crop: tuple[int, int] | None = None):
-    """Training augmentation: mirror (and warp, for light/strong), an optional random (width, height)
-    crop, then colour jitter.
+    """Training augmentation: mirror (and warp, for light), an optional random (width, height) crop,
+    then colour jitter; None for strength "none" without a crop.
 
     Masks are soft, so they are warped with bilinear interpolation too.
     """
     geometry, color = [], []
     if strength != "none":
-        strong = strength == "strong"
         geometry = [A.HorizontalFlip(p=0.5)]  # the turntable views come in mirrored pairs; vertical flips never occur
-        if strength != "flip":
-            geometry.append(A.Affine(scale=(0.9, 1.1) if strong else (0.95, 1.05),
-                                     translate_percent=(-0.05, 0.05) if strong else (-0.02, 0.02),
-                                     rotate=(-5, 5) if strong else (-2, 2),
+        if strength == "light":
+            geometry.append(A.Affine(scale=(0.95, 1.05), translate_percent=(-0.02, 0.02), rotate=(-2, 2),
                                      interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_LINEAR,
-                                     border_mode=cv2.BORDER_REFLECT_101, p=0.7 if strong else 0.5))
-        color = [A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05 if strong else 0.02, p=0.5)]
+                                     border_mode=cv2.BORDER_REFLECT_101, p=0.5))
+        color = [A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5)]
     # Convolutions do not care where a crop came from, and a smaller crop is a cheaper step (and a
     # cheaper color jitter, which therefore comes after it).
     crop = [A.RandomCrop(width=crop[0], height=crop[1])] if crop else []
@@ -387,16 +390,19 @@ def build_transform(strength: str, crop: tuple[int, int] | None = None):
 
 
 class CarvanaDataset(torch.utils.data.Dataset):
-    """Items of a SampleStore as (image (3, H, W) float in [0,1], mask (1, H, W) soft float, index)."""
+    """Items of a SampleStore as (image (3, H, W) float32, soft mask (1, H, W) float32 in [0, 1], index).
 
-    def __init__(self, store: SampleStore, transform=None):
-        self.store, self.transform = store, transform
+    Images are in [0, 1], then normalised with `normalization` (see image_to_tensor) when given.
+    """
+
+    def __init__(self, store: SampleStore, transform=None, normalization: dict | None = None):
+        self.store, self.transform, self.normalization = store, transform, normalization
 
     def __len__(self):
         return len(self.store)
 
-    def set_epoch(self, seed: int):
-        """Reseed augmentation so an epoch's random draws depend only on (seed, epoch): exact resume."""
+    def reseed(self, seed: int):
+        """Reseed the augmentation, so that the draws that follow depend on `seed` alone (exact resume)."""
         if self.transform is not None:
             self.transform.set_random_seed(seed)
 
@@ -406,4 +412,4 @@ class CarvanaDataset(torch.utils.data.Dataset):
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         masks = torch.from_numpy(np.ascontiguousarray(mask)).float().div_(255.0).unsqueeze(0)
-        return image_to_tensor(np.ascontiguousarray(image)), masks, index
+        return image_to_tensor(np.ascontiguousarray(image), self.normalization), masks, index

@@ -5,18 +5,19 @@
 
 Drops optimizer/scheduler state and stores floating-point weights as fp16 (half the size); the
 model is rebuilt in fp32 when loaded. The written file is checked: it must load with
-weights_only=True and give the same masks as the original on a random input batch.
+weights_only=True and give the same masks as the original on a random input batch. Written in the
+current checkpoint format, so exporting an older checkpoint also upgrades it.
 """
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
 from config import BUNDLED_CHECKPOINT
-from model import UNet, load_checkpoint
+from inference import Predictor
+from model import load_checkpoint, save_checkpoint
 
-KEEP = ("format_version", "model_args", "config", "threshold", "val_cars", "epoch", "global_step",
+KEEP = ("format_version", "arch", "model_args", "normalization", "config", "val_cars", "epoch", "global_step",
         "metrics", "best_val_dice", "history")
 
 
@@ -25,25 +26,23 @@ def export_checkpoint(source, out) -> dict:
     checkpoint = load_checkpoint(source)
     slim = {k: checkpoint[k] for k in KEEP if k in checkpoint}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
-    slim["exported_from"] = str(source)
+    # The training run's file name, not its path: a shipped checkpoint names no folder of the machine that wrote it.
+    slim["exported_from"] = checkpoint.get("exported_from") or Path(source).name
     check_same_masks(checkpoint, slim)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(slim, tmp)
-    os.replace(tmp, out)
+    save_checkpoint(out, slim)
     load_checkpoint(out)
     return slim
 
 
-def check_same_masks(original, slim, threshold=0.5):
+def check_same_masks(original, slim):
     """fp16 storage must not change the predicted masks beyond a few boundary pixels."""
-    torch.manual_seed(0)
-    images = torch.rand(2, 3, original["config"]["height"], original["config"]["width"])
-    with torch.no_grad():
-        a = torch.sigmoid(UNet.from_checkpoint(original).eval()(images)) > threshold
-        b = torch.sigmoid(UNet.from_checkpoint(slim).eval()(images)) > threshold
-    changed = (a != b).float().mean().item()
+    a, b = Predictor.from_checkpoint(original), Predictor.from_checkpoint(slim)
+    w, h = a.input_size
+    images = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    changed = ((torch.sigmoid(a.logits(images)) > a.threshold) != (torch.sigmoid(b.logits(images)) > b.threshold))
+    changed = changed.float().mean().item()
     if changed > 1e-3:
         raise ValueError(f"fp16 weights change {changed:.2%} of the predicted pixels; keep fp32")
 

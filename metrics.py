@@ -73,3 +73,14 @@ class SegmentationMeter:
             "pixel_accuracy": self.correct / self.pixels,
             "images": len(self.dice),
         }
+
+
+# The per-epoch record names of runs written before the full_res/model_res vocabulary, so their
+# metrics.jsonl still plots and a resumed run's history keeps one set of names.
+RENAMED_RECORD_KEYS = {"val_dice": "val_dice_model_res", "val_iou": "val_iou_model_res",
+                       "val_dice_full": "val_dice_full_res", "val_iou_full": "val_iou_full_res"}
+
+
+def with_current_names(record: dict) -> dict:
+    """An epoch record (metrics.jsonl line) with older key names replaced by today's."""
+    return {RENAMED_RECORD_KEYS.get(k, k): v for k, v in record.items()}

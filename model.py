@@ -1,10 +1,25 @@
-"""U-Net (Ronneberger et al., 2015): a contracting encoder, a bottleneck and an expanding decoder
+"""Segmentation models and their checkpoints.
+
+Architectures are registered by name (`ARCHITECTURES`); `build_model(arch, **model_args)` builds
+one, and every checkpoint records both, so `load_model(checkpoint)` rebuilds any registered model
+from the file alone. This module is the one owner of checkpoint files: `checkpoint_for` assembles
+one, `save_checkpoint` writes it atomically and `load_checkpoint` reads it back as plain data,
+upgrading older formats.
+
+The U-Net (Ronneberger et al., 2015): a contracting encoder, a bottleneck and an expanding decoder
 joined by skip connections. Padded 3x3 convolutions with BatchNorm, so the output has the input's
 height and width for any size, odd ones included.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from atomic import atomic_write
+
+# What a model expects of its input tensor: (x - mean) / std per RGB channel of an image in [0, 1].
+# The U-Net trains from scratch on [0, 1] images; an ImageNet-pretrained encoder would record
+# ImageNet's mean and std here.
+IDENTITY_NORMALIZATION = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 
 
 class DoubleConv(nn.Module):
@@ -58,55 +73,16 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, x], dim=1))
 
 
-def conv_relu(in_channels, out_channels):
-    """3x3 conv (with bias) -> ReLU: no BatchNorm, which at 4x the U-Net's pixel count cost more than the convs."""
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
-
-
-class RefineHead(nn.Module):
-    """Logits at the input's own size from the U-Net's half-size answer and the full-size image.
-
-    The U-Net's last features (squeezed to a few channels) and logits are upsampled and joined with
-    one conv layer's view of the image; two more conv layers add a correction to the upsampled logits.
-    Every layer here runs at 4x the U-Net's top-level pixel count, so it is kept narrow.
-    """
-
-    def __init__(self, in_channels, feature_channels, out_channels, channels):
-        super().__init__()
-        self.squeeze = nn.Conv2d(feature_channels, channels - out_channels, 1)  # at half size: cheap
-        self.image = nn.Sequential(*conv_relu(in_channels, channels))
-        self.fuse = nn.Sequential(*conv_relu(2 * channels, channels), *conv_relu(channels, channels),
-                                  nn.Conv2d(channels, out_channels, 1))
-        # Start as plain bilinear upsampling of the U-Net's logits; training learns the correction.
-        nn.init.zeros_(self.fuse[-1].weight)
-        nn.init.zeros_(self.fuse[-1].bias)
-
-    def forward(self, images, features, logits):
-        coarse = torch.cat([logits, self.squeeze(features)], dim=1)
-        coarse = F.interpolate(coarse, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        correction = self.fuse(torch.cat([coarse, self.image(images)], dim=1))
-        return coarse[:, :logits.shape[1]] + correction
-
-
 class UNet(nn.Module):
-    """U-Net returning per-pixel logits of shape (B, out_channels, H, W)."""
+    """U-Net returning per-pixel logits of shape (B, out_channels, H, W) for images (B, in_channels, H, W)."""
 
-    def __init__(self, in_channels=3, out_channels=1, base_channels=64, depth=4, bilinear=False, space_to_depth=1,
-                 refine_channels=0):
+    arch = "unet"
+    normalization = IDENTITY_NORMALIZATION
+
+    def __init__(self, in_channels=3, out_channels=1, base_channels=64, depth=4, bilinear=False):
         super().__init__()
-        if space_to_depth > 1 and refine_channels:
-            raise ValueError("space_to_depth and refine_channels cannot be combined")
         self.model_args = dict(in_channels=in_channels, out_channels=out_channels,
-                               base_channels=base_channels, depth=depth, bilinear=bilinear,
-                               space_to_depth=space_to_depth, refine_channels=refine_channels)
-        # refine_channels=C runs the U-Net on the 2x2-averaged input and draws the logits at the input's
-        # own size with a C-channel RefineHead, which sees the image at that finer size.
-        self.refine = RefineHead(in_channels, base_channels, out_channels, refine_channels) if refine_channels else None
-        # space_to_depth=S folds each SxS block of input pixels into channels, runs the U-Net at 1/S
-        # of the input size and unfolds S*S logits per position back to full size: the network sees
-        # and draws detail finer than its own grid for the cost of a wider first and last layer.
-        self.space_to_depth = space_to_depth
-        in_channels, out_channels = in_channels * space_to_depth ** 2, out_channels * space_to_depth ** 2
+                               base_channels=base_channels, depth=depth, bilinear=bilinear)
         widths = [base_channels * 2 ** i for i in range(depth + 1)]
         # With bilinear upsampling the bottleneck keeps the width of the level above it, so the
         # concatenated tensors match without a learned up-projection (as in the reference code).
@@ -119,8 +95,7 @@ class UNet(nn.Module):
         self.outc = nn.Conv2d(widths[0], out_channels, kernel_size=1)
 
     def forward(self, images):  # (B, C, H, W) -> (B, out_channels, H, W)
-        body_input = F.avg_pool2d(images, 2, ceil_mode=True) if self.refine is not None else images
-        x = self.inc(self._fold(body_input))
+        x = self.inc(images)
         skips = [x]
         for down in self.downs:
             x = down(x)
@@ -128,38 +103,66 @@ class UNet(nn.Module):
         skips.pop()  # the bottleneck output is not a skip
         for up in self.ups:
             x = up(x, skips.pop())
-        if self.refine is not None:
-            return self.refine(images, x, self.outc(x))
-        return self._unfold(self.outc(x), images.shape[-2:])
-
-    def _fold(self, images):
-        s = self.space_to_depth
-        if s == 1:
-            return images
-        pad_h, pad_w = -images.shape[-2] % s, -images.shape[-1] % s  # any input size, like the s=1 model
-        if pad_h or pad_w:
-            images = F.pad(images, [0, pad_w, 0, pad_h], mode="replicate")
-        return F.pixel_unshuffle(images, s)
-
-    def _unfold(self, logits, size):
-        if self.space_to_depth == 1:
-            return logits
-        return F.pixel_shuffle(logits, self.space_to_depth)[..., :size[0], :size[1]]
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> "UNet":
-        """Rebuild the model a train.py checkpoint describes, with its weights (in fp32)."""
-        model = cls(**checkpoint["model_args"])
-        state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
-        model.load_state_dict(state)
-        return model
+        return self.outc(x)
 
 
-CHECKPOINT_FORMAT = 1
+# ---------------------------------------------------------------- the registry
+
+ARCHITECTURES = {cls.arch: cls for cls in (UNet,)}
+
+
+def build_model(arch: str, **model_args) -> nn.Module:
+    """A freshly initialised model of a registered architecture; ValueError names an unknown one."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[arch](**model_args)
+
+
+def load_model(checkpoint: dict) -> nn.Module:
+    """Rebuild the model a checkpoint describes, with its weights in fp32 (fp16-exported ones included)."""
+    model = build_model(checkpoint["arch"], **checkpoint["model_args"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    model.load_state_dict(state)
+    return model
+
+
+# ---------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = 2
+# The options an inference needs from a checkpoint's `config` (besides its weights and normalisation).
+INFERENCE_OPTIONS = ("image_width", "image_height", "threshold")
+# Options naming folders of the machine that trained: they stay in the run folder's config.json,
+# never in a checkpoint, which may travel (the bundled model does).
+LOCAL_OPTIONS = ("data_dir", "cache_dir", "out_dir", "resume")
+
+
+def checkpoint_for(model: nn.Module, config: dict, **extra) -> dict:
+    """A checkpoint of `model` (uncompiled): plain data and tensors only, loadable with weights_only=True.
+
+    `config` is the training options as a dict (it must hold image_width, image_height and
+    threshold); machine-local paths are dropped from it. `extra` adds keys (epoch, history, optimizer...).
+    """
+    missing = [name for name in INFERENCE_OPTIONS if name not in config]
+    if missing:
+        raise ValueError(f"a checkpoint's config needs {', '.join(missing)}")
+    return {"format_version": CHECKPOINT_FORMAT, "arch": model.arch, "model_args": dict(model.model_args),
+            "model": model.state_dict(), "normalization": {k: list(v) for k, v in model.normalization.items()},
+            "config": {k: v for k, v in config.items() if k not in LOCAL_OPTIONS}, **extra}
+
+
+def save_checkpoint(path, checkpoint: dict):
+    """Write atomically (temporary file, fsync, rename): a kill mid-write leaves the previous file intact."""
+    with atomic_write(path) as f:
+        torch.save(checkpoint, f)
 
 
 def load_checkpoint(path) -> dict:
-    """Read a train.py checkpoint as plain data (weights_only: a pickle carrying code is refused)."""
+    """Read a checkpoint as plain data, in the current format.
+
+    Loads with weights_only=True, so a pickle carrying code is refused and never runs. Raises
+    FileNotFoundError for a missing file and ValueError, naming the file, for anything that is not a
+    checkpoint of this project (format 1 or 2; format 1 is upgraded in memory).
+    """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -167,7 +170,33 @@ def load_checkpoint(path) -> dict:
                                 "or pass --checkpoint PATH")
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise ValueError(f"checkpoint {path} cannot be loaded safely: {type(err).__name__}: {err}") from None
+    if isinstance(checkpoint, dict) and checkpoint.get("format_version") == 1 and "model_args" in checkpoint:
+        checkpoint = _upgrade_from_format_1(checkpoint, path)
+    required = ("arch", "model_args", "model", "normalization", "config")
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT \
-            or "model_args" not in checkpoint or "model" not in checkpoint:
+            or any(k not in checkpoint for k in required) \
+            or any(k not in checkpoint["config"] for k in INFERENCE_OPTIONS):
         raise ValueError(f"checkpoint {path} is not a train.py checkpoint (format {CHECKPOINT_FORMAT})")
     return checkpoint
+
+
+def _upgrade_from_format_1(checkpoint: dict, path) -> dict:
+    """Format 1 (U-Net only): no `arch` or `normalization`, the input size as config width/height,
+    the threshold stored twice, the machine's data path in the config."""
+    model_args = dict(checkpoint["model_args"])
+    for name, off in (("space_to_depth", 1), ("refine_channels", 0)):
+        value = model_args.pop(name, off)
+        if value != off:
+            raise ValueError(f"checkpoint {path} is a U-Net with {name}={value}, a variant this version no "
+                             "longer builds (it lost to the plain U-Net); load it with the version that wrote it")
+    config = dict(checkpoint.get("config", {}))
+    for old, new in (("width", "image_width"), ("height", "image_height")):
+        if old in config:
+            config[new] = config.pop(old)
+    if "threshold" in checkpoint:
+        config.setdefault("threshold", checkpoint["threshold"])
+    upgraded = {k: v for k, v in checkpoint.items() if k != "threshold"}
+    upgraded.update(format_version=CHECKPOINT_FORMAT, arch="unet", model_args=model_args,
+                    normalization={k: list(v) for k, v in IDENTITY_NORMALIZATION.items()},
+                    config={k: v for k, v in config.items() if k not in LOCAL_OPTIONS})
+    return upgraded

@@ -6,12 +6,15 @@ import cv2
 import matplotlib.pyplot as plt
 import numpy as np
 
+from metrics import with_current_names
+
 FALSE_POSITIVE = (230, 40, 40)   # predicted car, truly background: red
 FALSE_NEGATIVE = (30, 90, 255)   # missed car: blue
 
 
 def plot_training_curves(history: list, path):
-    """Loss and validation Dice per epoch from metrics.jsonl records, saved as a PNG."""
+    """Loss and validation Dice per epoch from metrics.jsonl records (today's key names or older ones), as a PNG."""
+    history = [with_current_names(record) for record in history]
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
@@ -19,11 +22,11 @@ def plot_training_curves(history: list, path):
     ax_loss.set(xlabel="epoch", ylabel="BCE + Dice loss", yscale="log", title="loss")
     ax_loss.legend()
     # 1 - Dice on a log axis: the difference between 0.990 and 0.996 is the whole game here.
-    for key, label in (("val_dice_full", "full resolution"), ("val_dice", "model resolution")):
+    for key, label in (("val_dice_full_res", "full resolution"), ("val_dice_model_res", "model resolution")):
         if key in history[-1]:
             ax_dice.plot(epochs, [max(1.0 - r[key], 1e-5) for r in history], "o-", label=label)
     ax_dice.set(xlabel="epoch", ylabel="1 - mean per-image Dice", yscale="log",
-                title=f"validation error (best Dice {max(r.get('val_dice_full', r['val_dice']) for r in history):.5f})")
+                title=f"validation error (best Dice {max(r.get('val_dice_full_res', r['val_dice_model_res']) for r in history):.5f})")
     ax_dice.legend()
     ax_dice.grid(alpha=0.3)
     fig.tight_layout()

@@ -10,7 +10,6 @@ import csv
 import glob
 import io
 import logging
-import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +17,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
-import runtime
+import atomic
 from config import PredictConfig, parse_config, resolve_checkpoint
-from dataset import IMAGE_EXTENSIONS, image_to_tensor, load_image, rle_encode
-from evaluate import predict_logits, upsample_probs
-from model import UNet, load_checkpoint
+from dataset import IMAGE_EXTENSIONS, load_image, rle_encode
+from inference import Predictor
 
 log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = ("_mask.png", "_overlay.jpg", "_cutout.png")
@@ -72,18 +69,6 @@ def output_paths(paths, out_dir: Path):
     return outputs
 
 
-def write_atomic(path: Path, data: bytes):
-    """Write via a temporary file, so a failure (a full disk) never leaves a half-written output."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def encode(ext: str, array: np.ndarray) -> bytes:
     ok, buffer = cv2.imencode(ext, array, [cv2.IMWRITE_PNG_COMPRESSION, 1] if ext == ".png" else [])
     if not ok:
@@ -93,7 +78,7 @@ def encode(ext: str, array: np.ndarray) -> bytes:
 
 def write_outputs(path: Path, mask_path: Path, pred_mask: np.ndarray, cfg: PredictConfig):
     """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout; returns (mask path, RLE)."""
-    write_atomic(mask_path, encode(".png", pred_mask))
+    atomic.write_bytes(mask_path, encode(".png", pred_mask))
     rle = rle_encode(pred_mask) if cfg.rle_csv else None
     if cfg.overlay or cfg.cutout:
         image, _ = load_image(path)  # full resolution, upright RGB
@@ -101,36 +86,25 @@ def write_outputs(path: Path, mask_path: Path, pred_mask: np.ndarray, cfg: Predi
             tinted = image.copy()
             car = pred_mask > 0
             tinted[car] = (0.55 * image[car] + 0.45 * np.array([0, 200, 80])).astype(np.uint8)
-            write_atomic(mask_path.with_name(f"{path.stem}_overlay.jpg"), encode(".jpg", tinted[..., ::-1]))
+            atomic.write_bytes(mask_path.with_name(f"{path.stem}_overlay.jpg"), encode(".jpg", tinted[..., ::-1]))
         if cfg.cutout:
             rgba = np.dstack([image[..., ::-1], pred_mask])  # OpenCV writes BGRA
-            write_atomic(mask_path.with_name(f"{path.stem}_cutout.png"), encode(".png", rgba))
+            atomic.write_bytes(mask_path.with_name(f"{path.stem}_cutout.png"), encode(".png", rgba))
     return mask_path, rle
 
 
-def predict_masks(model, images: torch.Tensor, full_sizes, threshold, device, precision, tta=False) -> list:
-    """Model-size images (B, 3, h, w) -> uint8 0/255 masks, each at its full_size=(W, H).
-
-    Probabilities are upsampled bilinearly *before* thresholding: thresholding first and resizing a
-    hard mask loses the sub-pixel boundary the model predicted.
-    """
-    probs = torch.sigmoid(predict_logits(model, images, device, precision, tta=tta))
-    return [((upsample_probs(prob, full_size) > threshold).to(torch.uint8) * 255).cpu().numpy()
-            for prob, full_size in zip(probs, full_sizes)]
-
-
-def _decode(path, size):
+def _read(predictor, path):
     try:
-        return load_image(path, size)
+        return predictor.read(path)
     except (ValueError, OSError) as err:
         return err
 
 
-def _prefetch(paths, size, pool, depth):
+def _prefetch(paths, predictor, pool, depth):
     """Decode ahead in `pool`, keeping at most `depth` images in flight (bounded memory)."""
     queue = deque()
     for path in paths:
-        queue.append((path, pool.submit(_decode, path, size)))
+        queue.append((path, pool.submit(_read, predictor, path)))
         if len(queue) >= depth:
             path, future = queue.popleft()
             yield path, future.result()
@@ -146,26 +120,20 @@ def predict_files(cfg: PredictConfig):
     """
     checkpoint_path = resolve_checkpoint(cfg.checkpoint)
     log.info("predicting with %s", checkpoint_path)
-    checkpoint = load_checkpoint(checkpoint_path)
-    device = runtime.resolve_device(cfg.device)
-    precision = runtime.resolve_precision(cfg.precision, device)
-    size = (checkpoint["config"]["width"], checkpoint["config"]["height"])
-    threshold = cfg.threshold or checkpoint.get("threshold", 0.5)
+    predictor = Predictor.from_checkpoint(checkpoint_path, cfg.device, cfg.precision, cfg.tta, cfg.threshold)
     paths, problems = collect_inputs(cfg.inputs, cfg.recursive)
     failures = {p: p for p in problems}
     out_dir = Path(cfg.out_dir)
     outputs = output_paths(paths, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = UNet.from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
     written, rles = [], {}
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
             tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
-        decoded = _prefetch(paths, size, readers, 2 * cfg.batch_size)
+        decoded = _prefetch(paths, predictor, readers, 2 * cfg.batch_size)
         pending = deque()
         for batch in _batches(decoded, cfg.batch_size, failures, bar):
-            images = torch.stack([image_to_tensor(image) for _, (image, _) in batch])
-            full_sizes = [full for _, (_, full) in batch]
-            pred_masks = predict_masks(model, images, full_sizes, threshold, device, precision, cfg.tta)
+            images = predictor.preprocess([image for _, (image, _) in batch])
+            pred_masks = predictor.masks(images, [full_size for _, (_, full_size) in batch])
             for (path, _), pred_mask in zip(batch, pred_masks):
                 pending.append((path, writers.submit(write_outputs, path, outputs[path], pred_mask, cfg)))
             while pending and (pending[0][1].done() or len(pending) > 4 * cfg.batch_size):
@@ -175,7 +143,7 @@ def predict_files(cfg: PredictConfig):
     if cfg.rle_csv:
         text = io.StringIO()
         csv.writer(text, lineterminator="\n").writerows([("img", "rle_mask")] + [(p.name, rles[p]) for p in paths if p in rles])
-        write_atomic(Path(cfg.rle_csv), text.getvalue().encode())  # csv quotes names with commas
+        atomic.write_text(Path(cfg.rle_csv), text.getvalue())  # csv quotes names with commas
     return written, {str(k): v for k, v in failures.items()}
 
 

@@ -82,7 +82,7 @@ def write_plain_dataset(root: Path, cars=PLAIN_CARS, views=VIEWS, size=IMAGE_SIZ
 
 def tiny_config(data_dir, tmp, **overrides) -> TrainConfig:
     """A TrainConfig that trains a 4-channel, depth-2 U-Net at 64x48 on the CPU in seconds."""
-    values = dict(data_dir=str(data_dir), width=MODEL_SIZE[0], height=MODEL_SIZE[1], base_channels=4, depth=2,
+    values = dict(data_dir=str(data_dir), image_width=MODEL_SIZE[0], image_height=MODEL_SIZE[1], base_channels=4, depth=2,
                   epochs=2, batch_size=4, device="cpu", precision="fp32", num_workers=0, augment="light",
                   bilinear=False, crop_width=0, crop_height=0, precise_bn=0,
                   full_res_val=True, cache_dir=str(Path(tmp) / "cache"), out_dir=str(Path(tmp) / "runs"),

@@ -6,7 +6,8 @@ import bench
 
 def test_bench_runs_and_reports_every_variant(tmp_path):
     out = tmp_path / "bench.json"
-    result = bench.main(["--widths", "2", "--size", "64x32", "--train-size", "32x32", "--batch-size", "2", "--repeats", "1", "--out", str(out)])
+    result = bench.main(["--base-channels", "2", "--size", "64x32", "--train-size", "32x32", "--batch-size", "2", "--repeats", "1", "--peak-size", "128",
+                         "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result["rows"]
     assert {(r["precision"], r["channels_last"]) for r in rows} == {("fp32", False), ("fp32", True),

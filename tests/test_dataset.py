@@ -459,16 +459,16 @@ def test_no_augmentation_is_no_transform():
     assert build_transform("none") is None
 
 
-@pytest.mark.parametrize("strength", ["flip", "light", "strong"])
+@pytest.mark.parametrize("strength", ["flip", "light"])
 def test_augmentation_is_reproducible_from_the_epoch_seed(store, strength):
     ds = CarvanaDataset(store, build_transform(strength))
-    ds.set_epoch(12345)
+    ds.reseed(12345)
     first = [ds[i] for i in range(len(ds))]
-    ds.set_epoch(12345)
+    ds.reseed(12345)
     second = [ds[i] for i in range(len(ds))]
     for (a_img, a_mask, _), (b_img, b_mask, _) in zip(first, second):
         assert torch.equal(a_img, b_img) and torch.equal(a_mask, b_mask)
-    ds.set_epoch(54321)
+    ds.reseed(54321)
     third = [ds[i] for i in range(len(ds))]
     assert any(not torch.equal(a[0], c[0]) for a, c in zip(first, third))
     plain = CarvanaDataset(store)
@@ -476,9 +476,9 @@ def test_augmentation_is_reproducible_from_the_epoch_seed(store, strength):
 
 
 def test_augmentation_moves_image_and_mask_together(store):
-    ds = CarvanaDataset(store, build_transform("strong"))
+    ds = CarvanaDataset(store, build_transform("light"))
     for seed in range(3):
-        ds.set_epoch(seed)
+        ds.reseed(seed)
         for i in range(len(ds)):
             image, mask, _ = ds[i]
             assert image.shape == (3, MODEL_SIZE[1], MODEL_SIZE[0]) and mask.shape == (1, MODEL_SIZE[1], MODEL_SIZE[0])
@@ -491,7 +491,7 @@ def test_flip_augmentation_never_resamples_the_mask(store):
     ds = CarvanaDataset(store, build_transform("flip"))
     mirrored = 0
     for seed in range(4):
-        ds.set_epoch(seed)
+        ds.reseed(seed)
         for i in range(len(ds)):
             image, mask, _ = ds[i]
             stored = torch.from_numpy(store.masks[i]).float()[None] / 255
@@ -505,7 +505,7 @@ def test_random_crops_cut_image_and_mask_at_the_same_place(store):
     crop = (32, 16)
     ds = CarvanaDataset(store, build_transform("none", crop))
     plain = CarvanaDataset(store)
-    ds.set_epoch(0)
+    ds.reseed(0)
     for i in range(len(ds)):
         image, mask, _ = ds[i]
         assert image.shape == (3, 16, 32) and mask.shape == (1, 16, 32)

@@ -6,7 +6,7 @@ import torch
 import export
 import train
 from conftest import tiny_config, write_kaggle_dataset
-from model import UNet, load_checkpoint
+from model import load_checkpoint, load_model
 
 
 def test_export_writes_a_slim_fp16_checkpoint_that_predicts_the_same(tmp_path):
@@ -20,6 +20,6 @@ def test_export_writes_a_slim_fp16_checkpoint_that_predicts_the_same(tmp_path):
     assert out.stat().st_size < (run / "last.pt").stat().st_size / 2
     images = torch.rand(1, 3, 48, 64)
     with torch.no_grad():
-        a = UNet.from_checkpoint(load_checkpoint(run / "last.pt")).eval()(images)
-        b = UNet.from_checkpoint(load_checkpoint(out)).eval()(images)
+        a = load_model(load_checkpoint(run / "last.pt")).eval()(images)
+        b = load_model(load_checkpoint(out)).eval()(images)
     assert torch.allclose(a, b, atol=0.05)

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import atomic
 import predict
 import train
 from config import PredictConfig
 from conftest import REPO_ROOT, tiny_config, write_kaggle_dataset
-from model import load_checkpoint
+from model import UNet, checkpoint_for, load_checkpoint, save_checkpoint
 from test_train import assert_same_training
 
 
@@ -80,19 +81,21 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tmp_path):
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    train.save_checkpoint(path, {"format_version": 1, "model_args": {}, "model": {}, "epoch": 1})
+    model, config = UNet(base_channels=2, depth=1), {"image_width": 8, "image_height": 8, "threshold": 0.5}
+    save_checkpoint(path, checkpoint_for(model, config, epoch=1))
     real_save = torch.save
 
     def torn_save(obj, f, *args, **kwargs):
         buffer = io.BytesIO()
         real_save(obj, buffer)
-        Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half written...
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half written...
         raise KeyboardInterrupt  # ...then the process is stopped
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"format_version": 1, "model_args": {}, "model": {}, "epoch": 2})
+        save_checkpoint(path, checkpoint_for(model, config, epoch=2))
     assert load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the torn temporary file is gone
 
 
 class DiskFull(io.BytesIO):
@@ -112,7 +115,7 @@ def test_a_full_disk_is_an_error_and_leaves_no_half_written_mask(trained_checkpo
             return DiskFull()
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(predict, "open", open_with_full_disk, raising=False)
+    monkeypatch.setattr(atomic, "open", open_with_full_disk, raising=False)
     out = tmp_path / "out"
     cfg = PredictConfig(inputs=[str(p) for p in photos], out_dir=str(out),
                         checkpoint=trained_checkpoint["path"], device="cpu")

@@ -45,7 +45,7 @@ def test_config_files_are_accepted_or_refused_cleanly(tmp_path, values):
         assert "TrainConfig." in str(err)  # a range check naming the field
 
 
-flag_names = st.sampled_from(["--epochs", "--lr", "--width", "--precision", "--device", "--bilinear", "--no-bilinear",
+flag_names = st.sampled_from(["--epochs", "--lr", "--image-width", "--precision", "--device", "--bilinear", "--no-bilinear",
                               "--val-fraction", "--augment", "--config", "--threshold", "--bogus", "-h2"])
 
 

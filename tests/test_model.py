@@ -1,11 +1,13 @@
-"""Protects the U-Net's shapes for any input size, its gradients, and safe checkpoint save/load."""
+"""Protects the U-Net's shapes for any input size, its gradients, the registry, and safe checkpoint save/load."""
 import os
 import shlex
 
 import pytest
 import torch
 
-from model import CHECKPOINT_FORMAT, UNet, load_checkpoint
+from config import BUNDLED_CHECKPOINT
+from model import (ARCHITECTURES, CHECKPOINT_FORMAT, UNet, build_model, checkpoint_for, load_checkpoint, load_model,
+                   save_checkpoint)
 
 
 @pytest.mark.parametrize("bilinear", [False, True])
@@ -18,87 +20,60 @@ def test_output_has_the_input_height_and_width(bilinear, depth, height, width):
     assert logits.shape == (1, 1, height, width)
 
 
-@pytest.mark.parametrize("variant", [{"space_to_depth": 2}, {"refine_channels": 4}])
-@pytest.mark.parametrize("height, width", [(64, 64), (33, 47), (17, 9)])
-def test_finer_than_grid_variants_keep_the_input_size(variant, height, width):
-    model = UNet(base_channels=4, depth=2, bilinear=True, **variant).eval()
-    with torch.no_grad():
-        assert model(torch.rand(2, 3, height, width)).shape == (2, 1, height, width)
-
-
-def test_space_to_depth_unfolds_each_logit_to_its_own_pixel():
-    # With the U-Net body replaced by an identity, fold -> 1x1 conv -> unfold must put output channel
-    # k of grid cell (i, j) at pixel (2i + k // 2, 2j + k % 2): the layout pixel_unshuffle read it from.
-    model = UNet(base_channels=4, depth=1, space_to_depth=2)
-    images = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
-    folded = model._fold(images)
-    assert folded.shape == (2, 12, 2, 3)
-    assert folded[0, 0, 1, 2] == images[0, 0, 2, 4] and folded[0, 3, 1, 2] == images[0, 0, 3, 5]
-    assert torch.equal(model._unfold(folded, (4, 6)), images)
-    assert torch.equal(model._unfold(model._fold(images[..., :3, :5]), (3, 5)), images[..., :3, :5])
-
-
-def test_untrained_refine_head_is_bilinear_upsampling_of_the_half_size_answer():
-    # The head's last layer starts at zero, so before training the model must equal the plain U-Net run
-    # on the 2x2-averaged photo, its logits upsampled: the refinement can only add to that answer.
-    torch.manual_seed(0)
-    model = UNet(base_channels=4, depth=2, bilinear=True, refine_channels=4).eval()
-    plain = UNet(base_channels=4, depth=2, bilinear=True).eval()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("refine.")})
-    images = torch.rand(2, 3, 32, 48)
-    with torch.no_grad():
-        half = plain(torch.nn.functional.avg_pool2d(images, 2))
-        expected = torch.nn.functional.interpolate(half, size=(32, 48), mode="bilinear", align_corners=False)
-        torch.testing.assert_close(model(images), expected)
-
-
-def test_refine_head_sees_the_full_size_image():
-    # Two photos with the same 2x2 averages differ only in detail the U-Net body cannot see: once the
-    # head has weights, its answers must differ.
-    torch.manual_seed(0)
-    model = UNet(base_channels=4, depth=2, bilinear=True, refine_channels=4).eval()
-    torch.nn.init.normal_(model.refine.fuse[-1].weight)
-    images = torch.rand(1, 3, 16, 16)
-    checker = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(8, 8) * 0.1
-    with torch.no_grad():
-        assert torch.allclose(torch.nn.functional.avg_pool2d(images + checker, 2),
-                              torch.nn.functional.avg_pool2d(images, 2), atol=1e-6)
-        assert not torch.allclose(model(images + checker), model(images), atol=1e-4)
-
-
-def test_refine_and_space_to_depth_cannot_be_combined():
-    with pytest.raises(ValueError, match="cannot be combined"):
-        UNet(base_channels=4, depth=2, space_to_depth=2, refine_channels=4)
-
-
 def test_out_channels_and_batch_are_kept():
     model = UNet(in_channels=3, out_channels=2, base_channels=4, depth=2).eval()
     with torch.no_grad():
         assert model(torch.rand(3, 3, 20, 28)).shape == (3, 2, 20, 28)
 
 
-@pytest.mark.parametrize("bilinear, refine_channels", [(False, 0), (True, 0), (True, 4)])
-def test_backward_gives_finite_gradients_everywhere(bilinear, refine_channels):
-    model = UNet(base_channels=4, depth=2, bilinear=bilinear, refine_channels=refine_channels)
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_backward_gives_finite_gradients_everywhere(bilinear):
+    model = UNet(base_channels=4, depth=2, bilinear=bilinear)
     model(torch.rand(2, 3, 33, 47)).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
 
 
-@pytest.mark.parametrize("bilinear, space_to_depth, refine_channels", [(False, 1, 0), (True, 1, 0), (True, 2, 0),
-                                                                       (True, 1, 8)])
-def test_model_args_rebuild_an_identical_architecture(bilinear, space_to_depth, refine_channels):
-    model = UNet(base_channels=4, depth=3, bilinear=bilinear, space_to_depth=space_to_depth,
-                 refine_channels=refine_channels)
-    twin = UNet(**model.model_args)
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_model_args_rebuild_an_identical_architecture(bilinear):
+    model = UNet(base_channels=4, depth=3, bilinear=bilinear)
+    twin = build_model(model.arch, **model.model_args)
     a, b = model.state_dict(), twin.state_dict()
     assert list(a) == list(b)
     assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
 
 
+def test_the_registry_knows_the_unet_and_names_unknown_architectures():
+    assert ARCHITECTURES["unet"] is UNet
+    with pytest.raises(ValueError, match="'resnet9000'.*registered: unet"):
+        build_model("resnet9000")
+
+
+TRAIN_CONFIG = {"image_width": 32, "image_height": 32, "threshold": 0.5, "data_dir": "/home/someone/carvana",
+                "cache_dir": "/home/someone/.cache", "out_dir": "/home/someone/runs", "resume": "", "epochs": 3}
+
+
 def checkpoint_of(model) -> dict:
-    return {"format_version": CHECKPOINT_FORMAT, "model_args": model.model_args, "model": model.state_dict()}
+    return checkpoint_for(model, TRAIN_CONFIG)
+
+
+def test_a_checkpoint_is_self_describing_and_holds_no_path_of_the_machine(tmp_path):
+    model = UNet(base_channels=4, depth=2)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, checkpoint_of(model))
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["format_version"] == CHECKPOINT_FORMAT == 2
+    assert checkpoint["arch"] == "unet" and checkpoint["model_args"] == model.model_args
+    assert checkpoint["normalization"] == {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    assert checkpoint["config"] == {"image_width": 32, "image_height": 32, "threshold": 0.5, "epochs": 3}
+    assert "/home/someone" not in repr({k: v for k, v in checkpoint.items() if k != "model"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file left
+
+
+def test_a_checkpoint_needs_what_inference_reads():
+    with pytest.raises(ValueError, match="threshold"):
+        checkpoint_for(UNet(base_channels=4, depth=1), {"image_width": 32, "image_height": 32})
 
 
 def test_saved_checkpoint_reproduces_outputs_exactly(tmp_path):
@@ -106,26 +81,60 @@ def test_saved_checkpoint_reproduces_outputs_exactly(tmp_path):
     model(torch.rand(4, 3, 32, 32))  # a training-mode pass moves BatchNorm running stats off their defaults
     model.eval()
     path = tmp_path / "model.pt"
-    torch.save(checkpoint_of(model), path)
-    restored = UNet.from_checkpoint(load_checkpoint(path)).eval()
+    save_checkpoint(path, checkpoint_of(model))
+    restored = load_model(load_checkpoint(path)).eval()
     images = torch.rand(2, 3, 33, 47)
     with torch.no_grad():
         assert torch.equal(model(images), restored(images))
 
 
-def test_checkpoints_from_before_space_to_depth_still_load():
-    model = UNet(base_channels=4, depth=2)
-    checkpoint = checkpoint_of(model)
-    del checkpoint["model_args"]["space_to_depth"], checkpoint["model_args"]["refine_channels"]
-    restored = UNet.from_checkpoint(checkpoint)
-    assert restored.space_to_depth == 1 and restored.refine is None
+def format_1_checkpoint(model) -> dict:
+    """A checkpoint as train.py wrote it before the model registry (format 1)."""
+    return {"format_version": 1, "model_args": {**model.model_args, "space_to_depth": 1, "refine_channels": 0},
+            "model": model.state_dict(), "threshold": 0.4,
+            "config": {"data_dir": "/home/someone/carvana", "width": 64, "height": 32, "threshold": 0.4,
+                       "ema_decay": 0.0, "cache_dir": ".cache", "out_dir": "checkpoints", "resume": ""},
+            "val_cars": ["aaaaaaaaaa01"], "epoch": 3, "global_step": 12, "best_val_dice": 0.9,
+            "metrics": {"val_dice": 0.8}, "history": [{"epoch": 3, "val_dice": 0.8, "val_dice_full": 0.9}]}
 
 
-def test_from_checkpoint_gives_fp32_weights_from_bf16_ones():
+def test_format_1_checkpoints_load_as_the_current_format(tmp_path):
+    model = UNet(base_channels=4, depth=2, bilinear=True).eval()
+    torch.save(format_1_checkpoint(model), tmp_path / "old.pt")
+    checkpoint = load_checkpoint(tmp_path / "old.pt")
+    assert checkpoint["format_version"] == CHECKPOINT_FORMAT and checkpoint["arch"] == "unet"
+    assert checkpoint["model_args"] == model.model_args
+    assert checkpoint["config"] == {"image_width": 64, "image_height": 32, "threshold": 0.4, "ema_decay": 0.0}
+    assert "threshold" not in checkpoint  # stored once, in the config
+    assert checkpoint["val_cars"] == ["aaaaaaaaaa01"] and checkpoint["epoch"] == 3
+    images = torch.rand(1, 3, 32, 64)
+    with torch.no_grad():
+        assert torch.equal(load_model(checkpoint).eval()(images), model(images))
+
+
+def test_format_1_checkpoints_of_removed_variants_are_refused_by_name(tmp_path):
+    checkpoint = format_1_checkpoint(UNet(base_channels=4, depth=2))
+    checkpoint["model_args"]["space_to_depth"] = 2
+    torch.save(checkpoint, tmp_path / "s2d.pt")
+    with pytest.raises(ValueError, match="s2d.pt.*space_to_depth=2"):
+        load_checkpoint(tmp_path / "s2d.pt")
+
+
+def test_the_bundled_checkpoint_loads_in_the_current_format():
+    checkpoint = load_checkpoint(BUNDLED_CHECKPOINT)
+    assert checkpoint["arch"] == "unet" and checkpoint["format_version"] == CHECKPOINT_FORMAT
+    assert (checkpoint["config"]["image_width"], checkpoint["config"]["image_height"]) == (480, 320)
+    assert checkpoint["config"]["threshold"] == 0.5 and len(checkpoint["val_cars"]) == 8
+    assert not any(key in checkpoint["config"] for key in ("data_dir", "cache_dir", "out_dir", "resume"))
+    model = load_model(checkpoint)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_load_model_gives_fp32_weights_from_bf16_ones():
     model = UNet(base_channels=4, depth=2)
     checkpoint = checkpoint_of(model)
     checkpoint["model"] = {k: v.bfloat16() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
-    restored = UNet.from_checkpoint(checkpoint)
+    restored = load_model(checkpoint)
     assert all(p.dtype == torch.float32 for p in restored.parameters())
 
 
@@ -155,6 +164,7 @@ def test_load_checkpoint_refuses_a_pickle_carrying_code(tmp_path):
 @pytest.mark.parametrize("content", [
     {"weights": 1},                                                       # not a checkpoint
     {"format_version": 99, "model_args": {}, "model": {}},                # an unknown format
+    {"format_version": 2, "arch": "unet", "model_args": {}, "model": {}},  # no config or normalisation
     [1, 2, 3],                                                            # not even a dict
 ])
 def test_load_checkpoint_refuses_non_checkpoints(tmp_path, content):

@@ -91,17 +91,17 @@ def test_resolution_ceiling_of_soft_small_masks(real_samples):
 
 
 def test_short_run_on_real_cars_then_evaluate_and_predict(carvana_dir, real_samples, tmp_path):
-    cfg = tiny_config(carvana_dir, tmp_path, width=96, height=64, max_cars=2, epochs=1, batch_size=8,
+    cfg = tiny_config(carvana_dir, tmp_path, image_width=96, image_height=64, max_cars=2, epochs=1, batch_size=8,
                       run_name="real")
     summary = train.train(cfg)
     run = Path(summary["run_dir"])
     assert summary["epoch"] == 1 and np.isfinite(summary["train_loss"])
-    assert 0 <= summary["val_dice_full"] <= 1
+    assert 0 <= summary["val_dice_full_res"] <= 1
 
     out = tmp_path / "eval"
     result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(run / "best.pt"), cache_dir=cfg.cache_dir,
                                                          out_dir=str(out), device="cpu", worst_k=2, num_samples=1))
-    assert result["cars"] == 1 and result["full_resolution"]["images"] == 16
+    assert result["cars"] == 1 and result["full_res"]["images"] == 16
     assert all((out / name).is_file() for name in ("per_image.csv", "summary.json", "worst.png", "samples.png"))
 
     inputs = [str(s.image) for s in real_samples[:2]]

@@ -18,7 +18,7 @@ from config import EvaluateConfig, PredictConfig, TrainConfig, parse_config
 from conftest import IMAGE_SIZE, MODEL_SIZE, car_picture, tiny_config, write_kaggle_dataset
 from dataset import find_samples, image_to_tensor, load_image, split_by_car
 from losses import BCEDiceLoss
-from model import UNet, load_checkpoint
+from model import LOCAL_OPTIONS, UNet, load_checkpoint, load_model
 
 TIMING_FIELDS = {"seconds", "images_per_s"}
 
@@ -68,9 +68,9 @@ def test_train_writes_a_complete_run(straight, data_dir):
     cfg, summary, run = straight
     assert summary["epoch"] == 2 and summary["run_dir"] == str(run)
     assert run == Path(cfg.out_dir) / "straight"
-    for key in ("train_loss", "val_loss", "val_dice", "val_dice_full", "val_iou_full", "best_val_dice"):
+    for key in ("train_loss", "val_loss", "val_dice_model_res", "val_dice_full_res", "val_iou_full_res", "best_val_dice"):
         assert np.isfinite(summary[key]), key
-    assert 0 <= summary["val_dice_full"] <= 1
+    assert 0 <= summary["val_dice_full_res"] <= 1
     for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl", "curves.png"):
         assert (run / name).is_file(), name
     assert Image.open(run / "curves.png").format == "PNG"
@@ -79,21 +79,23 @@ def test_train_writes_a_complete_run(straight, data_dir):
     history = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in history] == [1, 2]
     assert [r["step"] for r in history] == [2, 4]  # 9 training images, batches of 4, last partial batch dropped
-    assert summary["best_val_dice"] == max(r["val_dice_full"] for r in history)
+    assert summary["best_val_dice"] == max(r["val_dice_full_res"] for r in history)
 
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 2 and last["global_step"] == 4 and last["history"] == history
     assert {"optimizer", "scheduler", "scaler"} <= last.keys()
     assert "optimizer" not in best  # best.pt holds weights only
-    best_epoch = max(history, key=lambda r: r["val_dice_full"])["epoch"]
+    best_epoch = max(history, key=lambda r: r["val_dice_full_res"])["epoch"]
     assert best["epoch"] == best_epoch and best["best_val_dice"] == summary["best_val_dice"]
-    assert last["model_args"] == dict(in_channels=3, out_channels=1, base_channels=4, depth=2, bilinear=False,
-                                      space_to_depth=1, refine_channels=0)
-    assert last["threshold"] == cfg.threshold and last["config"] == dataclasses.asdict(cfg)
+    assert last["arch"] == "unet"
+    assert last["model_args"] == dict(in_channels=3, out_channels=1, base_channels=4, depth=2, bilinear=False)
+    # the threshold is stored once (in the config); the machine's folders stay in config.json
+    assert "threshold" not in last and last["config"]["threshold"] == cfg.threshold
+    assert last["config"] == {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LOCAL_OPTIONS}
     for checkpoint in (last, best):
         assert load_checkpoint(run / "last.pt")["format_version"] == checkpoint["format_version"]
-        model = UNet.from_checkpoint(checkpoint)
+        model = load_model(checkpoint)
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -154,8 +156,8 @@ def test_resume_after_an_interruption_is_exact(straight, data_dir, work, monkeyp
     cfg = tiny_config(data_dir, work, run_name="interrupted")
     real_log_epoch = train.log_epoch
 
-    def stop_after_epoch_1(run_dir, cfg, record):
-        real_log_epoch(run_dir, cfg, record)
+    def stop_after_epoch_1(cfg, record):
+        real_log_epoch(cfg, record)
         if record["epoch"] == 1:
             raise KeyboardInterrupt  # as if Ctrl-C came right after epoch 1 was saved
 
@@ -186,40 +188,40 @@ def test_extending_a_finished_run_with_resume_matches_a_straight_run(straight, d
     assert_same_training(run, straight_run)
 
 
-def test_resume_with_ema_crops_and_precise_bn_is_exact(data_dir, work):
-    options = dict(ema_decay=0.9, crop_width=32, crop_height=32, precise_bn=5)
-    straight_ema = tiny_config(data_dir, work, run_name="straight-ema", **options)
-    train.train(straight_ema)
-    extended = tiny_config(data_dir, work, run_name="extended-ema", **{**options, "epochs": 1})
+def test_resume_with_crops_and_precise_bn_is_exact(data_dir, work):
+    options = dict(crop_width=32, crop_height=32, precise_bn=5)
+    straight_crops = tiny_config(data_dir, work, run_name="straight-crops", **options)
+    train.train(straight_crops)
+    extended = tiny_config(data_dir, work, run_name="extended-crops", **{**options, "epochs": 1})
     train.train(extended)
-    run = Path(extended.out_dir) / "extended-ema"
+    run = Path(extended.out_dir) / "extended-crops"
     train.main(["--resume", str(run / "last.pt"), "--epochs", "2"])
-    assert_same_training(run, Path(straight_ema.out_dir) / "straight-ema")
+    assert_same_training(run, Path(straight_crops.out_dir) / "straight-crops")
 
 
-def test_ema_checkpoints_predict_with_the_average(data_dir, work):
-    cfg = tiny_config(data_dir, work, run_name="ema", epochs=1, ema_decay=0.9)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_evaluate_reproduces_the_runs_own_validation_dice(data_dir, work, channels_last):
+    # In-training validation and evaluate.py are one path: the score best.pt was chosen by is the one
+    # evaluate.py gives it (precise BatchNorm statistics and all).
+    name = f"val-{channels_last}"
+    cfg = tiny_config(data_dir, work, run_name=name, epochs=1, crop_width=32, crop_height=32, precise_bn=5,
+                      channels_last=channels_last)
     train.train(cfg)
-    last = load_checkpoint(Path(cfg.out_dir) / "ema" / "last.pt")
-    best = load_checkpoint(Path(cfg.out_dir) / "ema" / "best.pt")
-    assert "train_model" not in best
-    key = next(iter(last["model"]))  # the first convolution's weights
-    assert not torch.equal(last["model"][key], last["train_model"][key])  # the average lags the weights
-    assert torch.equal(best["model"][key], last["model"][key])
-    # evaluate.py scores the average, reproducing the run's own validation Dice
-    summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(Path(cfg.out_dir) / "ema" / "best.pt"),
-                                                          out_dir=str(work / "ema-eval"), device="cpu",
+    best = load_checkpoint(Path(cfg.out_dir) / name / "best.pt")
+    summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(Path(cfg.out_dir) / name / "best.pt"),
+                                                          data_dir=str(data_dir),
+                                                          out_dir=str(work / f"{name}-eval"), device="cpu",
                                                           cache_dir=str(work / "cache")))
-    assert summary["full_resolution"]["dice"] == pytest.approx(best["metrics"]["val_dice_full"], abs=1e-6)
+    assert summary["full_res"]["dice"] == pytest.approx(best["metrics"]["val_dice_full_res"], abs=1e-6)
+    assert summary["model_res"]["dice"] == pytest.approx(best["metrics"]["val_dice_model_res"], abs=1e-6)
 
 
 def assert_same_training(run, reference):
     a = torch.load(run / "last.pt", weights_only=True)
     b = torch.load(reference / "last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys() and a.keys() == b.keys()
-    for name in ("model", "train_model"):
-        for key in a.get(name, {}):
-            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         for key in state_a:
             assert torch.equal(torch.as_tensor(state_a[key]), torch.as_tensor(state_b[key])), key
@@ -231,9 +233,9 @@ def test_resume_refuses_a_different_architecture(straight, tmp_path):
     run = shutil.copytree(straight_run, tmp_path / "copy")
     with pytest.raises(SystemExit, match="base_channels"):
         train.main(["--resume", str(run / "last.pt"), "--base-channels", "8"])
-    cfg = parse_config(TrainConfig, ["--resume", str(run)], base=train.resume_defaults(["--resume", str(run)]))
-    with pytest.raises(ValueError, match="width"):
-        train.train(dataclasses.replace(cfg, width=32))
+    cfg = parse_config(TrainConfig, ["--resume", str(run)], base=train.resume_defaults(["--resume", str(run)])[0])
+    with pytest.raises(ValueError, match="image_width"):
+        train.train(dataclasses.replace(cfg, image_width=32))
 
 
 def test_resuming_a_run_from_before_the_boundary_weight_keeps_its_loss(straight, tmp_path):
@@ -245,9 +247,9 @@ def test_resuming_a_run_from_before_the_boundary_weight_keeps_its_loss(straight,
     checkpoint["config"].pop("boundary_weight")
     torch.save(checkpoint, run / "last.pt")
     argv = ["--resume", str(run)]
-    assert parse_config(TrainConfig, argv, base=train.resume_defaults(argv)).boundary_weight == 0.0
+    assert parse_config(TrainConfig, argv, base=train.resume_defaults(argv)[0]).boundary_weight == 0.0
     argv += ["--boundary-weight", "3"]
-    assert parse_config(TrainConfig, argv, base=train.resume_defaults(argv)).boundary_weight == 3.0
+    assert parse_config(TrainConfig, argv, base=train.resume_defaults(argv)[0]).boundary_weight == 3.0
 
 
 def test_train_refuses_to_reuse_a_run_folder(straight):
@@ -290,7 +292,7 @@ def independent_full_res_dice(checkpoint_path, data_dir, threshold=0.5) -> dict:
     model = UNet(**checkpoint["model_args"])
     model.load_state_dict(checkpoint["model"])
     model.eval()
-    size = (checkpoint["config"]["width"], checkpoint["config"]["height"])
+    size = (checkpoint["config"]["image_width"], checkpoint["config"]["image_height"])
     dice = {}
     for car in checkpoint["val_cars"]:
         for image_path in sorted((Path(data_dir) / "train").glob(f"{car}_*.jpg")):
@@ -305,52 +307,39 @@ def independent_full_res_dice(checkpoint_path, data_dir, threshold=0.5) -> dict:
     return dice
 
 
-def test_evaluate_checkpoint_from_the_checkpoint_alone(trained, data_dir, tmp_path):
+def test_evaluate_checkpoint_from_the_checkpoint_and_the_data_alone(trained, data_dir, tmp_path):
     _, _, run = trained
     out = tmp_path / "eval"
-    cfg = EvaluateConfig(checkpoint=str(run / "best.pt"), cache_dir=str(tmp_path / "cache"), out_dir=str(out),
-                         device="cpu")
+    cfg = EvaluateConfig(checkpoint=str(run / "best.pt"), data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"),
+                         out_dir=str(out), device="cpu")
     summary = evaluate.evaluate_checkpoint(cfg)
     for name in ("per_image.csv", "summary.json", "worst.png", "samples.png", "threshold_sweep.png"):
         assert (out / name).is_file(), name
 
     expected = independent_full_res_dice(run / "best.pt", data_dir)
-    assert len(expected) == summary["full_resolution"]["images"] == 3  # one validation car x 3 views
-    assert summary["full_resolution"]["dice"] == pytest.approx(np.mean(list(expected.values())), abs=1e-9)
-    assert 0.5 < summary["full_resolution"]["dice"] < 1  # a real, imperfect segmentation: the check is not vacuous
+    assert len(expected) == summary["full_res"]["images"] == 3  # one validation car x 3 views
+    assert summary["full_res"]["dice"] == pytest.approx(np.mean(list(expected.values())), abs=1e-9)
+    assert 0.5 < summary["full_res"]["dice"] < 1  # a real, imperfect segmentation: the check is not vacuous
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["name"]: float(r["dice"]) for r in rows} == pytest.approx(expected, abs=1e-9)
-    assert [float(r["dice"]) for r in rows] == sorted(float(r["dice"]) for r in rows)  # worst first
+    assert {r["name"]: float(r["dice_full_res"]) for r in rows} == pytest.approx(expected, abs=1e-9)
+    assert [float(r["dice_full_res"]) for r in rows] == sorted(float(r["dice_full_res"]) for r in rows)  # worst first
     stored = json.loads((out / "summary.json").read_text())
-    assert stored["full_resolution"]["dice"] == summary["full_resolution"]["dice"]
+    assert stored["full_res"]["dice"] == summary["full_res"]["dice"]
     assert stored["threshold"] == 0.5 and stored["model_size"] == list(MODEL_SIZE)
     assert [r["threshold"] for r in stored["sweep"]] == list(evaluate.SWEEP_THRESHOLDS)
     at_half = next(r for r in stored["sweep"] if r["threshold"] == 0.5)
-    assert at_half["dice"] == pytest.approx(summary["full_resolution"]["dice"], abs=1e-12)
-
-
-def test_flip_tta_averages_the_prediction_of_the_mirrored_image():
-    model = UNet(base_channels=4, depth=2).eval()
-    images = torch.rand(2, 3, 16, 24)
-    with torch.no_grad():
-        expected = (model(images) + model(images.flip(-1)).flip(-1)) / 2
-    got = evaluate.predict_logits(model, images, torch.device("cpu"), "fp32", tta=True)
-    assert torch.allclose(got, expected, atol=1e-5)
-    plain = evaluate.predict_logits(model, images, torch.device("cpu"), "fp32")
-    assert not torch.allclose(got, plain, atol=1e-5)  # the model is not mirror-symmetric, so TTA changes it
-    symmetric = torch.cat([images[..., :12], images[..., :12].flip(-1)], dim=-1)
-    answer = evaluate.predict_logits(model, symmetric, torch.device("cpu"), "fp32", tta=True)
-    assert torch.allclose(answer, answer.flip(-1), atol=1e-5)  # a mirror-symmetric photo gets a symmetric mask
+    assert at_half["dice"] == pytest.approx(summary["full_res"]["dice"], abs=1e-12)
 
 
 @pytest.mark.parametrize("split, images", [("train", 9), ("all", 12)])
-def test_evaluate_other_splits(trained, tmp_path, split, images):
+def test_evaluate_other_splits(trained, data_dir, tmp_path, split, images):
     _, _, run = trained
-    summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(run / "best.pt"), split=split, cache_dir="",
+    summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(run / "best.pt"), data_dir=str(data_dir),
+                                                          split=split, cache_dir="",
                                                           out_dir=str(tmp_path / split), device="cpu", worst_k=1,
                                                           num_samples=1))
-    assert summary["full_resolution"]["images"] == images
+    assert summary["full_res"]["images"] == images
 
 
 def test_evaluate_on_data_without_the_checkpoint_cars(trained, plain_dir, tmp_path):
@@ -360,21 +349,25 @@ def test_evaluate_on_data_without_the_checkpoint_cars(trained, plain_dir, tmp_pa
     with pytest.raises(ValueError, match="--split all"):
         evaluate.evaluate_checkpoint(cfg)
     summary = evaluate.evaluate_checkpoint(dataclasses.replace(cfg, split="all"))
-    assert summary["full_resolution"]["images"] == 6
+    assert summary["full_res"]["images"] == 6
 
 
-def test_evaluate_finds_the_data_of_a_run_trained_on_the_default_folder(data_dir, tmp_path, monkeypatch):
-    # `python train.py` without --data-dir reads $CARVANA_DIR and records the folder it resolved to;
-    # `python evaluate.py --checkpoint ...` must find the data from the checkpoint alone, env var gone.
+def test_evaluate_finds_the_data_where_train_found_it_and_an_explicit_folder_wins(data_dir, plain_dir, tmp_path,
+                                                                                 monkeypatch):
+    # `python train.py` without --data-dir reads $CARVANA_DIR; the checkpoint records no folder of this
+    # machine, and evaluate.py resolves the data the same way: --data-dir, else $CARVANA_DIR.
     monkeypatch.setenv("CARVANA_DIR", str(data_dir))
     monkeypatch.chdir(tmp_path)
     summary = train.train(tiny_config("", tmp_path, epochs=1))
-    assert torch.load(Path(summary["run_dir"]) / "best.pt", weights_only=True)["config"]["data_dir"] == str(data_dir.resolve())
-    monkeypatch.delenv("CARVANA_DIR")
-    result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(Path(summary["run_dir"]) / "best.pt"),
-                                                         cache_dir="", out_dir=str(tmp_path / "eval"), device="cpu"))
-    assert result["data_dir"] == str(data_dir)
-    assert result["full_resolution"]["images"] == 3
+    best = Path(summary["run_dir"]) / "best.pt"
+    assert "data_dir" not in torch.load(best, weights_only=True)["config"]
+    assert str(data_dir) not in (best.read_bytes().decode("latin-1"))
+    result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(best), cache_dir="",
+                                                         out_dir=str(tmp_path / "eval"), device="cpu"))
+    assert result["data_dir"] == str(data_dir) and result["full_res"]["images"] == 3
+    explicit = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(best), data_dir=str(plain_dir), split="all",
+                                                           cache_dir="", out_dir=str(tmp_path / "eval2"), device="cpu"))
+    assert explicit["data_dir"] == str(plain_dir) and explicit["full_res"]["images"] == 6
 
 
 # ---------------------------------------------------------------- predict.py
@@ -382,8 +375,10 @@ def test_evaluate_finds_the_data_of_a_run_trained_on_the_default_folder(data_dir
 def own_mask(checkpoint_path, image_path) -> np.ndarray:
     """The 0/255 full-size mask predict.py should write, computed here step by step."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    model = UNet.from_checkpoint(checkpoint).eval()
-    image, (w, h) = load_image(image_path, (checkpoint["config"]["width"], checkpoint["config"]["height"]))
+    model = UNet(**checkpoint["model_args"])
+    model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
+    model.eval()
+    image, (w, h) = load_image(image_path, (checkpoint["config"]["image_width"], checkpoint["config"]["image_height"]))
     with torch.no_grad():
         probs = torch.sigmoid(model(image_to_tensor(image)[None]))
     probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[0, 0]

@@ -1,0 +1,138 @@
+"""Checkpoint in, masks out: the project's one inference path.
+
+A `Predictor` is built from a checkpoint (a path or a loaded dict), a device, a precision, flip TTA
+on or off and an optional threshold override. It is the only reader of a checkpoint's inference
+metadata (architecture and weights through `model.load_model`, input size, threshold,
+normalisation) and owns every step between a decoded photo and its full-size mask: reading a photo
+at the model's input size, preprocessing a batch, logits, probabilities upsampled to each photo's
+own size, and hard masks. evaluate.py (and through it train.py's validation), predict.py, export.py
+and bench.py all go through it.
+
+The network itself runs behind a *runner*: a callable taking a preprocessed batch (B, 3, h, w) to
+fp32 logits (B, C, h, w). `TorchRunner` runs a torch module under autocast; another backend
+(ONNX Runtime, OpenVINO) only has to provide the same call to stand behind the same `Predictor`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import runtime
+from dataset import image_to_tensor, load_image
+from model import load_checkpoint, load_model
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """What a checkpoint says about running its model, as plain data."""
+    input_size: tuple   # (width, height) of the images the model sees
+    threshold: float    # probability above which a pixel is car
+    normalization: dict  # {"mean": [r, g, b], "std": [r, g, b]} applied to images in [0, 1]
+
+    @classmethod
+    def from_config(cls, config: dict, normalization: dict) -> "InferenceSpec":
+        """From training options (a TrainConfig as a dict) and the model's normalisation."""
+        return cls((config["image_width"], config["image_height"]), config["threshold"], normalization)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "InferenceSpec":
+        return cls.from_config(checkpoint["config"], checkpoint["normalization"])
+
+
+class TorchRunner:
+    """Runs a torch module on `device` under the autocast of `precision`; returns fp32 logits on `device`.
+
+    The module must already be in the mode wanted (eval for inference): the runner never switches it,
+    so train.py can validate its live, possibly compiled, model through the same path.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool = True):
+        self.model, self.device, self.precision, self.channels_last = model, device, precision, channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), runtime.autocast(self.device, self.precision):
+            return self.model(images).float()
+
+
+class Predictor:
+    """Full-resolution masks from one model: see the module docstring.
+
+    runner: a callable (B, 3, h, w) preprocessed images -> (B, C, h, w) fp32 logits (see TorchRunner).
+    spec: the checkpoint's input size, threshold and normalisation.
+    tta: also run the mirrored images and average the two answers' logits (2x compute).
+    threshold: overrides spec.threshold when given.
+    """
+
+    def __init__(self, runner, spec: InferenceSpec, tta: bool = False, threshold: float | None = None):
+        self.runner, self.spec, self.tta = runner, spec, tta
+        self.threshold = spec.threshold if threshold is None else threshold
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, device="cpu", precision="fp32", tta=False, threshold=None) -> "Predictor":
+        """A Predictor for a checkpoint path or loaded dict; `device` and `precision` as the scripts' options.
+
+        Raises FileNotFoundError or ValueError (from model.load_checkpoint and runtime) naming what is wrong.
+        """
+        if not isinstance(checkpoint, dict):
+            checkpoint = load_checkpoint(checkpoint)
+        device = runtime.resolve_device(device) if isinstance(device, str) else device
+        precision = runtime.resolve_precision(precision, device)
+        model = load_model(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
+        return cls(TorchRunner(model, device, precision), InferenceSpec.from_checkpoint(checkpoint), tta, threshold)
+
+    @property
+    def input_size(self) -> tuple:
+        """(width, height) of the model's input."""
+        return self.spec.input_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where logits and probabilities live."""
+        return self.runner.device
+
+    @property
+    def precision(self) -> str:
+        """The precision the network runs in: fp32, bf16 or fp16."""
+        return self.runner.precision
+
+    def read(self, path):
+        """Decode a photo upright at the model's input size: (uint8 (h, w, 3), full (width, height)).
+
+        Raises ValueError naming the file when it cannot be read (see dataset.load_image).
+        """
+        return load_image(path, self.input_size)
+
+    def preprocess(self, images) -> torch.Tensor:
+        """uint8 (h, w, 3) images at the input size -> one float32 batch (B, 3, h, w), normalised."""
+        return torch.stack([image_to_tensor(image, self.spec.normalization) for image in images])
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed batch (B, 3, h, w) -> fp32 logits (B, C, h, w) on self.device (TTA averaged)."""
+        if not self.tta:
+            return self.runner(batch)
+        plain, mirrored = self.runner(torch.cat([batch, batch.flip(-1)])).chunk(2)
+        return (plain + mirrored.flip(-1)) / 2
+
+    @staticmethod
+    def upsample(probs: torch.Tensor, full_size) -> torch.Tensor:
+        """Probabilities (1, h, w) -> (H, W) at full_size=(W, H), bilinear: threshold *after* this.
+
+        Thresholding first and resizing a hard mask would lose the sub-pixel boundary the model drew.
+        """
+        w, h = full_size
+        return F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+
+    def masks(self, batch: torch.Tensor, full_sizes) -> list:
+        """Preprocessed batch -> one uint8 0/255 mask (H, W) per image, each at its full_size=(W, H)."""
+        probs = torch.sigmoid(self.logits(batch))
+        return [((self.upsample(prob, full_size) > self.threshold).to(torch.uint8) * 255).cpu().numpy()
+                for prob, full_size in zip(probs, full_sizes)]
+
+    def predict(self, paths) -> list:
+        """Photos on disk -> their uint8 0/255 full-size masks (one batch; ValueError names an unreadable file)."""
+        decoded = [self.read(path) for path in paths]
+        return self.masks(self.preprocess([image for image, _ in decoded]), [size for _, size in decoded])
+
