@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic import atomic_write
+from metrics import with_current_names
 
 # What a model expects of its input tensor: (x - mean) / std per RGB channel of an image in [0, 1].
 # The U-Net trains from scratch on [0, 1] images; an ImageNet-pretrained encoder would record
@@ -182,7 +183,7 @@ def load_checkpoint(path) -> dict:
 
 def _upgrade_from_format_1(checkpoint: dict, path) -> dict:
     """Format 1 (U-Net only): no `arch` or `normalization`, the input size as config width/height,
-    the threshold stored twice, the machine's data path in the config."""
+    the threshold stored twice, the machine's data path in the config, older metric names."""
     model_args = dict(checkpoint["model_args"])
     for name, off in (("space_to_depth", 1), ("refine_channels", 0)):
         value = model_args.pop(name, off)
@@ -199,4 +200,8 @@ def _upgrade_from_format_1(checkpoint: dict, path) -> dict:
     upgraded.update(format_version=CHECKPOINT_FORMAT, arch="unet", model_args=model_args,
                     normalization={k: list(v) for k, v in IDENTITY_NORMALIZATION.items()},
                     config={k: v for k, v in config.items() if k not in LOCAL_OPTIONS})
+    if "history" in checkpoint:
+        upgraded["history"] = [with_current_names(record) for record in checkpoint["history"]]
+    if "metrics" in checkpoint:
+        upgraded["metrics"] = with_current_names(checkpoint["metrics"])
     return upgraded

@@ -31,7 +31,6 @@ from dataset import CarvanaDataset, build_transform, find_samples, prepare_store
 from evaluate import evaluate
 from inference import InferenceSpec, Predictor, TorchRunner
 from losses import BCEDiceLoss
-from metrics import with_current_names
 from model import build_model, checkpoint_for, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class TrainState:
         for name in ("optimizer", "scheduler", "scaler"):
             getattr(self, name).load_state_dict(checkpoint[name])
         self.epoch, self.step, self.best_score = checkpoint["epoch"], checkpoint["global_step"], checkpoint["best_val_dice"]
-        self.history = [with_current_names(record) for record in checkpoint["history"]]
+        self.history = checkpoint["history"]
         log.info("resuming at epoch %d, step %d", self.epoch + 1, self.step)
 
 

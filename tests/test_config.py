@@ -235,3 +235,19 @@ def test_resolve_checkpoint_prefers_explicit_then_bundled_then_newest_run(tmp_pa
     (tmp_path / "bundled.pt").write_bytes(b"x")
     assert config.resolve_checkpoint("") == str(tmp_path / "bundled.pt")
     assert config.resolve_checkpoint("mine.pt") == "mine.pt"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_the_shipped_presets_parse(path):
+    assert isinstance(parse_config(TrainConfig, ["--config", str(path)]), TrainConfig)
+
+
+@pytest.mark.parametrize("cls, argv", [(EvaluateConfig, []), (PredictConfig, ["a.jpg"])])
+def test_the_threshold_is_the_checkpoints_unless_given(tmp_path, capsys, cls, argv):
+    assert parse_config(cls, argv).threshold is None
+    assert parse_config(cls, argv + ["--threshold", "0.3"]).threshold == 0.3
+    assert parse_config(cls, argv + ["--config", write_json(tmp_path / "t.json", {"threshold": None})]).threshold is None
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, argv + ["--threshold", "0"])  # 0 no longer means "the checkpoint's"
+    assert exit_info.value.code == 2 and "threshold" in capsys.readouterr().err

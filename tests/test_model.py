@@ -107,6 +107,8 @@ def test_format_1_checkpoints_load_as_the_current_format(tmp_path):
     assert checkpoint["config"] == {"image_width": 64, "image_height": 32, "threshold": 0.4, "ema_decay": 0.0}
     assert "threshold" not in checkpoint  # stored once, in the config
     assert checkpoint["val_cars"] == ["aaaaaaaaaa01"] and checkpoint["epoch"] == 3
+    assert checkpoint["history"] == [{"epoch": 3, "val_dice_model_res": 0.8, "val_dice_full_res": 0.9}]
+    assert checkpoint["metrics"] == {"val_dice_model_res": 0.8}
     images = torch.rand(1, 3, 32, 64)
     with torch.no_grad():
         assert torch.equal(load_model(checkpoint).eval()(images), model(images))

@@ -252,6 +252,16 @@ def test_resuming_a_run_from_before_the_boundary_weight_keeps_its_loss(straight,
     assert parse_config(TrainConfig, argv, base=train.resume_defaults(argv)[0]).boundary_weight == 3.0
 
 
+def test_resume_refuses_a_run_that_used_a_removed_option(straight, tmp_path):
+    _, _, straight_run = straight
+    run = shutil.copytree(straight_run, tmp_path / "ema")
+    checkpoint = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    checkpoint["config"]["ema_decay"] = 0.998  # as an older version wrote it for a run with --ema-decay
+    torch.save(checkpoint, run / "last.pt")
+    with pytest.raises(SystemExit, match="ema_decay=0.998"):
+        train.main(["--resume", str(run)])
+
+
 def test_train_refuses_to_reuse_a_run_folder(straight):
     cfg, _, run = straight
     before = (run / "last.pt").read_bytes()
