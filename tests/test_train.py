@@ -17,6 +17,7 @@ import train
 from config import EvaluateConfig, PredictConfig, TrainConfig, parse_config
 from conftest import IMAGE_SIZE, MODEL_SIZE, car_picture, tiny_config, write_kaggle_dataset
 from dataset import find_samples, image_to_tensor, load_image, split_by_car
+from inference import Predictor
 from losses import BCEDiceLoss
 from model import LOCAL_OPTIONS, UNet, load_checkpoint, load_model
 
@@ -427,6 +428,7 @@ def test_predict_writes_full_size_masks_overlays_and_cutouts(trained, photos, tm
         mask = np.array(mask)
         assert set(np.unique(mask).tolist()) <= {0, 255}
         assert np.array_equal(mask, own_mask(run / "best.pt", path)), path.name
+        assert np.array_equal(mask, Predictor.from_checkpoint(str(run / "best.pt")).predict([path])[0]), path.name
         overlay = Image.open(out / f"{path.stem}_overlay.jpg")
         assert overlay.mode == "RGB" and overlay.size == size
         cutout = Image.open(out / f"{path.stem}_cutout.png")
