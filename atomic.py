@@ -1,7 +1,7 @@
 """Writing a file so that a crash, a kill or a full disk never leaves a torn one in its place.
 
-Every file the project writes for later use (checkpoints, predicted masks, the decoded-sample cache,
-metrics.jsonl, config.json, evaluation reports) goes through `atomic_write`: the data goes to a
+Every file the project writes (checkpoints, predicted masks, the decoded-sample cache,
+metrics.jsonl, config.json, evaluation reports, plots, bench.json) goes through `atomic_write`: the data goes to a
 hidden temporary file beside the target, is flushed to the disk (fsync), and is then renamed over
 the target in one step (`os.replace`, atomic on POSIX and Windows). A reader sees the old file or
 the new one, never half of one.
@@ -27,8 +27,25 @@ def atomic_write(path, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as err:  # name the file the caller asked for, not the temporary one
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path):
+    """Make the rename itself durable (POSIX); where a folder cannot be opened (Windows), skip it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the data itself is already synced
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path, data: bytes):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import atomic
 import runtime
 from config import PredictConfig, TrainConfig, resolve_data_dir
 from inference import InferenceSpec, Predictor, TorchRunner
@@ -185,7 +186,7 @@ def main(argv=None):
             print("predict.py end to end: " + (p.get("skipped") or
                   f"{p['images']} photos in {p['seconds']:.1f} s = {p['masks_per_s']:.1f} full-size masks/s "
                   f"({p['precision']}{', flip TTA' if p['tta'] else ''})"))
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return result
 

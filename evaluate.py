@@ -74,13 +74,23 @@ def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None
 
 # ---------------------------------------------------------------- evaluate.py on a checkpoint
 
-def select_samples(val_cars, data_dir, split):
-    """The samples of `split`: the checkpoint's validation cars, the others (train), or all of them."""
+def select_samples(checkpoint: dict, data_dir, split, where=""):
+    """The samples of `split`: the checkpoint's validation cars, its training cars, or all of them."""
     samples, problems = find_samples(data_dir)
     if split == "all":
         return samples, problems
-    val_cars = set(val_cars)
-    chosen = [s for s in samples if (s.car_id in val_cars) == (split == "val")]
+    if "val_cars" not in checkpoint:
+        raise ValueError(f"checkpoint {where} records no validation cars; use --split all")
+    val_cars = set(checkpoint["val_cars"])
+    if split == "val":
+        chosen = [s for s in samples if s.car_id in val_cars]
+    elif "train_cars" in checkpoint:
+        train_cars = set(checkpoint["train_cars"])
+        chosen = [s for s in samples if s.car_id in train_cars]
+    else:  # written before train_cars was recorded
+        log.warning("checkpoint %s does not record its training cars: --split train scores every car that is not a "
+                    "validation car, including any the run never saw", where)
+        chosen = [s for s in samples if s.car_id not in val_cars]
     if not chosen:
         raise ValueError(f"none of the checkpoint's {split} cars are in {data_dir}; use --split all "
                          "to score every image there")
@@ -97,7 +107,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     checkpoint = load_checkpoint(cfg.checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, cfg.device, cfg.precision, cfg.tta, cfg.threshold)
     data_dir = resolve_data_dir(cfg.data_dir)
-    samples, problems = select_samples(checkpoint["val_cars"], data_dir, cfg.split)
+    samples, problems = select_samples(checkpoint, data_dir, cfg.split, cfg.checkpoint)
     store = prepare_store(samples, predictor.input_size, cfg.cache_dir, data_dir, problems)
     dataset = CarvanaDataset(store, normalization=predictor.spec.normalization)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, pin_memory=predictor.device.type == "cuda")
@@ -170,7 +180,7 @@ def main(argv=None):
     cfg = parse_config(EvaluateConfig, argv, description=__doc__.splitlines()[0])
     try:
         summary = evaluate_checkpoint(cfg)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # FileNotFoundError, a folder that cannot be written...
         raise SystemExit(f"error: {err}")
     print(format_summary(summary))
     print(f"reports in {summary['out_dir']}")

@@ -17,12 +17,14 @@ from config import BUNDLED_CHECKPOINT
 from inference import Predictor
 from model import load_checkpoint, save_checkpoint
 
-KEEP = ("format_version", "arch", "model_args", "normalization", "config", "val_cars", "epoch", "global_step",
-        "metrics", "best_val_dice", "history")
+KEEP = ("format_version", "arch", "model_args", "normalization", "config", "val_cars", "train_cars", "epoch",
+        "global_step", "metrics", "best_val_dice", "history")
 
 
 def export_checkpoint(source, out) -> dict:
     """Write the slim copy of `source` to `out` atomically; returns it."""
+    if Path(out).resolve() == Path(source).resolve() and "optimizer" in load_checkpoint(source):
+        raise ValueError(f"--out {out} is the training checkpoint itself; exporting would drop its optimizer state")
     checkpoint = load_checkpoint(source)
     slim = {k: checkpoint[k] for k in KEEP if k in checkpoint}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
@@ -54,7 +56,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         export_checkpoint(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # FileNotFoundError, a folder that cannot be written...
         raise SystemExit(f"error: {err}")
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
 

@@ -123,7 +123,11 @@ def load_model(checkpoint: dict) -> nn.Module:
     """Rebuild the model a checkpoint describes, with its weights in fp32 (fp16-exported ones included)."""
     model = build_model(checkpoint["arch"], **checkpoint["model_args"])
     state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        raise ValueError(f"the checkpoint's weights do not fit its {checkpoint['arch']} {checkpoint['model_args']}: "
+                         f"{str(err).splitlines()[0]}") from None
     return model
 
 
@@ -178,6 +182,11 @@ def load_checkpoint(path) -> dict:
             or any(k not in checkpoint for k in required) \
             or any(k not in checkpoint["config"] for k in INFERENCE_OPTIONS):
         raise ValueError(f"checkpoint {path} is not a train.py checkpoint (format {CHECKPOINT_FORMAT})")
+    config = checkpoint["config"]
+    sizes_ok = all(isinstance(config[k], int) and config[k] > 0 for k in ("image_width", "image_height"))
+    if not (sizes_ok and isinstance(config["threshold"], (int, float)) and 0 < config["threshold"] < 1):
+        raise ValueError(f"checkpoint {path} holds an impossible threshold {config['threshold']!r} or input size "
+                         f"{config['image_width']!r}x{config['image_height']!r}")
     return checkpoint
 
 

@@ -6,6 +6,7 @@ import cv2
 import matplotlib.pyplot as plt
 import numpy as np
 
+from atomic import atomic_write
 from metrics import with_current_names
 
 FALSE_POSITIVE = (230, 40, 40)   # predicted car, truly background: red
@@ -30,7 +31,13 @@ def plot_training_curves(history: list, path):
     ax_dice.legend()
     ax_dice.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save(fig, path, dpi=100)
+
+
+def save(fig, path, dpi):
+    """Write a figure as a PNG atomically and free it."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=dpi)
     plt.close(fig)
 
 
@@ -61,8 +68,7 @@ def plot_prediction_panels(rows: list, path, title=""):
             ax.axis("off")
     fig.suptitle(title + "   (errors: red = false positive, blue = false negative)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.8 * len(rows))))  # leave room for the suptitle
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path, dpi=80)
 
 
 def plot_threshold_sweep(sweep: list, path):
@@ -72,5 +78,4 @@ def plot_threshold_sweep(sweep: list, path):
     ax.set(xlabel="threshold", ylabel="mean per-image Dice (full res)", title="threshold sweep")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, dpi=100)

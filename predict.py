@@ -10,6 +10,7 @@ import csv
 import glob
 import io
 import logging
+import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,21 @@ def output_paths(paths, out_dir: Path):
     return outputs
 
 
+def prepare_outputs(cfg: PredictConfig):
+    """Create --out-dir; refuse it, or the folder of --rle-csv, when it cannot be written."""
+    out_dir = Path(cfg.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out-dir {out_dir}: cannot create the folder: {err.strerror or err}")
+    folders = [("--out-dir", out_dir)] + ([("--rle-csv", Path(cfg.rle_csv).parent)] if cfg.rle_csv else [])
+    for option, folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"{option}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{option}: folder {folder} is not writable")
+
+
 def encode(ext: str, array: np.ndarray) -> bytes:
     ok, buffer = cv2.imencode(ext, array, [cv2.IMWRITE_PNG_COMPRESSION, 1] if ext == ".png" else [])
     if not ok:
@@ -120,12 +136,12 @@ def predict_files(cfg: PredictConfig):
     """
     checkpoint_path = resolve_checkpoint(cfg.checkpoint)
     log.info("predicting with %s", checkpoint_path)
-    predictor = Predictor.from_checkpoint(checkpoint_path, cfg.device, cfg.precision, cfg.tta, cfg.threshold)
     paths, problems = collect_inputs(cfg.inputs, cfg.recursive)
     failures = {p: p for p in problems}
     out_dir = Path(cfg.out_dir)
     outputs = output_paths(paths, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_outputs(cfg)  # before any work: a folder that cannot be written fails now, not after every image
+    predictor = Predictor.from_checkpoint(checkpoint_path, cfg.device, cfg.precision, cfg.tta, cfg.threshold)
     written, rles = [], {}
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
             tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
@@ -178,7 +194,7 @@ def main(argv=None):
     cfg = parse_config(PredictConfig, argv, description=__doc__.splitlines()[0])
     try:
         written, failures = predict_files(cfg)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # FileNotFoundError, an output folder that cannot be written...
         raise SystemExit(f"error: {err}")
     for message in failures.values():
         log.error("failed: %s", message)

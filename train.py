@@ -36,7 +36,7 @@ from model import build_model, checkpoint_for, load_checkpoint, save_checkpoint
 log = logging.getLogger(__name__)
 # Options that change what the weights mean or which cars are validation: a resume may not change them.
 FIXED_ON_RESUME = ("arch", "image_width", "image_height", "base_channels", "depth", "bilinear", "val_fraction",
-                   "split_seed", "max_cars")
+                   "split_seed", "max_cars", "run_name")
 # What a run saved before an option existed effectively used: today's default, except where that
 # default has changed since (resuming such a run must go on with the loss it started with).
 BEFORE_OPTION = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | {"boundary_weight": 0.0}
@@ -53,16 +53,17 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     val_cars: list              # the validation car ids, sorted
+    train_cars: list            # the training car ids, sorted
     epoch: int = 0              # epochs completed
-    step: int = 0               # optimisation steps taken
-    best_score: float = -1.0    # best validation Dice so far (full resolution where validated so)
+    global_step: int = 0        # optimisation steps taken
+    best_val_dice: float = -1.0  # best validation Dice so far (full resolution where validated so)
     history: list = field(default_factory=list)  # one record per epoch, as in metrics.jsonl
 
     def checkpoint(self, cfg: TrainConfig, resumable: bool = True) -> dict:
         """last.pt (resumable: with optimizer, scheduler and scaler) or best.pt / interrupted.pt (without)."""
-        extra = {"val_cars": self.val_cars, "epoch": self.epoch, "global_step": self.step,
-                 "best_val_dice": self.best_score, "metrics": self.history[-1] if self.history else {},
-                 "history": self.history}
+        extra = {"val_cars": self.val_cars, "train_cars": self.train_cars, "epoch": self.epoch,
+                 "global_step": self.global_step, "best_val_dice": self.best_val_dice,
+                 "metrics": self.history[-1] if self.history else {}, "history": self.history}
         if resumable:
             extra.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                          scaler=self.scaler.state_dict())
@@ -73,9 +74,9 @@ class TrainState:
         self.model.load_state_dict(checkpoint["model"])
         for name in ("optimizer", "scheduler", "scaler"):
             getattr(self, name).load_state_dict(checkpoint[name])
-        self.epoch, self.step, self.best_score = checkpoint["epoch"], checkpoint["global_step"], checkpoint["best_val_dice"]
-        self.history = checkpoint["history"]
-        log.info("resuming at epoch %d, step %d", self.epoch + 1, self.step)
+        self.epoch, self.global_step = checkpoint["epoch"], checkpoint["global_step"]
+        self.best_val_dice, self.history = checkpoint["best_val_dice"], checkpoint["history"]
+        log.info("resuming at epoch %d, step %d", self.epoch + 1, self.global_step)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def build_optimizer(cfg, model, steps_per_epoch):
 
 
 def train_one_epoch(run: Run, model, loader, state: TrainState, epoch: int):
-    """One pass over the training set, advancing state.step; returns (mean loss, images/s)."""
+    """One pass over the training set, advancing state.global_step; returns (mean loss, images/s)."""
     cfg = run.cfg
     model.train()
     total, count, start = 0.0, 0, time.perf_counter()
@@ -186,7 +187,7 @@ def train_one_epoch(run: Run, model, loader, state: TrainState, epoch: int):
             logits = model(images)
         loss = run.loss_fn(logits, masks)  # fp32: BCEDiceLoss upcasts the logits
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {state.step + 1}; stopping. "
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {state.global_step + 1}; stopping. "
                                      "last.pt still holds the last good epoch (try a lower --lr)")
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
@@ -196,7 +197,7 @@ def train_one_epoch(run: Run, model, loader, state: TrainState, epoch: int):
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.scheduler.step()
-        state.step += 1
+        state.global_step += 1
         total += loss.item() * len(images)
         count += len(images)
         bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
@@ -226,7 +227,7 @@ def run_epochs(run: Run, model, state: TrainState, loaders):
         train_loader.dataset.reseed(cfg.seed * 100_003 + epoch)
         train_loss, speed = train_one_epoch(run, model, train_loader, state, epoch)
         result = validate(run, predictor, state, loaders)
-        record = {"epoch": epoch, "step": state.step, "train_loss": train_loss, "val_loss": result["loss"]}
+        record = {"epoch": epoch, "step": state.global_step, "train_loss": train_loss, "val_loss": result["loss"]}
         if cfg.full_res_val:
             record.update(val_dice_full_res=result["full_res"]["dice"], val_iou_full_res=result["full_res"]["iou"])
         record.update(val_dice_model_res=result["model_res"]["dice"], val_iou_model_res=result["model_res"]["iou"],
@@ -239,8 +240,8 @@ def finish_epoch(run: Run, state: TrainState, record: dict):
     state.history.append(record)
     state.epoch = record["epoch"]
     score = record.get("val_dice_full_res", record["val_dice_model_res"])
-    improved = score > state.best_score
-    state.best_score = max(state.best_score, score)
+    improved = score > state.best_val_dice
+    state.best_val_dice = max(state.best_val_dice, score)
     save_checkpoint(run.dir / "last.pt", state.checkpoint(run.cfg))
     if improved:
         save_checkpoint(run.dir / "best.pt", state.checkpoint(run.cfg, resumable=False))
@@ -293,7 +294,19 @@ def check_resumable(cfg: TrainConfig, checkpoint: dict) -> dict:
                              f"this command says {getattr(cfg, key)!r}; drop the flag to continue the run")
     if "optimizer" not in checkpoint:
         raise ValueError(f"--resume {cfg.resume}: this checkpoint holds weights only; resume from last.pt")
+    if cfg.epochs < checkpoint["epoch"]:
+        raise ValueError(f"--resume {cfg.resume}: the run has done {checkpoint['epoch']} epochs already; "
+                         f"--epochs {cfg.epochs} would end it before that")
     return checkpoint
+
+
+def check_same_cars(cfg: TrainConfig, checkpoint: dict, state: "TrainState"):
+    """A resumed run must validate on the cars it validated on: the data folder found now must be the run's."""
+    if checkpoint["val_cars"] != state.val_cars:
+        raise ValueError(f"--resume {cfg.resume}: the run validated on {len(checkpoint['val_cars'])} cars "
+                         f"({', '.join(checkpoint['val_cars'][:3])}...), the data in "
+                         f"{resolve_data_dir(cfg.data_dir)} gives {len(state.val_cars)} others; point --data-dir "
+                         "at the run's data")
 
 
 def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
@@ -315,15 +328,19 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(loaders[0]))
     state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),
-                       val_cars=sorted({s.car_id for s in val_store.samples}))
+                       val_cars=sorted({s.car_id for s in val_store.samples}),
+                       train_cars=sorted({s.car_id for s in train_store.samples}))
     if resumed is not None:
+        check_same_cars(cfg, resumed, state)
         state.restore(resumed)
     # Static shapes: training crops and whole validation images get a graph each. Dynamic-shape
     # graphs of this model failed to compile in bf16 with torch 2.14 (an inductor TypeError).
     model = torch.compile(raw_model, dynamic=False) if cfg.compile else raw_model
     run = Run(cfg, run_dir, device, precision, BCEDiceLoss(cfg.bce_weight, cfg.dice_weight, cfg.boundary_weight))
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    # The options as given, minus --resume: replaying the file with --config starts a new run.
+    replay = dataclasses.asdict(dataclasses.replace(cfg, resume=""))
+    atomic.write_text(run_dir / "config.json", json.dumps(replay, indent=2) + "\n")
     log.info("run %s: %s, %s, %s with base_channels %d, depth %d (%.2f M parameters)", run_dir, device, precision,
              cfg.arch, cfg.base_channels, cfg.depth, sum(p.numel() for p in raw_model.parameters()) / 1e6)
     try:
@@ -335,16 +352,18 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
         log.warning("interrupted during epoch %d: weights of this moment in %s; resume from %s",
                     state.epoch + 1, run_dir / "interrupted.pt", run_dir / "last.pt")
         raise
-    return {"run_dir": str(run_dir), "best_val_dice": state.best_score, **state.history[-1]}
+    return {"run_dir": str(run_dir), "best_val_dice": state.best_val_dice, **state.history[-1]}
 
 
 def local_options(config_json: Path) -> dict:
-    """The machine-local paths (data_dir, cache_dir, out_dir) a run's config.json recorded; {} without one."""
+    """The folders (data_dir, cache_dir) a run's config.json recorded; {} without one."""
     try:
         values = json.loads(config_json.read_text())
     except (OSError, ValueError):
+        log.warning("%s is missing or unreadable: the data folder is --data-dir, else $CARVANA_DIR, else the default",
+                    config_json)
         return {}
-    return {k: values[k] for k in ("data_dir", "cache_dir", "out_dir") if isinstance(values, dict)
+    return {k: values[k] for k in ("data_dir", "cache_dir") if isinstance(values, dict)
             and isinstance(values.get(k), str)}
 
 

@@ -119,8 +119,12 @@ def tiny_cfg(kaggle_dir, tmp_path) -> TrainConfig:
 # ---------------------------------------------------------------- real Carvana data
 
 def real_data_dir() -> Path:
-    """Where the real Carvana files are: $CARVANA_DIR, else ../shared/carvana beside the repository."""
-    return Path(os.environ.get("CARVANA_DIR") or REPO_ROOT.parent / "shared" / "carvana").expanduser()
+    """Where the real Carvana files are: $CARVANA_DIR, else data/carvana in the repository (where the
+    README puts them), else ../shared/carvana beside it."""
+    if os.environ.get("CARVANA_DIR"):
+        return Path(os.environ["CARVANA_DIR"]).expanduser()
+    local = REPO_ROOT / "data" / "carvana"
+    return local if (local / "train").is_dir() else REPO_ROOT.parent / "shared" / "carvana"
 
 
 @pytest.fixture(scope="session")

@@ -132,6 +132,22 @@ def test_the_bundled_checkpoint_loads_in_the_current_format():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_weights_that_do_not_fit_the_architecture_are_a_clear_error():
+    checkpoint = checkpoint_of(UNet(base_channels=4, depth=2))
+    checkpoint["model_args"]["base_channels"] = 8
+    with pytest.raises(ValueError, match="weights do not fit its unet"):
+        load_model(checkpoint)
+
+
+@pytest.mark.parametrize("key, value", [("threshold", 1.5), ("threshold", "0.5"), ("image_width", 0)])
+def test_impossible_inference_options_are_refused(tmp_path, key, value):
+    checkpoint = checkpoint_of(UNet(base_channels=2, depth=1))
+    checkpoint["config"][key] = value
+    torch.save(checkpoint, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="odd.pt holds an impossible"):
+        load_checkpoint(tmp_path / "odd.pt")
+
+
 def test_load_model_gives_fp32_weights_from_bf16_ones():
     model = UNet(base_channels=4, depth=2)
     checkpoint = checkpoint_of(model)

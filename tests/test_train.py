@@ -175,6 +175,7 @@ def test_resume_after_an_interruption_is_exact(straight, data_dir, work, monkeyp
     summary = train.main(["--resume", str(run / "last.pt")])
     assert summary["epoch"] == 2
     assert_same_training(run, straight_run)
+    assert json.loads((run / "config.json").read_text())["resume"] == ""  # replaying it starts a new run
 
 
 def test_extending_a_finished_run_with_resume_matches_a_straight_run(straight, data_dir, work):
@@ -261,6 +262,31 @@ def test_resume_refuses_a_run_that_used_a_removed_option(straight, tmp_path):
     torch.save(checkpoint, run / "last.pt")
     with pytest.raises(SystemExit, match="ema_decay=0.998"):
         train.main(["--resume", str(run)])
+
+
+def test_resume_refuses_other_data_fewer_epochs_and_another_run_name(straight, plain_dir, tmp_path):
+    _, _, straight_run = straight
+    run = shutil.copytree(straight_run, tmp_path / "copy")
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(SystemExit, match="validated on 1 cars"):
+        train.main(["--resume", str(run), "--data-dir", str(plain_dir)])
+    with pytest.raises(SystemExit, match="done 2 epochs already"):
+        train.main(["--resume", str(run), "--epochs", "1"])
+    with pytest.raises(SystemExit, match="run_name"):
+        train.main(["--resume", str(run), "--run-name", "other"])
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_evaluate_split_train_is_the_cars_the_run_trained_on(data_dir, work):
+    # --max-cars 3 of the 4 cars: 2 train, 1 validates; the 4th car was never seen and is in neither split.
+    cfg = tiny_config(data_dir, work, run_name="three-cars", epochs=1, max_cars=3)
+    train.train(cfg)
+    checkpoint = Path(cfg.out_dir) / "three-cars" / "best.pt"
+    assert len(load_checkpoint(checkpoint)["train_cars"]) == 2
+    summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), data_dir=str(data_dir),
+                                                          split="train", cache_dir="", out_dir=str(work / "tc"),
+                                                          device="cpu", worst_k=1, num_samples=1))
+    assert summary["full_res"]["images"] == 6 and summary["cars"] == 2
 
 
 def test_train_refuses_to_reuse_a_run_folder(straight):
@@ -475,6 +501,17 @@ def test_predict_refuses_to_overwrite_an_input(trained, photos):
     with pytest.raises(SystemExit, match="refusing to write over input"):
         predict.main([str(photos), "--out-dir", str(photos), "--checkpoint", str(run / "best.pt"), "--device", "cpu"])
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+
+def test_predict_refuses_outputs_it_cannot_write_before_any_work(trained, photos, tmp_path, monkeypatch):
+    _, _, run = trained
+    monkeypatch.setattr(predict.Predictor, "from_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "a-file").write_text("x")
+    for extra, message in ((["--out-dir", str(tmp_path / "a-file")], "--out-dir .*a-file: cannot create the folder"),
+                           (["--out-dir", str(tmp_path / "o"), "--rle-csv", str(tmp_path / "no" / "s.csv")],
+                            "--rle-csv: folder .*no does not exist")):
+        with pytest.raises(SystemExit, match=message):
+            predict.main([str(photos), "--checkpoint", str(run / "best.pt"), "--device", "cpu", *extra])
 
 
 def test_predict_refuses_two_inputs_with_one_output_name(trained, photos, tmp_path):
