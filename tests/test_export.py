@@ -1,6 +1,7 @@
 """Protects export.py: the shipped model is plain data, fp16, smaller, and predicts like its source."""
 from pathlib import Path
 
+import pytest
 import torch
 
 import export
@@ -23,3 +24,12 @@ def test_export_writes_a_slim_fp16_checkpoint_that_predicts_the_same(tmp_path):
         a = load_model(load_checkpoint(run / "last.pt")).eval()(images)
         b = load_model(load_checkpoint(out)).eval()(images)
     assert torch.allclose(a, b, atol=0.05)
+
+
+def test_export_refuses_to_write_over_the_training_checkpoint_it_reads(tmp_path):
+    data = write_kaggle_dataset(tmp_path / "data")
+    run = Path(train.train(tiny_config(data, tmp_path, epochs=1))["run_dir"])
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(SystemExit, match="optimizer state"):
+        export.main([str(run / "last.pt"), "--out", str(run / "last.pt")])
+    assert (run / "last.pt").read_bytes() == before
