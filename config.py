@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,10 @@ class TrainConfig:
     image_height: int = _opt(320, "height in pixels of the images the model sees (a multiple of 2**depth)")
     val_fraction: float = _opt(0.125, "fraction of cars held out for validation (split by car id)")
     split_seed: int = _opt(0, "seed of the car-id split; independent of --seed")
+    group_by: str = _opt("car-id", "how images are grouped so near-duplicates stay on one side of the split: car-id "
+                                   "(the name without a trailing _<number>, Kaggle's <car_id>_<NN>), none (each "
+                                   "image alone), or a regular expression whose first group (else whole match) in "
+                                   "the name is the group")
     max_cars: int = _opt(0, "use only this many cars (0 = all); for quick runs")
     cache_dir: str = _opt(".cache", "where decoded, resized samples are kept between runs ('' = RAM only)")
     augment: str = _opt("flip", "training augmentation: none; flip (mirror + color jitter, no resampling); "
@@ -76,6 +81,8 @@ class TrainConfig:
     def __post_init__(self):
         _check(self, "val_fraction", 0 < self.val_fraction < 1, "must be between 0 and 1")
         _check(self, "max_cars", self.max_cars >= 0, "must be >= 0")
+        _check(self, "group_by", self.group_by in ("car-id", "none") or _is_regex(self.group_by),
+               "must be car-id, none or a regular expression")
         _check(self, "augment", self.augment in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}")
         _check(self, "base_channels", self.base_channels >= 1, "must be >= 1")
         _check(self, "depth", 1 <= self.depth <= 6, "must be between 1 and 6")
@@ -149,6 +156,14 @@ class PredictConfig:
         _check(self, "inputs", bool(self.inputs), "give at least one image file, folder or glob")
         _check_threshold(self)
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
+
+
+def _is_regex(text: str) -> bool:
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True
 
 
 def _check_threshold(cfg):

@@ -5,11 +5,13 @@ that predict.py runs exactly the code training ran. Decoding a full-size Carvana
 a training step of a small U-Net, so every sample is decoded once into a `SampleStore` (RAM, and
 optionally a disk cache keyed by file identity and size) and later epochs never touch the files.
 """
+import dataclasses
 import hashlib
 import logging
 import os
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,19 +102,78 @@ def find_samples(data_dir) -> tuple[list, list]:
     return samples, problems
 
 
-def split_by_car(samples, val_fraction: float, seed: int):
-    """Deterministic (train, val) split with no car on both sides.
+def group_of(name: str, group_by: str = "car-id") -> str:
+    """The split group of an image name (its stem).
+
+    car-id: the name without a trailing _<number> (Kaggle's <car_id>_<NN>); none: the name itself;
+    anything else is a regular expression searched in the name: its first group (else the whole
+    match) names the group, and a name it does not match is its own group.
+    """
+    if group_by == "car-id":
+        return car_id_of(name)
+    if group_by == "none":
+        return name
+    match = re.search(group_by, name)
+    if match is None:
+        return name
+    return match.group(1) if match.re.groups else match.group(0)
+
+
+def regroup(samples, group_by: str):
+    """The samples with their group (`car_id`) set by `group_by`; find_samples groups by car-id."""
+    if group_by == "car-id":
+        return samples
+    return [dataclasses.replace(s, car_id=group_of(s.name, group_by)) for s in samples]
+
+
+def grouping_rule(group_by: str) -> str:
+    """How --group-by groups names, in words, for messages."""
+    if group_by == "car-id":
+        return ("by car id (--group-by car-id: the name without a trailing _<number>, so DSC_2001 and DSC_2002 "
+                "are one group 'DSC')")
+    if group_by == "none":
+        return "image by image (--group-by none)"
+    return f"by the regular expression --group-by {group_by!r}"
+
+
+def split_by_car(samples, val_fraction: float, seed: int, group_by: str = "car-id"):
+    """Deterministic (train, val) split with no car (group) on both sides; `group_by` only words the errors.
 
     Cars are ranked by a seeded hash of their id, not by their position in a listing, so the split
     does not depend on file order, and adding cars rarely moves an old car across the split.
     """
     cars = sorted({s.car_id for s in samples})
     if len(cars) < 2:
-        raise ValueError(f"need at least 2 cars to split train/validation by car, found {len(cars)}")
+        raise ValueError(f"need at least 2 cars to split train/validation by car, found {len(cars)}: the "
+                         f"{len(samples)} images are grouped {grouping_rule(group_by)}; use --group-by none to "
+                         "split image by image, or a regular expression that finds each object's id in the name")
     rank = sorted(cars, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
     n_val = min(len(cars) - 1, max(1, round(len(cars) * val_fraction)))
     val_cars = set(rank[:n_val])
     return [s for s in samples if s.car_id not in val_cars], [s for s in samples if s.car_id in val_cars]
+
+
+def describe_split(train, val, val_fraction: float, group_by: str = "car-id"):
+    """(one log line on the split, [warnings]) for a split whose result differs from what was asked.
+
+    Warns when the share of validation images is far from val_fraction (off by more than half of it,
+    and by more than 5 points) or when one group holds more than half of all images.
+    """
+    total, achieved = len(train) + len(val), len(val) / (len(train) + len(val))
+    sizes = Counter(s.car_id for s in list(train) + list(val))
+    line = (f"split {grouping_rule(group_by)}: {len({s.car_id for s in train})} groups ({len(train)} images) "
+            f"train, {len({s.car_id for s in val})} groups ({len(val)} images) validate: {achieved:.1%} of the "
+            f"images validate (--val-fraction {val_fraction})")
+    warnings = []
+    if abs(achieved - val_fraction) > max(0.05, val_fraction / 2):
+        warnings.append(f"{achieved:.1%} of the images validate, not the {val_fraction:.1%} --val-fraction asks: "
+                        f"the {len(sizes)} groups are too few or too uneven for it; images are grouped "
+                        f"{grouping_rule(group_by)}")
+    biggest, count = sizes.most_common(1)[0]
+    if len(sizes) > 1 and count > total / 2:
+        warnings.append(f"one group, {biggest!r}, holds {count} of the {total} images; images are grouped "
+                        f"{grouping_rule(group_by)}: check that this is what you meant")
+    return line, warnings
 
 
 # ---------------------------------------------------------------- decoding and preprocessing

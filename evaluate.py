@@ -24,7 +24,7 @@ from tqdm import tqdm
 import atomic
 import plots
 from config import EvaluateConfig, parse_config, resolve_checkpoint, resolve_data_dir
-from dataset import CarvanaDataset, find_samples, prepare_store
+from dataset import CarvanaDataset, find_samples, prepare_store, regroup
 from inference import Predictor
 from metrics import SegmentationMeter
 from model import load_checkpoint
@@ -79,6 +79,7 @@ def select_samples(checkpoint: dict, data_dir, split, where=""):
     samples, problems = find_samples(data_dir)
     if split == "all":
         return samples, problems
+    samples = regroup(samples, checkpoint["config"].get("group_by", "car-id"))  # the groups its split was of
     if "val_cars" not in checkpoint:
         raise ValueError(f"checkpoint {where} records no validation cars; use --split all")
     val_cars = set(checkpoint["val_cars"])

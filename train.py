@@ -27,7 +27,8 @@ import plots
 import runtime
 from batchnorm import recompute_batchnorm
 from config import TrainConfig, parse_config, resolve_data_dir
-from dataset import CarvanaDataset, build_transform, find_samples, prepare_store, split_by_car
+from dataset import (CarvanaDataset, build_transform, describe_split, find_samples, prepare_store, regroup,
+                     split_by_car)
 from evaluate import evaluate
 from inference import InferenceSpec, Predictor, TorchRunner
 from losses import BCEDiceLoss
@@ -36,7 +37,7 @@ from model import build_model, checkpoint_for, load_checkpoint, save_checkpoint
 log = logging.getLogger(__name__)
 # Options that change what the weights mean or which cars are validation: a resume may not change them.
 FIXED_ON_RESUME = ("arch", "image_width", "image_height", "base_channels", "depth", "bilinear", "val_fraction",
-                   "split_seed", "max_cars", "run_name")
+                   "split_seed", "group_by", "max_cars", "run_name")
 # What a run saved before an option existed effectively used: today's default, except where that
 # default has changed since (resuming such a run must go on with the loss it started with).
 BEFORE_OPTION = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | {"boundary_weight": 0.0}
@@ -105,10 +106,15 @@ def build_stores(cfg: TrainConfig):
     """Find, split (by car) and decode all samples, failing before training on any problem."""
     data_dir = resolve_data_dir(cfg.data_dir)
     samples, problems = find_samples(data_dir)
+    samples = regroup(samples, cfg.group_by)
     if cfg.max_cars:
         keep = set(sorted({s.car_id for s in samples})[:cfg.max_cars])
         samples = [s for s in samples if s.car_id in keep]
-    train_samples, val_samples = split_by_car(samples, cfg.val_fraction, cfg.split_seed)
+    train_samples, val_samples = split_by_car(samples, cfg.val_fraction, cfg.split_seed, cfg.group_by)
+    line, warnings = describe_split(train_samples, val_samples, cfg.val_fraction, cfg.group_by)
+    log.info("%s", line)
+    for warning in warnings:
+        log.warning("%s", warning)
     size = (cfg.image_width, cfg.image_height)
     store = prepare_store(train_samples + val_samples, size, cfg.cache_dir, data_dir, problems)
     n = len(train_samples)

@@ -108,6 +108,7 @@ def test_bool_flag_beats_file(tmp_path):
     (["--threshold", "1"], "threshold"),
     (["--bce-weight", "0", "--dice-weight", "0"], "bce_weight"),
     (["--run-name", "a/b"], "run_name"),
+    (["--group-by", "(unclosed"], "group_by"),
     (["--crop-width", "200", "--crop-height", "160"], "crop_width"),   # not a multiple of 2**5
     (["--crop-width", "512", "--crop-height", "160"], "crop_width"),   # wider than --width 480
     (["--crop-width", "0"], "crop_width"),                             # the height is still 256

@@ -10,8 +10,8 @@ from PIL import Image
 
 import dataset
 from conftest import FAKE_CARS, IMAGE_SIZE, MODEL_SIZE, PLAIN_CARS, VIEWS, car_picture, save_palette_gif
-from dataset import (CarvanaDataset, DatasetError, Sample, build_transform, car_id_of, find_samples, load_image,
-                     load_mask, load_samples, prepare_store, shrink_mask, split_by_car)
+from dataset import (CarvanaDataset, DatasetError, Sample, build_transform, car_id_of, describe_split, find_samples,
+                     group_of, load_image, load_mask, load_samples, prepare_store, regroup, shrink_mask, split_by_car)
 
 
 # ---------------------------------------------------------------- finding and pairing files
@@ -119,6 +119,44 @@ def test_split_keeps_at_least_one_car_on_each_side():
         assert len({s.car_id for s in train}) == 1 and len({s.car_id for s in val}) == 1
     with pytest.raises(ValueError, match="at least 2 cars"):
         split_by_car(fake_samples(n_cars=1), 0.5, seed=0)
+
+
+@pytest.mark.parametrize("name, group_by, group", [
+    ("DSC_2001", "car-id", "DSC"), ("DSC_2001", "none", "DSC_2001"),
+    ("carA_front_01", r"^([^_]+)_", "carA"), ("IMG_1007", r"\d+", "1007"), ("photo", r"^car(\d+)", "photo")])
+def test_group_of_follows_the_rule_named_by_group_by(name, group_by, group):
+    assert group_of(name, group_by) == group
+
+
+def camera_samples(prefixes=("DSC", "IMG"), per_prefix=12):
+    names = [f"{p}_{2001 + i}" for p in prefixes for i in range(per_prefix)]
+    return [Sample(Path(n + ".jpg"), Path(n + ".png"), n, car_id_of(n)) for n in names]
+
+
+def test_camera_names_under_the_car_id_rule_make_a_split_that_is_reported_and_warned_about():
+    samples = camera_samples()  # 24 photos, "cars" DSC and IMG
+    train, val = split_by_car(samples, 0.125, seed=0)
+    line, warnings = describe_split(train, val, 0.125)
+    assert "1 groups (12 images) train, 1 groups (12 images) validate: 50.0% of the images validate" in line
+    assert len(warnings) == 1 and "50.0% of the images validate, not the 12.5%" in warnings[0]
+    assert "--group-by car-id" in warnings[0]
+    # each photo alone: 3 of the 24 validate, as asked, and nothing to warn about
+    regrouped = regroup(samples, "none")
+    train, val = split_by_car(regrouped, 0.125, seed=0)
+    assert (len(train), len(val)) == (21, 3)
+    assert describe_split(train, val, 0.125)[1] == []
+
+
+def test_one_group_holding_most_images_is_warned_about():
+    samples = camera_samples(("IMG",), 20) + camera_samples(("a", "b", "c", "d"), 1)
+    train, val = split_by_car(samples, 0.25, seed=1)
+    warnings = describe_split(train, val, 0.25)[1]
+    assert any("one group, 'IMG', holds 20 of the 24 images" in w for w in warnings)
+
+
+def test_a_split_error_explains_the_grouping_rule():
+    with pytest.raises(ValueError, match="at least 2 cars.*24 images are grouped by car id.*--group-by none"):
+        split_by_car(camera_samples(("IMG",), 24), 0.125, seed=0)
 
 
 # ---------------------------------------------------------------- masks

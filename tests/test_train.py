@@ -136,6 +136,20 @@ def test_train_on_the_plain_layout(plain_dir, tmp_path):
     assert len(checkpoint["val_cars"]) == 1 and checkpoint["val_cars"][0].startswith("bbbbbbbbbb")
 
 
+def test_group_by_none_splits_image_by_image_and_evaluate_scores_that_split(plain_dir, tmp_path):
+    # 2 cars x 3 views: grouped by car id, one car validates; image by image, 1 of the 6 images does
+    # (round(6 * 0.125) = 1), and evaluate.py rebuilds the same groups from the checkpoint.
+    summary = train.train(tiny_config(plain_dir, tmp_path, epochs=1, group_by="none"))
+    checkpoint = load_checkpoint(Path(summary["run_dir"]) / "best.pt")
+    assert len(checkpoint["val_cars"]) == 1 and len(checkpoint["train_cars"]) == 5
+    assert checkpoint["val_cars"][0].startswith("bbbbbbbbbb") and checkpoint["val_cars"][0][-3] == "_"
+    result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(Path(summary["run_dir"]) / "best.pt"),
+                                                         data_dir=str(plain_dir), cache_dir="", device="cpu",
+                                                         out_dir=str(tmp_path / "eval"), worst_k=1, num_samples=1))
+    assert result["full_res"]["images"] == 1 and result["full_res"]["dice"] == pytest.approx(
+        checkpoint["metrics"]["val_dice_full_res"], abs=1e-6)
+
+
 def test_bf16_autocast_training_keeps_fp32_weights(tiny_cfg):
     summary = train.train(dataclasses.replace(tiny_cfg, precision="bf16", epochs=1))
     assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["val_loss"])
