@@ -96,6 +96,13 @@ class TrainConfig:
                    f"must be 0 or a positive multiple of 2**depth = {step} up to the input size {full}")
         _check(self, "crop_width", (self.crop_width == 0) == (self.crop_height == 0),
                "crop_width and crop_height must be both set or both 0")
+        # BatchNorm cannot train on one value per channel: the fewest are at the bottleneck.
+        cells, shape = self.bottleneck_cells(), self.training_input()
+        why = (f"the {shape[0]}x{shape[1]} training input shrinks to a 1x1 bottleneck at --depth {self.depth}, "
+               "where BatchNorm needs more than one value per channel: use --batch-size 2 or more, a larger "
+               "input (--crop-width/--crop-height, --image-width/--image-height) or a smaller --depth")
+        _check(self, "batch_size", self.batch_size * cells > 1, "must be 2 or more: " + why)
+        _check(self, "precise_bn", self.precise_bn != 1 or cells > 1, "must be 0 or 2 or more: " + why)
         _check(self, "epochs", self.epochs >= 1, "must be >= 1")
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
         _check(self, "lr", self.lr > 0, "must be > 0")
@@ -112,6 +119,16 @@ class TrainConfig:
         _check(self, "num_workers", self.num_workers >= 0, "must be >= 0")
         _check(self, "run_name", "/" not in self.run_name and self.run_name not in (".", ".."),
                "must be a plain folder name")
+
+
+    def training_input(self) -> tuple:
+        """(width, height) of the images a training step sees: the crops, else the whole images."""
+        return (self.crop_width or self.image_width, self.crop_height or self.image_height)
+
+    def bottleneck_cells(self) -> int:
+        """Pixels per channel at the network's coarsest level for one training image."""
+        width, height = self.training_input()
+        return (width >> self.depth) * (height >> self.depth)
 
 
 @dataclass

@@ -59,6 +59,7 @@ class TrainState:
     global_step: int = 0        # optimisation steps taken
     best_val_dice: float = -1.0  # best validation Dice so far (full resolution where validated so)
     history: list = field(default_factory=list)  # one record per epoch, as in metrics.jsonl
+    pending: dict | None = None  # the last epoch's training figures while it is not yet validated
 
     def checkpoint(self, cfg: TrainConfig, resumable: bool = True) -> dict:
         """last.pt (resumable: with optimizer, scheduler and scaler) or best.pt / interrupted.pt (without)."""
@@ -67,7 +68,7 @@ class TrainState:
                  "metrics": self.history[-1] if self.history else {}, "history": self.history}
         if resumable:
             extra.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                         scaler=self.scaler.state_dict())
+                         scaler=self.scaler.state_dict(), pending=self.pending)
         return checkpoint_for(self.model, dataclasses.asdict(cfg), **extra)
 
     def restore(self, checkpoint: dict):
@@ -77,6 +78,7 @@ class TrainState:
             getattr(self, name).load_state_dict(checkpoint[name])
         self.epoch, self.global_step = checkpoint["epoch"], checkpoint["global_step"]
         self.best_val_dice, self.history = checkpoint["best_val_dice"], checkpoint["history"]
+        self.pending = checkpoint.get("pending")
         log.info("resuming at epoch %d, step %d", self.epoch + 1, self.global_step)
 
 
@@ -158,8 +160,11 @@ def batchnorm_batches(cfg, train_set: CarvanaDataset):
     dataset.reseed(cfg.seed)
     count = min(cfg.precise_bn, len(dataset))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:count].tolist()
-    for start in range(0, count, cfg.batch_size):
-        yield torch.stack([dataset[i][0] for i in chosen[start:start + cfg.batch_size]])
+    starts = list(range(0, count, cfg.batch_size))
+    if len(starts) > 1 and count - starts[-1] == 1:  # never a batch of one: the last image joins the batch before
+        starts.pop()
+    for start, end in zip(starts, starts[1:] + [count]):
+        yield torch.stack([dataset[i][0] for i in chosen[start:end]])
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -226,25 +231,36 @@ def run_epochs(run: Run, model, state: TrainState, loaders):
     # Validation runs the model being trained (compiled, if it is) through the one inference path.
     predictor = Predictor(TorchRunner(model, run.device, run.precision, cfg.channels_last),
                           InferenceSpec.from_config(dataclasses.asdict(cfg), state.model.normalization))
+    if state.pending is not None:  # resumed between an epoch's training and its validation
+        finish_epoch(run, predictor, state, loaders)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         start = time.perf_counter()
         # Everything random in an epoch derives from (seed, epoch), so a resumed run replays it exactly.
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         train_loader.dataset.reseed(cfg.seed * 100_003 + epoch)
         train_loss, speed = train_one_epoch(run, model, train_loader, state, epoch)
-        result = validate(run, predictor, state, loaders)
-        record = {"epoch": epoch, "step": state.global_step, "train_loss": train_loss, "val_loss": result["loss"]}
-        if cfg.full_res_val:
-            record.update(val_dice_full_res=result["full_res"]["dice"], val_iou_full_res=result["full_res"]["iou"])
-        record.update(val_dice_model_res=result["model_res"]["dice"], val_iou_model_res=result["model_res"]["iou"],
-                      lr=state.scheduler.get_last_lr()[0], images_per_s=speed, seconds=time.perf_counter() - start)
-        finish_epoch(run, state, record)
+        state.epoch, state.pending = epoch, {"epoch": epoch, "step": state.global_step, "train_loss": train_loss,
+                                             "images_per_s": speed, "train_seconds": time.perf_counter() - start}
+        # The trained epoch is saved before validation, so a failure or a kill there never loses it:
+        # a resume validates it first (recomputed BatchNorm statistics and all, so exactly as here).
+        save_checkpoint(run.dir / "last.pt", state.checkpoint(cfg))
+        finish_epoch(run, predictor, state, loaders)
 
 
-def finish_epoch(run: Run, state: TrainState, record: dict):
-    """Record an epoch: last.pt, best.pt if it is the best so far, metrics.jsonl, curves.png, the log line."""
+def finish_epoch(run: Run, predictor: Predictor, state: TrainState, loaders):
+    """Validate the epoch just trained, then record it: last.pt, best.pt if it is the best so far,
+    metrics.jsonl, curves.png and the log line."""
+    start, pending = time.perf_counter(), state.pending
+    result = validate(run, predictor, state, loaders)
+    record = {"epoch": pending["epoch"], "step": pending["step"], "train_loss": pending["train_loss"],
+              "val_loss": result["loss"]}
+    if run.cfg.full_res_val:
+        record.update(val_dice_full_res=result["full_res"]["dice"], val_iou_full_res=result["full_res"]["iou"])
+    record.update(val_dice_model_res=result["model_res"]["dice"], val_iou_model_res=result["model_res"]["iou"],
+                  lr=state.scheduler.get_last_lr()[0], images_per_s=pending["images_per_s"],
+                  seconds=pending["train_seconds"] + time.perf_counter() - start)
     state.history.append(record)
-    state.epoch = record["epoch"]
+    state.pending = None
     score = record.get("val_dice_full_res", record["val_dice_model_res"])
     improved = score > state.best_val_dice
     state.best_val_dice = max(state.best_val_dice, score)
@@ -331,6 +347,10 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     train_store, val_store = build_stores(cfg)
+    if len(train_store) == 1 and cfg.bottleneck_cells() == 1:
+        raise ValueError(f"one training image: every batch would hold one image, and the "
+                         f"{cfg.training_input()[0]}x{cfg.training_input()[1]} input shrinks to a 1x1 bottleneck at "
+                         f"--depth {cfg.depth}, where BatchNorm cannot train; use more cars or a larger input")
     loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(loaders[0]))
     state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),
@@ -356,7 +376,7 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
         # could not replay the epoch exactly. The weights of the moment go to interrupted.pt.
         save_checkpoint(run_dir / "interrupted.pt", state.checkpoint(cfg, resumable=False))
         log.warning("interrupted during epoch %d: weights of this moment in %s; resume from %s",
-                    state.epoch + 1, run_dir / "interrupted.pt", run_dir / "last.pt")
+                    state.epoch + (state.pending is None), run_dir / "interrupted.pt", run_dir / "last.pt")
         raise
     return {"run_dir": str(run_dir), "best_val_dice": state.best_val_dice, **state.history[-1]}
 

@@ -109,6 +109,10 @@ def test_bool_flag_beats_file(tmp_path):
     (["--bce-weight", "0", "--dice-weight", "0"], "bce_weight"),
     (["--run-name", "a/b"], "run_name"),
     (["--group-by", "(unclosed"], "group_by"),
+    # BatchNorm cannot train on one value per channel: 32x32 at depth 5 is a 1x1 bottleneck
+    (["--image-width", "32", "--image-height", "32", "--crop-width", "0", "--crop-height", "0", "--batch-size", "1"],
+     "batch_size"),
+    (["--crop-width", "32", "--crop-height", "32", "--precise-bn", "1"], "precise_bn"),
     (["--crop-width", "200", "--crop-height", "160"], "crop_width"),   # not a multiple of 2**5
     (["--crop-width", "512", "--crop-height", "160"], "crop_width"),   # wider than --width 480
     (["--crop-width", "0"], "crop_width"),                             # the height is still 256

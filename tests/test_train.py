@@ -16,7 +16,7 @@ import predict
 import train
 from config import EvaluateConfig, PredictConfig, TrainConfig, parse_config
 from conftest import IMAGE_SIZE, MODEL_SIZE, car_picture, tiny_config, write_kaggle_dataset
-from dataset import find_samples, image_to_tensor, load_image, split_by_car
+from dataset import CarvanaDataset, find_samples, image_to_tensor, load_image, split_by_car
 from inference import Predictor
 from losses import BCEDiceLoss
 from model import LOCAL_OPTIONS, UNet, load_checkpoint, load_model
@@ -301,6 +301,40 @@ def test_evaluate_split_train_is_the_cars_the_run_trained_on(data_dir, work):
                                                           split="train", cache_dir="", out_dir=str(work / "tc"),
                                                           device="cpu", worst_k=1, num_samples=1))
     assert summary["full_res"]["images"] == 6 and summary["cars"] == 2
+
+
+def test_a_failure_in_validation_keeps_the_trained_epoch_and_resume_validates_it(straight, data_dir, work,
+                                                                                 monkeypatch):
+    _, _, straight_run = straight
+    cfg = tiny_config(data_dir, work, run_name="failed-validation")
+    real_evaluate = train.evaluate
+
+    def fail_in_epoch_2(predictor, loader, *args, **kwargs):
+        if len(calls) == 1:
+            raise RuntimeError("validation failed")
+        calls.append(1)
+        return real_evaluate(predictor, loader, *args, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(train, "evaluate", fail_in_epoch_2)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        train.train(cfg)
+    run = Path(cfg.out_dir) / "failed-validation"
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and last["pending"]["epoch"] == 2 and len(last["history"]) == 1  # trained, not lost
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    summary = train.main(["--resume", str(run)])
+    assert summary["epoch"] == 2 and load_checkpoint(run / "last.pt")["pending"] is None
+    assert_same_training(run, straight_run)
+
+
+def test_precise_bn_never_forms_a_batch_of_one(straight):
+    cfg, _, _ = straight
+    store = train.build_stores(cfg)[0]  # 9 training images
+    dataset = CarvanaDataset(store)
+    for batch_size, precise_bn, sizes in ((8, 64, [9]), (4, 5, [5]), (4, 9, [4, 5]), (4, 8, [4, 4])):
+        options = dataclasses.replace(cfg, batch_size=batch_size, precise_bn=precise_bn)
+        assert [len(b) for b in train.batchnorm_batches(options, dataset)] == sizes
 
 
 def test_train_refuses_to_reuse_a_run_folder(straight):
