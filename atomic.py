@@ -48,6 +48,22 @@ def _fsync_folder(folder: Path):
         os.close(fd)
 
 
+def folder_problem(folder) -> str | None:
+    """Why files could not be written in `folder` (or in the folders that would be created for it); None if they can.
+
+    Checks the nearest existing ancestor: it must be a folder, writable and searchable (a read-only
+    mount, missing permissions, or a file where a folder should be all show here, before any work).
+    """
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def write_bytes(path, data: bytes):
     """Write `data` to `path` atomically."""
     with atomic_write(path) as f:

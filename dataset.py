@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from atomic import atomic_write  # noqa: E402
+from atomic import atomic_write, folder_problem  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -393,23 +393,47 @@ def _save_cached(path: Path, image, mask, full_mask, full_size):
         np.savez(f, image=image, mask=mask, full_mask=full_mask, full_size=np.array(full_size))
 
 
+def _usable_cache(cache_dir):
+    """The cache folder, created; None (RAM only, with a warning) when it cannot be written."""
+    if not cache_dir:
+        return None
+    problem = folder_problem(cache_dir)
+    if problem is None:
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            problem = str(err)
+    if problem is not None:
+        log.warning("--cache-dir %s cannot be written (%s): keeping decoded samples in memory only", cache_dir, problem)
+        return None
+    return Path(cache_dir)
+
+
+def _is_cached(path, item) -> bool:
+    """Write a decoded sample to the cache; False (with a warning) when that fails."""
+    try:
+        _save_cached(path, *item)
+    except OSError as err:
+        log.warning("the sample cache cannot be written (%s): keeping decoded samples in memory only", err)
+        return False
+    return True
+
+
 def load_samples(samples, size, cache_dir="", desc="decoding") -> tuple:
     """Decode (or read from the cache) every sample; returns (store, problems), checking them all."""
     store, problems = SampleStore(size), []
-    cache = Path(cache_dir) if cache_dir else None
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
+    cache = _usable_cache(cache_dir)
     for sample in tqdm(samples, desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=None):
         try:
             path = _cache_path(cache, sample, size) if cache is not None else None
             item = _load_cached(path) if path is not None and path.exists() else None
             if item is None:
                 item = decode_sample(sample, size)
-                if path is not None:
-                    _save_cached(path, *item)
         except (ValueError, OSError) as err:
             problems.append(str(err))
             continue
+        if path is not None and not _is_cached(path, item):
+            cache = None  # a cache that cannot be written (full disk...) is dropped: the samples stay in RAM
         store.add(sample, *item)
         if item[1].max() == 0 or item[1].min() == 255:  # cheap pre-check on the small mask
             full = store.full_mask(len(store) - 1)

@@ -105,6 +105,9 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or str(Path(cfg.checkpoint).parent / f"eval-{cfg.split}"))
     log.info("evaluating %s", cfg.checkpoint)
+    problem = atomic.folder_problem(cfg.out_dir)
+    if problem is not None:  # before scoring, not after
+        raise ValueError(f"--out-dir {cfg.out_dir}: reports cannot be written there: {problem}")
     checkpoint = load_checkpoint(cfg.checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, cfg.device, cfg.precision, cfg.tta, cfg.threshold)
     data_dir = resolve_data_dir(cfg.data_dir)
@@ -119,12 +122,17 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
                "tta": cfg.tta, "model_size": list(predictor.input_size), "cars": len({s.car_id for s in store.samples}),
                "seconds": round(time.perf_counter() - start, 1), "full_res": result["full_res"],
                "model_res": result["model_res"], "sweep": result["sweep"]}
-    write_reports(Path(cfg.out_dir), summary, result["records"], cfg.worst_k)
-    draw_examples(predictor, dataset, result["records"], cfg)
+    ranked = sorted(result["records"], key=lambda r: r["dice_full_res"])
+    summary["worst"] = [{"name": r["name"], "dice_full_res": r["dice_full_res"]} for r in ranked[:cfg.worst_k]]
+    try:
+        write_reports(Path(cfg.out_dir), summary, result["records"])
+        draw_examples(predictor, dataset, result["records"], cfg)
+    except OSError as err:  # the scores are still worth having: main prints them, then fails
+        summary["report_error"] = str(err)
     return summary
 
 
-def write_reports(out_dir: Path, summary: dict, records: list, worst_k: int):
+def write_reports(out_dir: Path, summary: dict, records: list):
     """per_image.csv (worst first), summary.json and threshold_sweep.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     records = sorted(records, key=lambda r: r["dice_full_res"])
@@ -134,7 +142,6 @@ def write_reports(out_dir: Path, summary: dict, records: list, worst_k: int):
     writer.writeheader()
     writer.writerows(records)
     atomic.write_text(out_dir / "per_image.csv", text.getvalue())
-    summary["worst"] = [{"name": r["name"], "dice_full_res": r["dice_full_res"]} for r in records[:worst_k]]
     atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     plots.plot_threshold_sweep(summary["sweep"], out_dir / "threshold_sweep.png")
 
@@ -184,6 +191,8 @@ def main(argv=None):
     except (OSError, ValueError) as err:  # FileNotFoundError, a folder that cannot be written...
         raise SystemExit(f"error: {err}")
     print(format_summary(summary))
+    if "report_error" in summary:
+        raise SystemExit(f"error: the reports could not be written: {summary['report_error']}")
     print(f"reports in {summary['out_dir']}")
     return summary
 

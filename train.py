@@ -340,6 +340,10 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device)
     run_dir = run_dir_for(cfg)
+    problem = atomic.folder_problem(run_dir)
+    if problem is not None:  # before any work, not after decoding the whole data set
+        raise ValueError(f"{'--resume' if cfg.resume else '--out-dir'} {cfg.resume or cfg.out_dir}: the run folder "
+                         f"{run_dir} cannot be written: {problem}")
     if cfg.resume:  # fail fast, before decoding
         resumed = check_resumable(cfg, resumed if resumed is not None else load_checkpoint(resume_path(cfg.resume)))
     seed_everything(cfg.seed)

@@ -337,6 +337,47 @@ def test_precise_bn_never_forms_a_batch_of_one(straight):
         assert [len(b) for b in train.batchnorm_batches(options, dataset)] == sizes
 
 
+def test_output_locations_that_cannot_be_written_are_refused_before_any_work(tiny_cfg, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setattr(train, "build_stores", lambda cfg: pytest.fail("the data was decoded"))
+    with pytest.raises(ValueError, match="--out-dir .*a-file is not a folder"):
+        train.train(dataclasses.replace(tiny_cfg, out_dir=str(blocker / "runs")))
+    monkeypatch.undo()
+    # a cache that cannot be written is not an error: the run keeps its samples in memory
+    summary = train.train(dataclasses.replace(tiny_cfg, epochs=1, cache_dir=str(blocker / "cache")))
+    assert summary["epoch"] == 1 and "keeping decoded samples in memory only" in caplog.text
+
+
+def test_a_cache_write_failure_midway_keeps_every_sample(kaggle_dir, tmp_path, monkeypatch, caplog):
+    import dataset
+    samples, _ = find_samples(kaggle_dir)
+    monkeypatch.setattr(dataset, "_save_cached", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    store, problems = dataset.load_samples(samples, MODEL_SIZE, str(tmp_path / "cache"))
+    assert problems == [] and len(store) == len(samples)
+    assert caplog.text.count("cannot be written") == 1  # warned once, then RAM only
+
+
+def test_evaluate_refuses_an_unwritable_out_dir_first_and_prints_scores_if_reports_fail(trained, data_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    _, _, run = trained
+    (tmp_path / "a-file").write_text("x")
+    argv = ["--checkpoint", str(run / "best.pt"), "--data-dir", str(data_dir), "--device", "cpu", "--cache-dir", ""]
+    real_evaluate = evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("scored before checking --out-dir"))
+    with pytest.raises(SystemExit, match="--out-dir .*a-file is not a folder"):
+        evaluate.main(argv + ["--out-dir", str(tmp_path / "a-file" / "eval")])
+    monkeypatch.setattr(evaluate, "evaluate", real_evaluate)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_reports", full_disk)
+    with pytest.raises(SystemExit, match="reports could not be written: .*No space left"):
+        evaluate.main(argv + ["--out-dir", str(tmp_path / "eval")])
+    assert "full resolution   mean Dice" in capsys.readouterr().out  # the scores were printed all the same
+
+
 def test_train_refuses_to_reuse_a_run_folder(straight):
     cfg, _, run = straight
     before = (run / "last.pt").read_bytes()
