@@ -554,3 +554,73 @@ def test_random_crops_cut_image_and_mask_at_the_same_place(store):
         assert len(hits) >= 1
         top, left = hits[0].tolist()
         assert torch.equal(mask, full_mask[:, top:top + 16, left:left + 32])
+
+
+# ---------------------------------------------------------------- masks read as they are displayed
+
+def car_mask():
+    mask = np.zeros((6, 8), np.uint8)
+    mask[1:5, 2:7] = 1
+    return mask
+
+
+def test_a_palette_mask_listing_white_first_reads_as_it_looks(tmp_path):
+    mask = car_mask()
+    adaptive = Image.fromarray(mask * 255).convert("P", palette=Image.ADAPTIVE, colors=2)
+    adaptive.save(tmp_path / "adaptive.png")
+    inverted = Image.frombytes("P", (8, 6), (1 - mask).tobytes())  # index 0 = white = car
+    inverted.putpalette([255, 255, 255, 0, 0, 0])
+    inverted.save(tmp_path / "white_first.gif")
+    for name in ("adaptive.png", "white_first.gif"):
+        assert np.array_equal(load_mask(tmp_path / name), mask), name
+
+
+def test_an_alpha_channel_carrying_the_mask_is_read_and_a_uniform_one_ignored(tmp_path):
+    mask = car_mask()
+    cutout = np.zeros((6, 8, 4), np.uint8)
+    cutout[..., 3] = mask * 255  # black everywhere, opaque where the car is
+    Image.fromarray(cutout).save(tmp_path / "cutout.png")
+    assert np.array_equal(load_mask(tmp_path / "cutout.png"), mask)
+    opaque = np.dstack([mask * 255] * 3 + [np.full((6, 8), 255, np.uint8)])
+    Image.fromarray(opaque).save(tmp_path / "opaque.png")
+    assert np.array_equal(load_mask(tmp_path / "opaque.png"), mask)
+    both = opaque.copy()
+    both[0, 0, 3] = 0
+    Image.fromarray(both).save(tmp_path / "both_mask.png")
+    with pytest.raises(ValueError, match="both_mask.png.*colour and varying transparency"):
+        load_mask(tmp_path / "both_mask.png")
+
+
+# ---------------------------------------------------------------- pixel values beyond 8-bit integers
+
+def photo_and_copy(tmp_path, mode, scale, name):
+    """A small photo as 8-bit RGB, and a one-channel copy of its grey levels in `mode` times `scale`."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, size=(6, 8)).astype(np.float64)
+    grey[0, :2] = 0, 255  # the full 8-bit range, so the scaled copy's range is known
+    Image.fromarray((grey * scale).astype(np.float32 if mode == "F" else np.int32), mode).save(tmp_path / name)
+    return grey.astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode, scale", [("F", 1 / 255), ("F", 1.0), ("I", 1.0), ("I", 257.0)])
+def test_float_and_32_bit_images_are_scaled_by_their_unambiguous_range(tmp_path, mode, scale):
+    grey = photo_and_copy(tmp_path, mode, scale, "photo.tif")
+    image, _ = load_image(tmp_path / "photo.tif")
+    assert image.shape == (6, 8, 3) and image.dtype == np.uint8
+    assert np.abs(image[..., 0].astype(int) - grey).max() <= 1  # the grey levels, not an all-black image
+
+
+@pytest.mark.parametrize("mode, scale, found", [("F", 4.0 / 255, "from 0 to 4"), ("F", -1 / 255, "from -"),
+                                                ("I", 300.0, "from 0 to 76500"), ("I", -1.0, "from -255")])
+def test_pixel_ranges_without_one_meaning_are_refused_naming_the_file_and_range(tmp_path, mode, scale, found):
+    photo_and_copy(tmp_path, mode, scale, "hdr.tif")
+    with pytest.raises(ValueError, match=f"hdr.tif: cannot decode: .*values {found}"):
+        load_image(tmp_path / "hdr.tif")
+
+
+def test_non_finite_pixels_are_refused(tmp_path):
+    array = np.zeros((4, 4), np.float32)
+    array[1, 1] = np.nan
+    Image.fromarray(array, "F").save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="nan.tif: cannot decode: pixel values include NaN"):
+        load_image(tmp_path / "nan.tif")

@@ -592,6 +592,23 @@ def test_predict_refuses_to_overwrite_an_input(trained, photos):
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
 
 
+def test_a_float_tiff_in_0_1_predicts_the_mask_of_its_8_bit_copy(trained, tmp_path):
+    # The same photo as 8-bit grey and as 32-bit float grey in [0, 1] (once decoded as all black).
+    _, _, run = trained
+    image, _ = car_picture(0, 2)
+    grey = np.asarray(Image.fromarray(image).convert("L"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(grey).save(folder / "eight.png")
+    Image.fromarray(grey.astype(np.float32) / 255, "F").save(folder / "float.tif")
+    out = tmp_path / "out"
+    written, failures = predict.predict_files(PredictConfig(inputs=[str(folder)], out_dir=str(out),
+                                                            checkpoint=str(run / "best.pt"), device="cpu"))
+    assert failures == {} and len(written) == 2
+    eight, floating = (np.array(Image.open(out / f"{name}_mask.png")) for name in ("eight", "float"))
+    assert eight.any() and np.array_equal(eight, floating)
+
+
 def test_predict_refuses_outputs_it_cannot_write_before_any_work(trained, photos, tmp_path, monkeypatch):
     _, _, run = trained
     monkeypatch.setattr(predict.Predictor, "from_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
