@@ -419,7 +419,7 @@ def main(argv=None):
         base, resumed = resume_defaults(argv)
         cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], base=base)
         summary = train(cfg, resumed)
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
+    except (OSError, ValueError, FloatingPointError) as err:  # OSError: a missing file, a full disk...
         raise SystemExit(f"error: {err}")
     except KeyboardInterrupt:
         print("interrupted: last.pt holds the last completed epoch; continue with --resume <run>/last.pt",

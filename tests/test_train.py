@@ -1,6 +1,7 @@
 """Protects the scripts end to end: run files, exact resume, run/NaN guards, evaluate's metric and predict's outputs."""
 import csv
 import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path
@@ -347,6 +348,22 @@ def test_output_locations_that_cannot_be_written_are_refused_before_any_work(tin
     # a cache that cannot be written is not an error: the run keeps its samples in memory
     summary = train.train(dataclasses.replace(tiny_cfg, epochs=1, cache_dir=str(blocker / "cache")))
     assert summary["epoch"] == 1 and "keeping decoded samples in memory only" in caplog.text
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_an_error_naming_the_file(tiny_cfg, tmp_path, monkeypatch):
+    import atomic
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    real_open = open
+    monkeypatch.setattr(atomic, "open", lambda path, mode="r", *a, **k:
+                        (real_open(path, mode).close(), FullDisk())[1] if "last.pt" in str(path) else
+                        real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(SystemExit, match="error: .*cannot write .*last.pt: No space left on device"):
+        train.main(["--config", config_file(tiny_cfg, tmp_path / "cfg.json")])
+    assert not list((Path(tiny_cfg.out_dir) / tiny_cfg.run_name).glob(".*.tmp"))
 
 
 def test_a_cache_write_failure_midway_keeps_every_sample(kaggle_dir, tmp_path, monkeypatch, caplog):
