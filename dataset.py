@@ -43,6 +43,10 @@ or point --data-dir (or $CARVANA_DIR) at a folder holding train/ + train_masks/ 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
+class MaskError(ValueError):
+    """A mask whose meaning cannot be read unambiguously (the message names the file)."""
+
+
 class DatasetError(ValueError):
     """One or more problems with the dataset on disk, all listed at once."""
 
@@ -114,15 +118,19 @@ def group_of(name: str, group_by: str = "car-id") -> str:
     if group_by == "none":
         return name
     match = re.search(group_by, name)
-    if match is None:
-        return name
-    return match.group(1) if match.re.groups else match.group(0)
+    group = None if match is None else match.group(1) if match.re.groups else match.group(0)
+    return group or name  # no match, or an optional group that took no part: the name is its own group
 
 
 def regroup(samples, group_by: str):
     """The samples with their group (`car_id`) set by `group_by`; find_samples groups by car-id."""
     if group_by == "car-id":
         return samples
+    if group_by != "none":
+        unmatched = [s.name for s in samples if group_of(s.name, group_by) == s.name]
+        if unmatched:
+            log.warning("--group-by %r finds no group in %d of the %d names (e.g. %s): each of those is its own "
+                        "group", group_by, len(unmatched), len(samples), unmatched[0])
     return [dataclasses.replace(s, car_id=group_of(s.name, group_by)) for s in samples]
 
 
@@ -301,6 +309,8 @@ def load_mask(path) -> np.ndarray:
     img = open_image(path)
     try:
         array = _displayed_mask(img, path)
+    except MaskError:
+        raise  # already names the file; Pillow's errors are wrapped below
     except DECODE_ERRORS as err:
         raise ValueError(f"{path}: cannot decode mask: {err}")
     if array.ndim == 3:
@@ -324,7 +334,11 @@ def _displayed_mask(img: Image.Image, path) -> np.ndarray:
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return np.asarray(img).astype(np.int64)
+        values = np.asarray(img, dtype=np.float64)
+        if not (np.isfinite(values).all() and (values == np.round(values)).all()):
+            raise MaskError(f"{path}: mask holds fractional or non-finite values; expected one channel of 0/1 "
+                             "or 0/255")
+        return values.astype(np.int64)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = np.asarray(img.convert("RGBA"))
         colour, alpha = rgba[..., :3], rgba[..., 3]
@@ -332,7 +346,7 @@ def _displayed_mask(img: Image.Image, path) -> np.ndarray:
             return colour
         if (colour == colour[0, 0]).all():
             return alpha  # a cutout: the colour says nothing, transparency is the mask
-        raise ValueError(f"{path}: mask has both varying colour and varying transparency, so which one is the "
+        raise MaskError(f"{path}: mask has both varying colour and varying transparency, so which one is the "
                          "mask is ambiguous; save it as one channel of 0/255")
     return np.asarray(img.convert("L") if img.mode == "1" else img.convert("RGB") if img.mode != "L" else img)
 

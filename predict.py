@@ -71,18 +71,23 @@ def output_paths(paths, out_dir: Path):
 
 
 def prepare_outputs(cfg: PredictConfig):
-    """Create --out-dir; refuse it, or the folder of --rle-csv, when it cannot be written."""
-    out_dir = Path(cfg.out_dir)
+    """Refuse --rle-csv and --out-dir locations that cannot be written, then create --out-dir: before any work."""
+    if cfg.rle_csv:
+        csv_path = Path(cfg.rle_csv)
+        if csv_path.is_dir():
+            raise ValueError(f"--rle-csv {csv_path} is a folder; give a file name, e.g. {csv_path / 'submission.csv'}")
+        if not csv_path.parent.is_dir():
+            raise ValueError(f"--rle-csv {csv_path}: {csv_path.parent} is not an existing folder")
+        problem = atomic.folder_problem(csv_path.parent)
+        if problem is not None:
+            raise ValueError(f"--rle-csv {csv_path}: {problem}")
+    problem = atomic.folder_problem(cfg.out_dir)
+    if problem is not None:
+        raise ValueError(f"--out-dir {cfg.out_dir}: {problem}")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"--out-dir {out_dir}: cannot create the folder: {err.strerror or err}")
-    folders = [("--out-dir", out_dir)] + ([("--rle-csv", Path(cfg.rle_csv).parent)] if cfg.rle_csv else [])
-    for option, folder in folders:
-        if not folder.is_dir():
-            raise ValueError(f"{option}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(f"{option}: folder {folder} is not writable")
+        raise ValueError(f"--out-dir {cfg.out_dir}: cannot create the folder: {err.strerror or err}")
 
 
 def encode(ext: str, array: np.ndarray) -> bytes:

@@ -113,6 +113,12 @@ def build_stores(cfg: TrainConfig):
         keep = set(sorted({s.car_id for s in samples})[:cfg.max_cars])
         samples = [s for s in samples if s.car_id in keep]
     train_samples, val_samples = split_by_car(samples, cfg.val_fraction, cfg.split_seed, cfg.group_by)
+    if len(train_samples) == 1 and cfg.bottleneck_cells() == 1:  # known before anything is decoded
+        width, height = cfg.training_input()
+        raise ValueError(f"the split leaves one training image, so every batch holds one image, and its {width}x"
+                         f"{height} input shrinks to a 1x1 bottleneck at --depth {cfg.depth}, where BatchNorm cannot "
+                         "train: use more images (--val-fraction, --split-seed, --max-cars) or a larger input "
+                         "(--crop-width/--crop-height, --image-width/--image-height)")
     line, warnings = describe_split(train_samples, val_samples, cfg.val_fraction, cfg.group_by)
     log.info("%s", line)
     for warning in warnings:
@@ -351,10 +357,6 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     train_store, val_store = build_stores(cfg)
-    if len(train_store) == 1 and cfg.bottleneck_cells() == 1:
-        raise ValueError(f"one training image: every batch would hold one image, and the "
-                         f"{cfg.training_input()[0]}x{cfg.training_input()[1]} input shrinks to a 1x1 bottleneck at "
-                         f"--depth {cfg.depth}, where BatchNorm cannot train; use more cars or a larger input")
     loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(loaders[0]))
     state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),

@@ -123,7 +123,8 @@ def test_split_keeps_at_least_one_car_on_each_side():
 
 @pytest.mark.parametrize("name, group_by, group", [
     ("DSC_2001", "car-id", "DSC"), ("DSC_2001", "none", "DSC_2001"),
-    ("carA_front_01", r"^([^_]+)_", "carA"), ("IMG_1007", r"\d+", "1007"), ("photo", r"^car(\d+)", "photo")])
+    ("carA_front_01", r"^([^_]+)_", "carA"), ("IMG_1007", r"\d+", "1007"), ("photo", r"^car(\d+)", "photo"),
+    ("side_3", r"(x)?side", "side_3")])  # an optional group that takes no part: the name is its own group
 def test_group_of_follows_the_rule_named_by_group_by(name, group_by, group):
     assert group_of(name, group_by) == group
 
@@ -152,6 +153,11 @@ def test_one_group_holding_most_images_is_warned_about():
     train, val = split_by_car(samples, 0.25, seed=1)
     warnings = describe_split(train, val, 0.25)[1]
     assert any("one group, 'IMG', holds 20 of the 24 images" in w for w in warnings)
+
+
+def test_a_group_by_pattern_that_misses_names_is_warned_about(caplog):
+    regroup(camera_samples(), r"^car(\d+)")
+    assert "finds no group in 24 of the 24 names" in caplog.text
 
 
 def test_a_split_error_explains_the_grouping_rule():
@@ -575,6 +581,13 @@ def test_a_palette_mask_listing_white_first_reads_as_it_looks(tmp_path):
         assert np.array_equal(load_mask(tmp_path / name), mask), name
 
 
+@pytest.mark.parametrize("values", [(0.0, 0.5), (0.05, 0.95), (0.0, float("nan"))])
+def test_float_masks_with_fractional_values_are_refused_not_truncated(tmp_path, values):
+    Image.fromarray(np.array([values * 4], np.float32), "F").save(tmp_path / "soft_mask.tif")
+    with pytest.raises(ValueError, match=r"^[^:]*soft_mask.tif: mask holds fractional or non-finite values"):
+        load_mask(tmp_path / "soft_mask.tif")
+
+
 def test_an_alpha_channel_carrying_the_mask_is_read_and_a_uniform_one_ignored(tmp_path):
     mask = car_mask()
     cutout = np.zeros((6, 8, 4), np.uint8)
@@ -587,7 +600,7 @@ def test_an_alpha_channel_carrying_the_mask_is_read_and_a_uniform_one_ignored(tm
     both = opaque.copy()
     both[0, 0, 3] = 0
     Image.fromarray(both).save(tmp_path / "both_mask.png")
-    with pytest.raises(ValueError, match="both_mask.png.*colour and varying transparency"):
+    with pytest.raises(ValueError, match=r"^[^:]*both_mask.png: mask has both varying colour and varying transparency"):
         load_mask(tmp_path / "both_mask.png")
 
 

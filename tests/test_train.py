@@ -366,6 +366,15 @@ def test_a_full_disk_while_saving_a_checkpoint_is_an_error_naming_the_file(tiny_
     assert not list((Path(tiny_cfg.out_dir) / tiny_cfg.run_name).glob(".*.tmp"))
 
 
+def test_a_split_leaving_one_training_image_at_a_1x1_bottleneck_is_refused_before_decoding(plain_dir, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(train, "prepare_store", lambda *a: pytest.fail("the data was decoded"))
+    cfg = tiny_config(plain_dir, tmp_path, max_cars=2, group_by="none", val_fraction=0.8, crop_width=4,
+                      crop_height=4, batch_size=2)  # 6 images, 5 validate: 1 trains, 4x4 crops at depth 2
+    with pytest.raises(ValueError, match="one training image.*1x1 bottleneck.*--val-fraction"):
+        train.train(cfg)
+
+
 def test_a_cache_write_failure_midway_keeps_every_sample(kaggle_dir, tmp_path, monkeypatch, caplog):
     import dataset
     samples, _ = find_samples(kaggle_dir)
@@ -630,11 +639,13 @@ def test_predict_refuses_outputs_it_cannot_write_before_any_work(trained, photos
     _, _, run = trained
     monkeypatch.setattr(predict.Predictor, "from_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a-file").write_text("x")
-    for extra, message in ((["--out-dir", str(tmp_path / "a-file")], "--out-dir .*a-file: cannot create the folder"),
+    for extra, message in ((["--out-dir", str(tmp_path / "a-file")], "--out-dir .*a-file is not a folder"),
                            (["--out-dir", str(tmp_path / "o"), "--rle-csv", str(tmp_path / "no" / "s.csv")],
-                            "--rle-csv: folder .*no does not exist")):
+                            "--rle-csv .*no is not an existing folder"),
+                           (["--out-dir", str(tmp_path / "o"), "--rle-csv", str(tmp_path)], "--rle-csv .* is a folder")):
         with pytest.raises(SystemExit, match=message):
             predict.main([str(photos), "--checkpoint", str(run / "best.pt"), "--device", "cpu", *extra])
+    assert not (tmp_path / "o").exists()  # a refused run creates nothing
 
 
 def test_predict_refuses_two_inputs_with_one_output_name(trained, photos, tmp_path):
