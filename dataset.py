@@ -137,8 +137,7 @@ def regroup(samples, group_by: str):
 def grouping_rule(group_by: str) -> str:
     """How --group-by groups names, in words, for messages."""
     if group_by == "car-id":
-        return ("by car id (--group-by car-id: the name without a trailing _<number>, so DSC_2001 and DSC_2002 "
-                "are one group 'DSC')")
+        return "by car id (--group-by car-id: the name before a trailing _<number>)"
     if group_by == "none":
         return "image by image (--group-by none)"
     return f"by the regular expression --group-by {group_by!r}"
@@ -152,8 +151,9 @@ def split_by_car(samples, val_fraction: float, seed: int, group_by: str = "car-i
     """
     cars = sorted({s.car_id for s in samples})
     if len(cars) < 2:
+        example = " (so DSC_2001 and DSC_2002 are one group, 'DSC')" if group_by == "car-id" else ""
         raise ValueError(f"need at least 2 cars to split train/validation by car, found {len(cars)}: the "
-                         f"{len(samples)} images are grouped {grouping_rule(group_by)}; use --group-by none to "
+                         f"{len(samples)} images are grouped {grouping_rule(group_by)}{example}; use --group-by none to "
                          "split image by image, or a regular expression that finds each object's id in the name")
     rank = sorted(cars, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
     n_val = min(len(cars) - 1, max(1, round(len(cars) * val_fraction)))
