@@ -120,7 +120,6 @@ class TrainConfig:
         _check(self, "run_name", "/" not in self.run_name and self.run_name not in (".", ".."),
                "must be a plain folder name")
 
-
     def training_input(self) -> tuple:
         """(width, height) of the images a training step sees: the crops, else the whole images."""
         return (self.crop_width or self.image_width, self.crop_height or self.image_height)

@@ -126,12 +126,12 @@ def regroup(samples, group_by: str):
     """The samples with their group (`car_id`) set by `group_by`; find_samples groups by car-id."""
     if group_by == "car-id":
         return samples
-    if group_by != "none":
-        unmatched = [s.name for s in samples if group_of(s.name, group_by) == s.name]
-        if unmatched:
-            log.warning("--group-by %r finds no group in %d of the %d names (e.g. %s): each of those is its own "
-                        "group", group_by, len(unmatched), len(samples), unmatched[0])
-    return [dataclasses.replace(s, car_id=group_of(s.name, group_by)) for s in samples]
+    groups = [group_of(s.name, group_by) for s in samples]
+    unmatched = [s.name for s, group in zip(samples, groups) if group == s.name]
+    if group_by != "none" and unmatched:
+        log.warning("--group-by %r finds no group in %d of the %d names (e.g. %s): each of those is its own "
+                    "group", group_by, len(unmatched), len(samples), unmatched[0])
+    return [dataclasses.replace(s, car_id=group) for s, group in zip(samples, groups)]
 
 
 def grouping_rule(group_by: str) -> str:

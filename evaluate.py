@@ -125,45 +125,43 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     ranked = sorted(result["records"], key=lambda r: r["dice_full_res"])
     summary["worst"] = [{"name": r["name"], "dice_full_res": r["dice_full_res"]} for r in ranked[:cfg.worst_k]]
     try:
-        write_reports(Path(cfg.out_dir), summary, result["records"])
-        draw_examples(predictor, dataset, result["records"], cfg)
+        write_reports(Path(cfg.out_dir), summary, ranked)
+        draw_examples(predictor, dataset, ranked, cfg)
     except OSError as err:  # the scores are still worth having: main prints them, then fails
         summary["report_error"] = str(err)
     return summary
 
 
-def write_reports(out_dir: Path, summary: dict, records: list):
-    """per_image.csv (worst first), summary.json and threshold_sweep.png."""
+def write_reports(out_dir: Path, summary: dict, ranked: list):
+    """per_image.csv (the records as ranked: worst first), summary.json and threshold_sweep.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = sorted(records, key=lambda r: r["dice_full_res"])
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["name", "car_id", "dice_full_res", "iou_full_res", "dice_model_res"],
                             lineterminator="\n")
     writer.writeheader()
-    writer.writerows(records)
+    writer.writerows(ranked)
     atomic.write_text(out_dir / "per_image.csv", text.getvalue())
     atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     plots.plot_threshold_sweep(summary["sweep"], out_dir / "threshold_sweep.png")
 
 
-def draw_examples(predictor: Predictor, dataset: CarvanaDataset, records: list, cfg: EvaluateConfig):
-    """worst.png (the lowest-Dice images) and samples.png (a seeded random few)."""
+def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig):
+    """worst.png (the first, lowest-Dice, of the ranked records) and samples.png (a seeded random few)."""
     store = dataset.store
     by_name = {s.name: i for i, s in enumerate(store.samples)}
-    ranked = sorted(records, key=lambda r: r["dice_full_res"])
     rng = np.random.default_rng(0)
     picks = {"worst.png": [by_name[r["name"]] for r in ranked[:cfg.worst_k]],
              "samples.png": sorted(rng.choice(len(store), min(cfg.num_samples, len(store)), replace=False).tolist())}
-    dice = {r["name"]: r["dice_full_res"] for r in records}
+    dice = {r["name"]: r["dice_full_res"] for r in ranked}
     for filename, indices in picks.items():
         if not indices:
             continue
         rows = []
         for index in indices:
             images, _, _ = dataset[index]
-            prob = predictor.upsample(torch.sigmoid(predictor.logits(images[None]))[0], store.full_sizes[index])
+            pred = predictor.masks(images[None], [store.full_sizes[index]])[0] > 0
             name = store.samples[index].name
-            rows.append({"image": store.images[index], "pred": (prob > predictor.threshold).cpu().numpy(),
+            rows.append({"image": store.images[index], "pred": pred,
                          "target": store.full_mask(index).astype(bool), "label": f"{name}  Dice {dice[name]:.4f}"})
         plots.plot_prediction_panels(rows, Path(cfg.out_dir) / filename,
                                      title=f"{filename[:-4]}: {Path(cfg.checkpoint).name}")
