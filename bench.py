@@ -1,8 +1,9 @@
 """Measure training and inference speed on this machine; prints a table and writes JSON.
 
-    python bench.py                                   # the CPU recipe's U-Net, fp32/bf16 x contiguous/channels_last
+    python bench.py                                   # the CPU recipe's U-Net, fp32 (+ bf16 where native) x layouts
     python bench.py --compile --base-channels 16 32   # add torch.compile rows, two network widths
     python bench.py --predict-images 64               # also time predict.py end to end on 64 Carvana photos
+    python bench.py --arch unet unet_efficientnet_lite0 deeplabv3_mobilenet_v3_large --layouts channels_last
 
 Training steps run on --train-size inputs (the recipe's random crops), inference on --size (whole
 images) through inference.Predictor, the path evaluate.py and predict.py take.
@@ -25,9 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import atomic
 import runtime
-from config import PredictConfig, TrainConfig, resolve_data_dir
+from config import ARCHS, PredictConfig, TrainConfig, resolve_data_dir
 from inference import InferenceSpec, Predictor, TorchRunner
-from losses import BCEDiceLoss
+from losses import BCEDiceLoss, CEDiceLoss
 from model import build_model, checkpoint_for, save_checkpoint
 
 
@@ -63,25 +64,30 @@ def step_flops(model, images, masks, loss_fn, train: bool) -> float:
 def bench_variant(arch, train_size, size, batch, precision, channels_last, compile_, repeats) -> dict:
     """Training (on train_size inputs) and inference (on size, through a Predictor) throughput of one configuration.
 
-    `arch` is {"arch": name, **model_args}.
+    `arch` is {"arch": name, **model_args}; out_channels > 1 trains with the multi-class loss.
     """
     device = torch.device("cpu")
     torch.manual_seed(0)
     model = build_model(**arch)
+    classes = arch.get("out_channels", 1)
     crops = torch.rand(batch, 3, train_size[1], train_size[0])
-    masks = (torch.rand(batch, 1, train_size[1], train_size[0]) > 0.5).float()
     images = torch.rand(batch, 3, size[1], size[0])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         crops = crops.contiguous(memory_format=torch.channels_last)
     recipe = TrainConfig()
-    loss_fn = BCEDiceLoss(recipe.bce_weight, recipe.dice_weight, recipe.boundary_weight)  # the recipe's loss
+    if classes > 1:
+        masks = torch.randint(0, classes, (batch, train_size[1], train_size[0]))
+        loss_fn = CEDiceLoss(recipe.bce_weight, recipe.dice_weight)
+    else:
+        masks = (torch.rand(batch, 1, train_size[1], train_size[0]) > 0.5).float()
+        loss_fn = BCEDiceLoss(recipe.bce_weight, recipe.dice_weight, recipe.boundary_weight)  # the recipe's loss
     flops_train = step_flops(model, crops, masks, loss_fn, train=True)
     flops_infer = step_flops(model, images, None, loss_fn, train=False)
     run_model = torch.compile(model, dynamic=False) if compile_ else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     spec = InferenceSpec.from_config({"image_width": size[0], "image_height": size[1], "threshold": recipe.threshold},
-                                     model.normalization)
+                                     model.normalization, class_names(classes))
     predictor = Predictor(TorchRunner(run_model, device, precision, channels_last), spec)
 
     def train_step():
@@ -110,6 +116,11 @@ def bench_variant(arch, train_size, size, batch, precision, channels_last, compi
             "gflop_per_train_image": flops_train / batch / 1e9}
 
 
+def class_names(out_channels: int) -> list:
+    """Placeholder class names for a model of `out_channels` outputs (one: car/background)."""
+    return ["background", "car"] if out_channels == 1 else ["background"] + [f"part{i}" for i in range(1, out_channels)]
+
+
 def bench_predict(n_images: int, arch: dict, size, precision: str, tta: bool) -> dict:
     """predict.py end to end (decode, inference, upsampling, threshold, PNG writing) on real photos."""
     import predict
@@ -118,7 +129,8 @@ def bench_predict(n_images: int, arch: dict, size, precision: str, tta: bool) ->
         return {"skipped": f"no Carvana photos in {resolve_data_dir('')}/train"}
     with tempfile.TemporaryDirectory() as tmp:
         config = dataclasses.asdict(TrainConfig()) | {"image_width": size[0], "image_height": size[1]}
-        save_checkpoint(Path(tmp) / "bench.pt", checkpoint_for(build_model(**arch), config))
+        save_checkpoint(Path(tmp) / "bench.pt", checkpoint_for(build_model(**arch), config,
+                                                               class_names=class_names(arch.get("out_channels", 1))))
         cfg = PredictConfig(inputs=[str(p) for p in photos], out_dir=str(Path(tmp) / "out"),
                             checkpoint=str(Path(tmp) / "bench.pt"), precision=precision, device="cpu", tta=tta)
         start = time.perf_counter()
@@ -128,12 +140,26 @@ def bench_predict(n_images: int, arch: dict, size, precision: str, tta: bool) ->
             "masks_per_s": len(written) / seconds, "precision": precision, "tta": tta, **arch}
 
 
+def model_variant(args, name: str, base_channels) -> dict:
+    """{"arch": name, **model_args} of one measured model."""
+    arch = {"arch": name, "out_channels": args.classes}
+    if name == "unet":
+        arch.update(base_channels=base_channels, depth=args.depth, bilinear=args.bilinear)
+    return arch
+
+
+def describe(arch: dict) -> str:
+    return arch["arch"] + (f" base {arch['base_channels']}" if "base_channels" in arch else "")
+
+
 def main(argv=None):
     recipe = TrainConfig()  # the defaults: what `python train.py` trains
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default=recipe.arch, help="architecture (model.ARCHITECTURES)")
+    parser.add_argument("--arch", nargs="+", default=[recipe.arch], choices=ARCHS, help="architectures to measure")
+    parser.add_argument("--classes", type=int, default=1,
+                        help="output channels: 1 = car/background, e.g. 19 = the Car Parts Dataset's classes")
     parser.add_argument("--base-channels", type=int, nargs="+", default=[recipe.base_channels],
-                        help="network widths to measure: channels of the first level")
+                        help="unet widths to measure: channels of the first level")
     parser.add_argument("--depth", type=int, default=recipe.depth)
     parser.add_argument("--bilinear", action=argparse.BooleanOptionalAction, default=recipe.bilinear)
     parser.add_argument("--size", default=f"{recipe.image_width}x{recipe.image_height}",
@@ -144,6 +170,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (15-25 s each to compile)")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=None,
+                        help="default: fp32, and bf16 where the CPU has it natively (emulated bf16 is very slow)")
+    parser.add_argument("--layouts", nargs="+", choices=("contiguous", "channels_last"),
+                        default=["contiguous", "channels_last"])
     parser.add_argument("--predict-images", type=int, default=0, help="time predict.py on this many photos")
     parser.add_argument("--peak-size", type=int, default=2048,
                         help="matmul size N of the GFLOP/s reference (an N x N bf16 matmul takes minutes where "
@@ -160,30 +190,30 @@ def main(argv=None):
     print(f"{machine['platform']}, {machine['threads']} threads, torch {torch.__version__}; "
           f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     rows = []
-    header = f"{'base':>5} {'train':>8} {'prec':>5} {'layout':>8} {'compile':>7} | {'train img/s':>11} " \
+    header = f"{'model':>30} {'train':>8} {'prec':>5} {'layout':>6} {'compile':>7} | {'train img/s':>11} " \
              f"{'GFLOP/s':>8} {'%fp32':>6} {'%bf16':>6} | {'infer img/s':>11} {'1st step':>8}"
     print(header + "\n" + "-" * len(header))
-    def arch(base_channels):
-        return {"arch": args.arch, "base_channels": base_channels, "depth": args.depth, "bilinear": args.bilinear}
-
-    for base_channels in args.base_channels:
-        for precision in ("fp32", "bf16"):
-            for channels_last in (False, True):
+    models = [model_variant(args, name, base) for name in args.arch
+              for base in (args.base_channels if name == "unet" else [None])]
+    precisions = args.precisions or (["fp32", "bf16"] if machine["cpu_bf16_native"] else ["fp32"])
+    for arch in models:
+        for precision in precisions:
+            for channels_last in [layout == "channels_last" for layout in args.layouts]:
                 for compile_ in ((False, True) if args.compile else (False,)):
-                    r = bench_variant(arch(base_channels), train_size, size, args.batch_size, precision, channels_last, compile_,
+                    r = bench_variant(arch, train_size, size, args.batch_size, precision, channels_last, compile_,
                                       args.repeats)
                     rows.append(r)
-                    print(f"{base_channels:>5} {r['train_size']:>8} {precision:>5} {'cl' if channels_last else 'nchw':>8} "
-                          f"{str(compile_):>7} | {r['train_images_per_s']:>11.2f} {r['train_gflops_per_s']:>8.1f} "
-                          f"{100 * r['train_gflops_per_s'] / peaks['fp32']:>5.0f}% "
+                    print(f"{describe(arch):>30} {r['train_size']:>8} {precision:>5} "
+                          f"{'cl' if channels_last else 'nchw':>6} {str(compile_):>7} | {r['train_images_per_s']:>11.2f} "
+                          f"{r['train_gflops_per_s']:>8.1f} {100 * r['train_gflops_per_s'] / peaks['fp32']:>5.0f}% "
                           f"{100 * r['train_gflops_per_s'] / peaks['bf16']:>5.0f}% | "
                           f"{r['infer_images_per_s']:>11.2f} {r['first_step_s']:>7.1f}s", flush=True)
     result = {"machine": machine, "rows": rows}
     if args.predict_images:
-        result["predict"] = [bench_predict(args.predict_images, arch(args.base_channels[0]), size, p, tta)
-                             for p, tta in (("fp32", False), ("bf16", False), ("bf16", True))]
+        runs = [(p, tta) for p in precisions for tta in (False, True)]
+        result["predict"] = [bench_predict(args.predict_images, arch, size, p, tta) for arch in models for p, tta in runs]
         for p in result["predict"]:
-            print("predict.py end to end: " + (p.get("skipped") or
+            print(f"predict.py end to end, {describe(p)}: " + (p.get("skipped") or
                   f"{p['images']} photos in {p['seconds']:.1f} s = {p['masks_per_s']:.1f} full-size masks/s "
                   f"({p['precision']}{', flip TTA' if p['tta'] else ''})"))
     atomic.write_text(args.out, json.dumps(result, indent=2) + "\n")

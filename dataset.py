@@ -24,12 +24,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from atomic import atomic_write, folder_problem  # noqa: E402
+from labels import BINARY_CLASSES, Shapes, flip_permutation, load_class_mask, read_class_names, read_coco  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 IMAGE_DIRS = ("train", "train_hq", "images")  # Kaggle layout first, then the plain one
 MASK_DIRS = {"train": "train_masks", "train_hq": "train_masks", "images": "masks"}
+COCO_FILE = "annotations.json"
+COCO_IMAGE_DIRS = ("JPEGImages", "images")  # the Car Parts Dataset's layout, then the plain one
+CLASSES_FILE = "classes.txt"  # beside images/ + masks/: the masks hold indices into this list
+
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs; a Carvana photo is 2.5 M pixels
 CACHE_VERSION = 2
 # What Pillow's decoders raise on corrupt files besides OSError (found by tests/test_fuzz.py).
@@ -59,7 +64,7 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Sample:
     image: Path
-    mask: Path
+    mask: Path | Shapes  # a mask file, or the annotated shapes of a COCO data set
     name: str     # the image's stem, e.g. 0cdf5b5d0ce1_01
     car_id: str   # the stem without its _NN view suffix, e.g. 0cdf5b5d0ce1
 
@@ -75,11 +80,34 @@ def _image_files(folder: Path):
     return [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
+def find_class_names(data_dir) -> list:
+    """The classes a data set's masks index, background first: a COCO file's categories, classes.txt
+    beside images/ + masks/, else BINARY_CLASSES (masks are car/background)."""
+    data_dir = Path(data_dir)
+    if (data_dir / COCO_FILE).is_file():
+        return read_coco(data_dir / COCO_FILE, _coco_image_dir(data_dir))[1]
+    if (data_dir / CLASSES_FILE).is_file():
+        return read_class_names(data_dir / CLASSES_FILE)
+    return list(BINARY_CLASSES)
+
+
+def _coco_image_dir(data_dir: Path) -> Path:
+    found = next((data_dir / d for d in COCO_IMAGE_DIRS if (data_dir / d).is_dir()), None)
+    if found is None:
+        raise FileNotFoundError(f"{data_dir} has {COCO_FILE} but no image folder beside it "
+                                f"({' or '.join(COCO_IMAGE_DIRS)})")
+    return found
+
+
 def find_samples(data_dir) -> tuple[list, list]:
-    """Pair every image with its mask; returns (samples, problems) with every pairing problem found."""
+    """Pair every image with its mask (a file, or its shapes in a COCO annotations.json);
+    returns (samples, problems) with every pairing or annotation problem found."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"dataset folder {data_dir} does not exist.\n{HOW_TO_GET_DATA}")
+    if (data_dir / COCO_FILE).is_file():
+        items, _, problems = read_coco(data_dir / COCO_FILE, _coco_image_dir(data_dir))
+        return [Sample(image, shapes, image.stem, car_id_of(image.stem)) for image, shapes in items], problems
     image_dir = next((data_dir / d for d in IMAGE_DIRS if (data_dir / d).is_dir()), None)
     if image_dir is None:
         raise FileNotFoundError(f"{data_dir} has neither train/ + train_masks/ (Kaggle layout) "
@@ -411,10 +439,14 @@ def rle_decode(rle: str, shape) -> np.ndarray:
 # ---------------------------------------------------------------- the decoded-sample store
 
 class SampleStore:
-    """Decoded samples in RAM: small images, soft small masks, packed full-resolution masks."""
+    """Decoded samples in RAM: small images, small masks, full-resolution masks.
 
-    def __init__(self, size):
-        self.samples, self.size = [], tuple(size)
+    Binary (num_classes 2): soft small masks (0..255, area-averaged) and bit-packed full masks.
+    Multi-class: class-index small masks (nearest) and uint8 class-index full masks (H, W).
+    """
+
+    def __init__(self, size, num_classes=2):
+        self.samples, self.size, self.num_classes = [], tuple(size), num_classes
         self.images, self.masks, self.full_masks, self.full_sizes = [], [], [], []
 
     def __len__(self):
@@ -429,30 +461,44 @@ class SampleStore:
 
     def subset(self, indices) -> "SampleStore":
         """A store sharing this one's arrays for the samples at `indices`."""
-        part = SampleStore(self.size)
+        part = SampleStore(self.size, self.num_classes)
         for i in indices:
             part.add(self.samples[i], self.images[i], self.masks[i], self.full_masks[i], self.full_sizes[i])
         return part
 
     def full_mask(self, index) -> np.ndarray:
-        """The full-resolution {0,1} mask (H, W) of sample `index`."""
+        """The full-resolution mask (H, W) of sample `index`: {0,1} (binary) or class indices, uint8."""
+        if self.num_classes > 2:
+            return self.full_masks[index]
         w, h = self.full_sizes[index]
         return np.unpackbits(self.full_masks[index], count=w * h).reshape(h, w)
 
 
-def decode_sample(sample: Sample, size):
-    """Decode and check one pair; returns (image, soft mask, packed full mask, full size)."""
+def decode_sample(sample: Sample, size, num_classes=2):
+    """Decode and check one pair; returns (image, small mask, full mask as stored, full size) (see SampleStore)."""
     image, full_size = load_image(sample.image, size)
-    mask = load_mask(sample.mask)
+    if isinstance(sample.mask, Shapes):
+        mask = sample.mask.rasterize()
+    elif num_classes > 2:
+        mask = load_class_mask(sample.mask, num_classes)
+    else:
+        mask = load_mask(sample.mask)
     if (mask.shape[1], mask.shape[0]) != full_size:
-        raise ValueError(f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+        what = f"{sample.mask.source}: the mask of {sample.name}" if isinstance(sample.mask, Shapes) \
+            else f"{sample.mask}: mask"
+        raise ValueError(f"{what} is {mask.shape[1]}x{mask.shape[0]} but its image "
                          f"{sample.image.name} is {full_size[0]}x{full_size[1]}")
+    if num_classes > 2:
+        return image, cv2.resize(mask, tuple(size), interpolation=cv2.INTER_NEAREST), mask, full_size
     return image, shrink_mask(mask, size), np.packbits(mask.ravel()), full_size
 
 
 def _cache_path(cache_dir: Path, sample: Sample, size):
     ident = [CACHE_VERSION, size[0], size[1]]
     for path in (sample.image, sample.mask):
+        if isinstance(path, Shapes):  # the shapes themselves are the mask's identity
+            ident.append(hashlib.sha1(repr(path.shapes).encode()).hexdigest())
+            continue
         st = os.stat(path)
         ident += [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
     return cache_dir / (hashlib.sha1(repr(ident).encode()).hexdigest() + ".npz")
@@ -497,32 +543,33 @@ def _is_cached(path, item) -> bool:
     return True
 
 
-def load_samples(samples, size, cache_dir="", desc="decoding") -> tuple:
+def load_samples(samples, size, cache_dir="", desc="decoding", num_classes=2) -> tuple:
     """Decode (or read from the cache) every sample; returns (store, problems), checking them all."""
-    store, problems = SampleStore(size), []
+    store, problems = SampleStore(size, num_classes), []
     cache = _usable_cache(cache_dir)
     for sample in tqdm(samples, desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=None):
         try:
             path = _cache_path(cache, sample, size) if cache is not None else None
             item = _load_cached(path) if path is not None and path.exists() else None
             if item is None:
-                item = decode_sample(sample, size)
+                item = decode_sample(sample, size, num_classes)
         except (ValueError, OSError) as err:
             problems.append(str(err))
             continue
         if path is not None and not _is_cached(path, item):
             cache = None  # a cache that cannot be written (full disk...) is dropped: the samples stay in RAM
         store.add(sample, *item)
-        if item[1].max() == 0 or item[1].min() == 255:  # cheap pre-check on the small mask
+        if item[1].max() == 0 or (item[1].min() == 255 and num_classes == 2):  # cheap pre-check on the small mask
             full = store.full_mask(len(store) - 1)
             if full.min() == full.max():
-                log.warning("%s: mask is all %s", sample.mask, "car" if full.min() else "background")
+                log.warning("%s: mask of %s is all %s", getattr(sample.mask, "source", sample.mask), sample.name,
+                            "background" if full.min() == 0 else "car" if num_classes == 2 else f"class {full.min()}")
     return store, problems
 
 
-def prepare_store(samples, size, cache_dir="", where="", pairing_problems=()):
+def prepare_store(samples, size, cache_dir="", where="", pairing_problems=(), num_classes=2):
     """load_samples, raising one DatasetError listing every problem (pairing problems included)."""
-    store, problems = load_samples(samples, size, cache_dir)
+    store, problems = load_samples(samples, size, cache_dir, num_classes=num_classes)
     problems = list(pairing_problems) + problems
     if problems:
         raise DatasetError(problems, where)
@@ -531,18 +578,35 @@ def prepare_store(samples, size, cache_dir="", where="", pairing_problems=()):
 
 # ---------------------------------------------------------------- augmentation and the Dataset
 
-def build_transform(strength: str, crop: tuple[int, int] | None = None):
+class MirrorSwappingSides(A.HorizontalFlip):
+    """Horizontal mirroring that also relabels the mask: `permutation[c]` is what class c becomes in
+    the mirror image (a mirrored left door is a right door; see labels.flip_permutation)."""
+
+    def __init__(self, permutation, p=0.5):
+        super().__init__(p=p)
+        self.permutation = np.asarray(permutation, dtype=np.uint8)
+
+    def apply_to_mask(self, mask, **params):
+        return self.permutation[super().apply_to_mask(mask, **params)]
+
+
+def build_transform(strength: str, crop: tuple[int, int] | None = None, class_names=None):
     """Training augmentation: mirror (and warp, for light), an optional random (width, height) crop,
     then colour jitter; None for strength "none" without a crop.
 
-    Masks are soft, so they are warped with bilinear interpolation too.
+    Binary masks are soft, so they are warped with bilinear interpolation too. With `class_names`
+    (more than two: class-index masks), mirroring swaps every left/right class pair and masks are
+    warped with nearest-neighbour interpolation.
     """
     geometry, color = [], []
+    multiclass = class_names is not None and len(class_names) > 2
     if strength != "none":
-        geometry = [A.HorizontalFlip(p=0.5)]  # the turntable views come in mirrored pairs; vertical flips never occur
+        # the turntable views come in mirrored pairs; vertical flips never occur
+        geometry = [MirrorSwappingSides(flip_permutation(class_names)) if multiclass else A.HorizontalFlip(p=0.5)]
         if strength == "light":
             geometry.append(A.Affine(scale=(0.95, 1.05), translate_percent=(-0.02, 0.02), rotate=(-2, 2),
-                                     interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_LINEAR,
+                                     interpolation=cv2.INTER_LINEAR,
+                                     mask_interpolation=cv2.INTER_NEAREST if multiclass else cv2.INTER_LINEAR,
                                      border_mode=cv2.BORDER_REFLECT_101, p=0.5))
         color = [A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5)]
     # Convolutions do not care where a crop came from, and a smaller crop is a cheaper step (and a
@@ -553,7 +617,10 @@ def build_transform(strength: str, crop: tuple[int, int] | None = None):
 
 
 class CarvanaDataset(torch.utils.data.Dataset):
-    """Items of a SampleStore as (image (3, H, W) float32, soft mask (1, H, W) float32 in [0, 1], index).
+    """Items of a SampleStore as (image (3, H, W) float32, mask, index).
+
+    The mask is (1, H, W) float32 in [0, 1] (soft) for a binary store, (H, W) int64 class indices
+    for a multi-class one.
 
     Images are in [0, 1], then normalised with `normalization` (see image_to_tensor) when given.
     """
@@ -574,5 +641,6 @@ class CarvanaDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        masks = torch.from_numpy(np.ascontiguousarray(mask)).float().div_(255.0).unsqueeze(0)
+        masks = torch.from_numpy(np.ascontiguousarray(mask))
+        masks = masks.long() if self.store.num_classes > 2 else masks.float().div_(255.0).unsqueeze(0)
         return image_to_tensor(np.ascontiguousarray(image), self.normalization), masks, index

@@ -1,22 +1,37 @@
-"""Score a checkpoint with the Carvana metric: mean per-image Dice (and IoU) at full resolution.
+"""Score a checkpoint: car masks by mean per-image Dice (Carvana), car parts by mean IoU over the parts.
 
 `evaluate()` is the one evaluation code path: train.py validates with it, and this script runs it on
-a checkpoint alone, rebuilding the model, its input size and its validation cars from the file.
+a checkpoint alone, rebuilding the model, its input size, its classes and its validation cars from the file.
 
     python evaluate.py --checkpoint checkpoints/<run>/best.pt
 
 Scores come in two resolutions, named the same way everywhere (metrics.jsonl, summary.json,
 per_image.csv): `full_res`, each photo's own size against its original mask (the Kaggle metric),
-and `model_res`, the model's input size against the area-averaged mask thresholded at 0.5.
+and `model_res`, the model's input size against the area-averaged mask thresholded at 0.5 (binary)
+or the nearest-neighbour class mask (parts).
+
+Car parts (a checkpoint with more than two class_names): each pixel takes its most probable class
+(argmax; there is no threshold), and the headline is the dataset-level mean IoU of semantic
+segmentation (PASCAL VOC, Cityscapes): one confusion matrix summed over every pixel of every image,
+each class's IoU = TP / (TP + FP + FN) read from it, and mIoU = the mean of those IoUs over the part
+classes, background excluded (it is most of every photo and would flatter the mean; its IoU is
+reported apart). A part small in every photo weighs as much as the hood. The data set is the Car
+Parts Dataset of Pasupa et al. 2021, "Evaluation of deep learning algorithms for semantic
+segmentation of car parts", Complex & Intelligent Systems, doi 10.1007/s40747-021-00397-8; note
+that the paper's headline numbers are instance-segmentation mAP (HTC 55.2), not this mIoU. Per-image
+mIoU (per_image.csv) only ranks the worst images. Reports: summary.json, per_class.csv,
+per_image.csv, confusion.png, worst.png and samples.png.
 """
 import csv
 import dataclasses
 import io
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -24,9 +39,10 @@ from tqdm import tqdm
 import atomic
 import plots
 from config import EvaluateConfig, parse_config, resolve_checkpoint, resolve_data_dir
-from dataset import CarvanaDataset, find_samples, prepare_store, regroup
+from dataset import CarvanaDataset, find_class_names, find_samples, load_image, prepare_store, regroup
 from inference import Predictor
-from metrics import SegmentationMeter
+from labels import palette
+from metrics import ConfusionMeter, SegmentationMeter
 from model import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -36,10 +52,14 @@ SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8)
 def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None) -> dict:
     """Score `predictor` on a loader of CarvanaDataset items; returns metrics and per-image records.
 
+    Multi-class models are scored by evaluate_parts (the sweep does not apply to them).
+
     The loader's dataset must be preprocessed with the predictor's normalisation. Returns
     {"threshold", "model_res": scores, "full_res": scores (if full_res), "loss" (if loss_fn),
     "sweep" (full-res scores per threshold in `sweep`), "records": one dict per image}.
     """
+    if predictor.spec.multiclass:
+        return evaluate_parts(predictor, loader, full_res, loss_fn)
     store = loader.dataset.store
     threshold = predictor.threshold
     model_res, full = SegmentationMeter(), SegmentationMeter()
@@ -72,10 +92,48 @@ def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None
     return result
 
 
+def evaluate_parts(predictor: Predictor, loader, full_res=True, loss_fn=None) -> dict:
+    """Score a multi-class `predictor`: confusion matrices over all pixels of all images (the usual
+    semantic-segmentation mIoU) at the model's input size and at each photo's own size.
+
+    Returns {"model_res": scores, "full_res": scores (if full_res), "loss" (if loss_fn), "records"},
+    scores as metrics.ConfusionMeter.compute gives them; each record holds an image's own mean IoU
+    over the parts present in its target or prediction.
+    """
+    store, names = loader.dataset.store, list(predictor.spec.class_names)
+    model_res, full = ConfusionMeter(len(names)), ConfusionMeter(len(names))
+    records, loss_sum = [], 0.0
+    for images, masks, indices in tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True, disable=None):
+        logits = predictor.logits(images)
+        probs, masks = logits.softmax(1), masks.to(predictor.device)
+        if loss_fn is not None:
+            loss_sum += loss_fn(logits, masks).item() * len(images)
+        model_res.update(probs.argmax(1), masks)
+        for j, index in enumerate(indices.tolist()):
+            record = {"name": store.samples[index].name, "car_id": store.samples[index].car_id}
+            if full_res:
+                pred = predictor.class_map(probs[j], store.full_sizes[index])
+                target = torch.from_numpy(store.full_mask(index)).to(predictor.device)
+                own = ConfusionMeter(len(names))
+                own.update(pred, target)
+                full.update(pred, target)
+                record["miou_full_res"] = own.compute(names)["miou"]
+            records.append(record)
+    result = {"model_res": model_res.compute(names), "records": records}
+    if full_res:
+        result["full_res"] = full.compute(names)
+    if loss_fn is not None:
+        result["loss"] = loss_sum / len(records)
+    return result
+
+
 # ---------------------------------------------------------------- evaluate.py on a checkpoint
 
 def select_samples(checkpoint: dict, data_dir, split, where=""):
-    """The samples of `split`: the checkpoint's validation cars, its training cars, or all of them."""
+    """The samples of `split`: the checkpoint's validation cars, its training cars, or all of them.
+
+    "Cars" are the split groups the run drew (its config's group_by), e.g. single photos for the Car Parts set.
+    """
     samples, problems = find_samples(data_dir)
     if split == "all":
         return samples, problems
@@ -100,8 +158,41 @@ def select_samples(checkpoint: dict, data_dir, split, where=""):
     return chosen, []
 
 
+def check_classes(checkpoint: dict, data_dir, where=""):
+    """ValueError naming both unless the data's classes (find_class_names) are the checkpoint's, in order.
+
+    A mask value is an index into the class list: with another list, or the same names in another
+    order, every score would be filed under the wrong class without any error.
+    """
+    found, trained = list(find_class_names(data_dir)), list(checkpoint["class_names"])
+    if found == trained:
+        return
+    only_data, only_checkpoint = [n for n in found if n not in trained], [n for n in trained if n not in found]
+    if only_data or only_checkpoint:
+        difference = f"only in the data: {only_data}; only in the checkpoint: {only_checkpoint}"
+    else:
+        at = next(i for i, (a, b) in enumerate(zip(found, trained)) if a != b)
+        difference = f"the same names in another order (class {at} is {found[at]!r} there, {trained[at]!r} here)"
+    raise ValueError(f"the classes of the data folder {data_dir} are not those checkpoint {where} was trained on: "
+                     f"{difference}\n  data:       {found}\n  checkpoint: {trained}")
+
+
+def load_split(checkpoint: dict, predictor: Predictor, cfg: EvaluateConfig) -> CarvanaDataset:
+    """The decoded samples of cfg.split as a dataset preprocessed for `predictor`, after checking the classes."""
+    data_dir = resolve_data_dir(cfg.data_dir)
+    check_classes(checkpoint, data_dir, cfg.checkpoint)
+    samples, problems = select_samples(checkpoint, data_dir, cfg.split, cfg.checkpoint)
+    store = prepare_store(samples, predictor.input_size, cfg.cache_dir, data_dir, problems,
+                          num_classes=len(checkpoint["class_names"]))
+    return CarvanaDataset(store, normalization=predictor.spec.normalization)
+
+
 def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
-    """Score a checkpoint and write per_image.csv, summary.json and the PNGs; returns the summary."""
+    """Score a checkpoint and write the reports (see the module docstring); returns the summary.
+
+    Raises ValueError for a --threshold given to a car-parts checkpoint, data whose classes differ
+    from the checkpoint's, or a split with none of the checkpoint's images (all before any scoring).
+    """
     cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or str(Path(cfg.checkpoint).parent / f"eval-{cfg.split}"))
     log.info("evaluating %s", cfg.checkpoint)
@@ -109,27 +200,52 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     if problem is not None:  # before scoring, not after
         raise ValueError(f"--out-dir {cfg.out_dir}: reports cannot be written there: {problem}")
     checkpoint = load_checkpoint(cfg.checkpoint)
+    classes = len(checkpoint["class_names"])
+    if classes > 2 and cfg.threshold is not None:
+        raise ValueError(f"--threshold {cfg.threshold}: checkpoint {cfg.checkpoint} is a {classes}-class parts model; "
+                         "each pixel takes its most probable class (argmax), which has no threshold to set")
     predictor = Predictor.from_checkpoint(checkpoint, cfg.device, cfg.precision, cfg.tta, cfg.threshold)
-    data_dir = resolve_data_dir(cfg.data_dir)
-    samples, problems = select_samples(checkpoint, data_dir, cfg.split, cfg.checkpoint)
-    store = prepare_store(samples, predictor.input_size, cfg.cache_dir, data_dir, problems)
-    dataset = CarvanaDataset(store, normalization=predictor.spec.normalization)
+    dataset = load_split(checkpoint, predictor, cfg)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, pin_memory=predictor.device.type == "cuda")
     start = time.perf_counter()
-    result = evaluate(predictor, loader, sweep=SWEEP_THRESHOLDS)
-    summary = {"checkpoint": str(cfg.checkpoint), "data_dir": str(data_dir), "split": cfg.split,
-               "out_dir": cfg.out_dir, "threshold": predictor.threshold, "precision": predictor.precision,
-               "tta": cfg.tta, "model_size": list(predictor.input_size), "cars": len({s.car_id for s in store.samples}),
-               "seconds": round(time.perf_counter() - start, 1), "full_res": result["full_res"],
-               "model_res": result["model_res"], "sweep": result["sweep"]}
-    ranked = sorted(result["records"], key=lambda r: r["dice_full_res"])
-    summary["worst"] = [{"name": r["name"], "dice_full_res": r["dice_full_res"]} for r in ranked[:cfg.worst_k]]
+    multiclass = predictor.spec.multiclass
+    result = evaluate(predictor, loader, sweep=() if multiclass else SWEEP_THRESHOLDS)
+    head = {"checkpoint": str(cfg.checkpoint), "data_dir": str(resolve_data_dir(cfg.data_dir)), "split": cfg.split,
+            "out_dir": cfg.out_dir}
+    summarise, write, draw = ((parts_summary, write_parts_reports, draw_parts_examples) if multiclass else
+                              (binary_summary, write_reports, draw_examples))
+    summary, ranked = summarise(head, result, predictor, dataset.store, cfg, time.perf_counter() - start)
     try:
-        write_reports(Path(cfg.out_dir), summary, ranked)
-        draw_examples(predictor, dataset, ranked, cfg)
+        write(Path(cfg.out_dir), summary, ranked)
+        draw(predictor, dataset, ranked, cfg)
     except OSError as err:  # the scores are still worth having: main prints them, then fails
         summary["report_error"] = str(err)
     return summary
+
+
+def binary_summary(head: dict, result: dict, predictor: Predictor, store, cfg, seconds: float):
+    """(summary, records ranked worst first by full-res Dice) of a binary model's `evaluate` result."""
+    summary = {**head, "threshold": predictor.threshold, "precision": predictor.precision,
+               "tta": cfg.tta, "model_size": list(predictor.input_size), "cars": len({s.car_id for s in store.samples}),
+               "seconds": round(seconds, 1), "full_res": result["full_res"],
+               "model_res": result["model_res"], "sweep": result["sweep"]}
+    ranked = sorted(result["records"], key=lambda r: r["dice_full_res"])
+    summary["worst"] = [{"name": r["name"], "dice_full_res": r["dice_full_res"]} for r in ranked[:cfg.worst_k]]
+    return summary, ranked
+
+
+def parts_summary(head: dict, result: dict, predictor: Predictor, store, cfg, seconds: float):
+    """(summary, records ranked worst first by full-res per-image mIoU) of a parts model's `evaluate` result.
+
+    An image with no part in its truth or its prediction has no mIoU (None): nothing to miss, it ranks last.
+    """
+    summary = {**head, "precision": predictor.precision, "tta": cfg.tta, "model_size": list(predictor.input_size),
+               "images": len(result["records"]), "groups": len({s.car_id for s in store.samples}),
+               "seconds": round(seconds, 1), "class_names": list(predictor.spec.class_names),
+               "full_res": result["full_res"], "model_res": result["model_res"]}
+    ranked = sorted(result["records"], key=lambda r: (r["miou_full_res"] is None, r["miou_full_res"] or 0.0))
+    summary["worst"] = [{"name": r["name"], "miou_full_res": r["miou_full_res"]} for r in ranked[:cfg.worst_k]]
+    return summary, ranked
 
 
 def write_reports(out_dir: Path, summary: dict, ranked: list):
@@ -145,15 +261,54 @@ def write_reports(out_dir: Path, summary: dict, ranked: list):
     plots.plot_threshold_sweep(summary["sweep"], out_dir / "threshold_sweep.png")
 
 
+def write_parts_reports(out_dir: Path, summary: dict, ranked: list):
+    """per_image.csv (worst first), per_class.csv (full res), summary.json and confusion.png (full res).
+
+    A score that does not exist (a class absent from truth and prediction) is an empty CSV cell, null in JSON.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"name": r["name"], "group": r["car_id"], "miou_full_res": r.get("miou_full_res")} for r in ranked]
+    atomic.write_text(out_dir / "per_image.csv", csv_text(["name", "group", "miou_full_res"], rows))
+    per_class = summary["full_res"]["per_class"]
+    rows = [{"class": name, "iou": s["iou"], "dice": s["dice"], "true_pixels": s["pixels"],
+             "predicted_pixels": s["predicted"]} for name, s in per_class.items()]
+    atomic.write_text(out_dir / "per_class.csv", csv_text(["class", "iou", "dice", "true_pixels", "predicted_pixels"],
+                                                          rows))
+    atomic.write_text(out_dir / "summary.json", compact_json(summary))
+    plots.plot_confusion_matrix(summary["full_res"]["confusion"], summary["class_names"], out_dir / "confusion.png",
+                                title=f"full-resolution confusion, {summary['split']} split: "
+                                      f"{Path(summary['checkpoint']).name}")
+
+
+def csv_text(fields: list, rows: list) -> str:
+    """CSV of dict rows; floats at full precision (repr), so they read back equal to summary.json's."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def compact_json(data) -> str:
+    """Indented JSON with each innermost list of integers on one line: a 19-class confusion matrix
+    takes 19 lines, not 400."""
+    return re.sub(r"\[\s+(-?\d+(?:,\s+-?\d+)*)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]",
+                  json.dumps(data, indent=2)) + "\n"
+
+
+def example_picks(store, ranked: list, cfg: EvaluateConfig) -> dict:
+    """{"worst.png": store indices of the first cfg.worst_k ranked records, "samples.png": a seeded random few}."""
+    by_name = {s.name: i for i, s in enumerate(store.samples)}
+    rng = np.random.default_rng(0)
+    return {"worst.png": [by_name[r["name"]] for r in ranked[:cfg.worst_k]],
+            "samples.png": sorted(rng.choice(len(store), min(cfg.num_samples, len(store)), replace=False).tolist())}
+
+
 def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig):
     """worst.png (the first, lowest-Dice, of the ranked records) and samples.png (a seeded random few)."""
     store = dataset.store
-    by_name = {s.name: i for i, s in enumerate(store.samples)}
-    rng = np.random.default_rng(0)
-    picks = {"worst.png": [by_name[r["name"]] for r in ranked[:cfg.worst_k]],
-             "samples.png": sorted(rng.choice(len(store), min(cfg.num_samples, len(store)), replace=False).tolist())}
     dice = {r["name"]: r["dice_full_res"] for r in ranked}
-    for filename, indices in picks.items():
+    for filename, indices in example_picks(store, ranked, cfg).items():
         if not indices:
             continue
         rows = []
@@ -167,8 +322,85 @@ def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, c
                                      title=f"{filename[:-4]}: {Path(cfg.checkpoint).name}")
 
 
+# The parts panels are composed at their final pixel size, so overlay outlines and legend text are
+# drawn 1:1 rather than shrunk into illegibility from full resolution.
+PANEL_HEIGHT = 240   # px of each photo in worst.png / samples.png
+PANEL_GAP = 8        # px of white between panels and between examples
+HEADING = 26         # px of the text strip above each panel
+
+
+def draw_parts_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig):
+    """worst.png (lowest per-image mIoU first) and samples.png (a seeded random few): per image one row
+    photo | truth overlay | predicted overlay, over a legend of the classes in either."""
+    store, names = dataset.store, list(predictor.spec.class_names)
+    colours = palette(len(names))
+    miou = {r["name"]: r.get("miou_full_res") for r in ranked}
+    for filename, indices in example_picks(store, ranked, cfg).items():
+        if not indices:
+            continue
+        rows = []
+        for index in indices:
+            images, _, _ = dataset[index]
+            pred = predictor.labels(images[None], [store.full_sizes[index]])[0]
+            sample = store.samples[index]
+            score = "no parts" if miou[sample.name] is None else f"mIoU {miou[sample.name]:.3f}"
+            rows.append(parts_row(sample.image, store.full_mask(index), pred, names, colours,
+                                  f"{sample.name}  {score}"))
+        title = f"{filename[:-4]}: {Path(cfg.checkpoint).name}, {cfg.split} split"
+        atomic.write_bytes(Path(cfg.out_dir) / filename, png_bytes(stack_rows(rows, title)))
+
+
+def parts_row(photo_path, truth: np.ndarray, pred: np.ndarray, names, colours, label: str) -> np.ndarray:
+    """One example, uint8 (h, w, 3): headed panels photo | ground truth | prediction, PANEL_HEIGHT tall at
+    the photo's aspect ratio, over the legend of the classes in truth or prediction.
+
+    truth, pred: uint8 (H, W) class maps at the photo's full size.
+    """
+    h, w = truth.shape
+    size = (max(1, round(w * PANEL_HEIGHT / h)), PANEL_HEIGHT)
+    photo, _ = load_image(photo_path, size)  # from the file: the store holds it squashed to the model's size
+    small = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in (truth, pred)]
+    panels = [photo] + [plots.parts_overlay(photo, m, colours) for m in small]
+    headed = [np.vstack([heading(text, size[0]), panel])
+              for text, panel in zip((label, "ground truth", "prediction"), panels)]
+    gap = np.full((PANEL_HEIGHT + HEADING, PANEL_GAP, 3), 255, np.uint8)
+    row = np.hstack([headed[0], gap, headed[1], gap, headed[2]])
+    present = sorted(set(np.unique(truth).tolist()) | set(np.unique(pred).tolist()))
+    return plots.with_legend(row, names, colours, present)
+
+
+def heading(text: str, width: int) -> np.ndarray:
+    """A white strip HEADING px tall with `text` in black (cut at `width`)."""
+    strip = np.full((HEADING, width, 3), 255, np.uint8)
+    cv2.putText(strip, text, (4, HEADING - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def stack_rows(rows: list, title: str) -> np.ndarray:
+    """Rows of different widths, left-aligned on white under a title strip, as one uint8 image."""
+    width = max(row.shape[1] for row in rows)
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255)
+    gap = np.full((PANEL_GAP, width, 3), 255, np.uint8)
+    parts = [pad(heading(title, width))]
+    for row in rows:
+        parts += [gap, pad(row)]
+    return np.vstack(parts)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """RGB uint8 (h, w, 3) -> PNG file bytes."""
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # OpenCV wants BGR
+    if not ok:
+        raise OSError(f"PNG encoding of a {image.shape[1]}x{image.shape[0]} image failed")
+    return encoded.tobytes()
+
+
+# ---------------------------------------------------------------- printing
+
 def format_summary(summary: dict) -> str:
-    """Human-readable headline, worst images and sweep."""
+    """Human-readable headline, worst images and sweep (binary), or the per-class table (parts)."""
+    if "class_names" in summary:
+        return format_parts_summary(summary)
     full, small = summary["full_res"], summary["model_res"]
     lines = [f"{summary['split']} split: {full['images']} images of {summary['cars']} cars from {summary['data_dir']}",
              f"full resolution   mean Dice {full['dice']:.5f}  mean IoU {full['iou']:.5f}  "
@@ -179,6 +411,44 @@ def format_summary(summary: dict) -> str:
              "worst images: " + ", ".join(f"{w['name']} {w['dice_full_res']:.4f}" for w in summary["worst"]),
              "threshold sweep (full-res Dice): " + "  ".join(f"{r['threshold']}:{r['dice']:.5f}" for r in summary["sweep"])]
     return "\n".join(lines)
+
+
+def format_parts_summary(summary: dict) -> str:
+    """The full-resolution per-class table (parts in class order, background apart below), the means
+    over the parts, pixel accuracy, the model-resolution means and the worst images."""
+    full, small, names = summary["full_res"], summary["model_res"], summary["class_names"]
+    scored = sum(full["per_class"][n]["iou"] is not None for n in names[1:])
+    parts = f"{len(names) - 1} parts" + (f" ({scored} occur)" if scored < len(names) - 1 else "")
+    means = [(f"mean IoU over the {parts}", full["miou"]), (f"mean Dice over the {parts}", full["mdice"]),
+             ("pixel accuracy", full["pixel_accuracy"])]
+    width = max(len(n) + 2 for n in names + ["class"])
+    width = max([width] + [len(label) for label, _ in means])
+    lines = [f"{summary['split']} split: {summary['images']} images ({summary['groups']} groups) from "
+             f"{summary['data_dir']}; model {summary['model_size'][0]}x{summary['model_size'][1]}, "
+             f"{summary['precision']}{', flip TTA' if summary.get('tta') else ''}",
+             "full resolution, scored from one confusion matrix over all pixels:"]
+    lines += class_table(full, names, width)
+    lines += [f"{label:<{width}}  {_score(value)}" for label, value in means]
+    lines += [f"model resolution: mean IoU {_score(small['miou']).strip()}  mean Dice {_score(small['mdice']).strip()}  "
+              f"pixel accuracy {_score(small['pixel_accuracy']).strip()}",
+              "worst images (per-image mIoU): " + ", ".join(f"{w['name']} {_score(w['miou_full_res']).strip()}"
+                                                           for w in summary["worst"])]
+    return "\n".join(lines)
+
+
+def class_table(scores: dict, names: list, width: int) -> list:
+    """Lines of class | IoU | Dice | share of the true pixels: the parts in order, then the background
+    under a rule; names indented by 2 in a column `width` wide."""
+    total = sum(s["pixels"] for s in scores["per_class"].values())
+    row = lambda n, s: f"  {n:<{width - 2}}  {_score(s['iou'])}  {_score(s['dice'])}  {100 * s['pixels'] / total:9.2f}%"
+    lines = [f"  {'class':<{width - 2}}  {'IoU':>7}  {'Dice':>7}  {'true px':>10}"]
+    lines += [row(n, scores["per_class"][n]) for n in names[1:]]
+    return lines + [f"  {'-' * (width + 26)}", row(names[0], scores["per_class"][names[0]])]
+
+
+def _score(value) -> str:
+    """A score in 7 characters; '-' for None (a class absent from both truth and prediction)."""
+    return f"{'-':>7}" if value is None else f"{value:7.4f}"
 
 
 def main(argv=None):

@@ -14,11 +14,14 @@ fp32 logits (B, C, h, w). `TorchRunner` runs a torch module under autocast; anot
 """
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import runtime
 from dataset import image_to_tensor, load_image
+from labels import BINARY_CLASSES, flip_permutation
 from model import load_checkpoint, load_model
 
 
@@ -26,17 +29,24 @@ from model import load_checkpoint, load_model
 class InferenceSpec:
     """What a checkpoint says about running its model, as plain data."""
     input_size: tuple   # (width, height) of the images the model sees
-    threshold: float    # probability above which a pixel is car
+    threshold: float    # binary models: probability above which a pixel is car
     normalization: dict  # {"mean": [r, g, b], "std": [r, g, b]} applied to images in [0, 1]
+    class_names: tuple = tuple(BINARY_CLASSES)  # index 0 the background; more than two: a multi-class model
 
     @classmethod
-    def from_config(cls, config: dict, normalization: dict) -> "InferenceSpec":
-        """From training options (a TrainConfig as a dict) and the model's normalisation."""
-        return cls((config["image_width"], config["image_height"]), config["threshold"], normalization)
+    def from_config(cls, config: dict, normalization: dict, class_names=BINARY_CLASSES) -> "InferenceSpec":
+        """From training options (a TrainConfig as a dict), the model's normalisation and its classes."""
+        return cls((config["image_width"], config["image_height"]), config["threshold"], normalization,
+                   tuple(class_names))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "InferenceSpec":
-        return cls.from_config(checkpoint["config"], checkpoint["normalization"])
+        return cls.from_config(checkpoint["config"], checkpoint["normalization"], checkpoint["class_names"])
+
+    @property
+    def multiclass(self) -> bool:
+        """One output channel per class (softmax, argmax) rather than one car channel (sigmoid, threshold)."""
+        return len(self.class_names) > 2
 
 
 class TorchRunner:
@@ -69,6 +79,8 @@ class Predictor:
     def __init__(self, runner, spec: InferenceSpec, tta: bool = False, threshold: float | None = None):
         self.runner, self.spec, self.tta = runner, spec, tta
         self.threshold = spec.threshold if threshold is None else threshold
+        # In a mirrored photo the left door is the right door: mirrored answers are relabelled back.
+        self.mirrored_classes = torch.from_numpy(flip_permutation(spec.class_names)) if spec.multiclass else None
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device="cpu", precision="fp32", tta=False, threshold=None) -> "Predictor":
@@ -114,7 +126,15 @@ class Predictor:
         if not self.tta:
             return self.runner(batch)
         plain, mirrored = self.runner(torch.cat([batch, batch.flip(-1)])).chunk(2)
-        return (plain + mirrored.flip(-1)) / 2
+        mirrored = mirrored.flip(-1)
+        if self.mirrored_classes is not None:  # channel c of the mirror answer is class perm[c] here
+            mirrored = mirrored[:, self.mirrored_classes.to(mirrored.device)]
+        return (plain + mirrored) / 2
+
+    def probs(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed batch -> probabilities (B, C, h, w): sigmoid of the car channel, or softmax over classes."""
+        logits = self.logits(batch)
+        return logits.softmax(1) if self.spec.multiclass else torch.sigmoid(logits)
 
     @staticmethod
     def upsample(probs: torch.Tensor, full_size) -> torch.Tensor:
@@ -125,14 +145,53 @@ class Predictor:
         w, h = full_size
         return F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
 
+    @staticmethod
+    def class_map(probs: torch.Tensor, full_size) -> torch.Tensor:
+        """Class probabilities (C, h, w) -> the most probable class per pixel (H, W) at full_size=(W, H),
+        taken after bilinear upsampling of the probabilities (as `upsample` does for one channel)."""
+        w, h = full_size
+        return F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+
+    def labels(self, batch: torch.Tensor, full_sizes) -> list:
+        """Preprocessed batch -> one uint8 class-index map (H, W) per image at its full_size=(W, H),
+        indexing spec.class_names (binary models: 0 background, 1 car)."""
+        probs = self.probs(batch)
+        if not self.spec.multiclass:
+            return [(self.upsample(prob, size) > self.threshold).to(torch.uint8).cpu().numpy()
+                    for prob, size in zip(probs, full_sizes)]
+        return [self.class_map(prob, size).to(torch.uint8).cpu().numpy() for prob, size in zip(probs, full_sizes)]
+
     def masks(self, batch: torch.Tensor, full_sizes) -> list:
-        """Preprocessed batch -> one uint8 0/255 mask (H, W) per image, each at its full_size=(W, H)."""
-        probs = torch.sigmoid(self.logits(batch))
+        """Preprocessed batch -> one uint8 0/255 car mask (H, W) per image, each at its full_size=(W, H).
+
+        A multi-class model's car mask is the union of its classes with its holes filled (see car_mask).
+        """
+        if self.spec.multiclass:
+            return [car_mask(labels) for labels in self.labels(batch, full_sizes)]
+        probs = self.probs(batch)
         return [((self.upsample(prob, full_size) > self.threshold).to(torch.uint8) * 255).cpu().numpy()
                 for prob, full_size in zip(probs, full_sizes)]
+
+    def predict_labels(self, paths) -> list:
+        """Photos on disk -> their full-size uint8 class-index maps (one batch; ValueError names an unreadable file)."""
+        decoded = [self.read(path) for path in paths]
+        return self.labels(self.preprocess([image for image, _ in decoded]), [size for _, size in decoded])
 
     def predict(self, paths) -> list:
         """Photos on disk -> their uint8 0/255 full-size masks (one batch; ValueError names an unreadable file)."""
         decoded = [self.read(path) for path in paths]
         return self.masks(self.preprocess([image for image, _ in decoded]), [size for _, size in decoded])
 
+
+
+def car_mask(labels: np.ndarray) -> np.ndarray:
+    """A car-parts class map (H, W) -> uint8 0/255 mask of the whole car: every non-background pixel,
+    with the holes inside each outer outline filled.
+
+    Part classes need not cover a car (the Car Parts Dataset has no roof, fender or side-panel class),
+    so the union alone has holes between the parts; filling each region's outer contour closes the
+    ones surrounded by parts. Gaps open to the background stay background.
+    """
+    union = (labels > 0).astype(np.uint8) * 255
+    contours, _ = cv2.findContours(union, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return cv2.drawContours(union, contours, -1, 255, thickness=cv2.FILLED)

@@ -3,7 +3,12 @@ Carvana metric), pooled Dice/IoU over all pixels of a dataset, and pixel accurac
 
 Convention: an image whose true mask and predicted mask are both empty scores Dice = IoU = 1 (a
 perfect answer), as the Carvana evaluation did; an empty truth with any predicted pixel scores 0.
+
+Multi-class (car parts): `ConfusionMeter` accumulates one confusion matrix over every pixel of a
+data set and scores each class from it, the dataset-level mIoU of the Cityscapes and PASCAL VOC
+benchmarks. There a class absent from both truth and prediction has no score (None), not 1.
 """
+import numpy as np
 import torch
 
 
@@ -84,3 +89,85 @@ RENAMED_RECORD_KEYS = {"val_dice": "val_dice_model_res", "val_iou": "val_iou_mod
 def with_current_names(record: dict) -> dict:
     """An epoch record (metrics.jsonl line) with older key names replaced by today's."""
     return {RENAMED_RECORD_KEYS.get(k, k): v for k, v in record.items()}
+
+
+def confusion_from(pred, target, num_classes: int) -> np.ndarray:
+    """(C, C) int64 confusion matrix of class-index maps: rows = true class, columns = predicted class.
+
+    pred and target: integer torch tensors or numpy arrays of one shape (any dims). Torch tensors are
+    counted on their own device, so only C * C numbers leave the GPU. Raises ValueError on a shape
+    mismatch or an index outside [0, C): bincount would silently file class C under the next row.
+    """
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    pred = _class_indices(pred, num_classes)
+    target = _class_indices(target, num_classes).to(pred.device)
+    counts = torch.bincount(target * num_classes + pred, minlength=num_classes ** 2)
+    return counts.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
+
+
+def _class_indices(a, num_classes: int) -> torch.Tensor:
+    """A flat int64 tensor of an integer (or bool) torch tensor or numpy array; ValueError outside [0, C)."""
+    if not isinstance(a, torch.Tensor):
+        a = np.asarray(a)
+        if a.dtype.kind not in "iub":
+            raise ValueError(f"expected integer class indices, got {a.dtype}")
+        a = torch.from_numpy(a.astype(np.int64))  # a copy: also takes flipped (negative-stride) views and uint16
+    elif a.is_floating_point() or a.is_complex():
+        raise ValueError(f"expected integer class indices, got {a.dtype}")
+    a = a.long().flatten()
+    if a.numel():
+        low, high = (v.item() for v in torch.aminmax(a))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"class indices must lie in [0, {num_classes}), found [{low}, {high}]")
+    return a
+
+
+def _ratio(numerator: int, denominator: int):
+    """numerator / denominator as a float, or None when the denominator is 0 (a class never seen)."""
+    return numerator / denominator if denominator else None
+
+
+class ConfusionMeter:
+    """Accumulates a (C, C) int64 confusion matrix: rows = true class, columns = predicted class."""
+
+    def __init__(self, num_classes: int):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2 (background and one part), got {num_classes}")
+        self.num_classes = num_classes
+        self.confusion = np.zeros((num_classes, num_classes), np.int64)
+
+    def update(self, pred, target):
+        """Add class-index maps (torch or numpy, same shape, any dims); every pixel counts, none is ignored."""
+        self.confusion += confusion_from(pred, target, self.num_classes)
+
+    def compute(self, class_names) -> dict:
+        """Per-class IoU/Dice and their means over the parts; see the module docstring for the conventions.
+
+        IoU = TP / (TP + FP + FN), Dice = 2 TP / (2 TP + FP + FN), both None for a class absent from
+        truth and prediction. "miou"/"mdice" average classes 1.. (background excluded, since it is most
+        of every photo and would flatter the mean) over the classes that have a score; None if none has.
+        "background_iou" is class 0's IoU (None only if no pixel is or is predicted background).
+        Raises ValueError before any update or when class_names does not name each class once.
+        """
+        if len(class_names) != self.num_classes or len(set(class_names)) != self.num_classes:
+            raise ValueError(f"need {self.num_classes} distinct class names, got {list(class_names)}")
+        total = int(self.confusion.sum())
+        if total == 0:
+            raise ValueError("ConfusionMeter.compute() called before update() added any pixels")
+        tp = np.diag(self.confusion).tolist()
+        true, predicted = self.confusion.sum(1).tolist(), self.confusion.sum(0).tolist()
+        per_class = {name: {"iou": _ratio(tp[c], true[c] + predicted[c] - tp[c]),
+                            "dice": _ratio(2 * tp[c], true[c] + predicted[c]),
+                            "pixels": true[c], "predicted": predicted[c]}
+                     for c, name in enumerate(class_names)}
+        parts = list(per_class.values())[1:]
+        return {"per_class": per_class, "miou": _mean_of_scored(parts, "iou"),
+                "mdice": _mean_of_scored(parts, "dice"), "background_iou": per_class[class_names[0]]["iou"],
+                "pixel_accuracy": sum(tp) / total, "confusion": self.confusion.tolist()}
+
+
+def _mean_of_scored(scores: list, key: str):
+    """Mean of score[key] over the entries where it is not None; None if it is None in all."""
+    values = [s[key] for s in scores if s[key] is not None]
+    return sum(values) / len(values) if values else None

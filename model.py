@@ -10,11 +10,15 @@ The U-Net (Ronneberger et al., 2015): a contracting encoder, a bottleneck and an
 joined by skip connections. Padded 3x3 convolutions with BatchNorm, so the output has the input's
 height and width for any size, odd ones included.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic import atomic_write
+from encoders import IMAGENET_NORMALIZATION, LITE0_CHANNELS, efficientnet_lite0
+from labels import BINARY_CLASSES
 from metrics import with_current_names
 
 # What a model expects of its input tensor: (x - mean) / std per RGB channel of an image in [0, 1].
@@ -107,16 +111,123 @@ class UNet(nn.Module):
         return self.outc(x)
 
 
+class DecoderBlock(nn.Module):
+    """Upsample to the skip's size, concatenate it, then (3x3 conv -> BatchNorm -> ReLU) twice."""
+
+    def __init__(self, in_channels, skip_channels, out_channels):
+        super().__init__()
+        self.conv = DoubleConv(in_channels + skip_channels, out_channels)
+
+    def forward(self, x, skip=None, size=None):
+        x = F.interpolate(x, size=skip.shape[-2:] if skip is not None else size, mode="bilinear", align_corners=False)
+        return self.conv(x if skip is None else torch.cat([x, skip], dim=1))
+
+
+class EfficientNetUNet(nn.Module):
+    """U-Net decoder on an ImageNet-pretrained EfficientNet-Lite0 encoder (as segmentation_models.pytorch's Unet).
+
+    The encoder's features at strides 32 -> 16, 8, 4, 2 feed four decoder blocks; a fifth block
+    (when decoder_channels has five widths) returns to the input's resolution, else the half-size
+    logits are upsampled bilinearly (cheaper: the full-size block costs most of the decoder). Logits (B, out_channels, H, W) for any H, W (the blocks
+    interpolate to each skip's size, so odd sizes need no padding).
+    """
+
+    arch = "unet_efficientnet_lite0"
+    normalization = IMAGENET_NORMALIZATION
+
+    def __init__(self, out_channels=1, decoder_channels=(128, 64, 32, 24, 16), pretrained=False):
+        super().__init__()
+        self.model_args = dict(out_channels=out_channels, decoder_channels=list(decoder_channels))
+        self.encoder = efficientnet_lite0(pretrained)
+        if len(decoder_channels) not in (4, 5):
+            raise ValueError(f"decoder_channels needs 4 or 5 widths, got {list(decoder_channels)}")
+        skips = list(reversed(LITE0_CHANNELS[:-1])) + [0]  # 112, 40, 24, 16, then none at full size
+        ins = [LITE0_CHANNELS[-1]] + list(decoder_channels[:-1])
+        self.blocks = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, decoder_channels))
+        self.head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=1)
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, out_channels, H, W)
+        *skips, x = self.encoder(images)
+        for block in self.blocks:
+            x = block(x, skips.pop()) if skips else block(x, size=images.shape[-2:])
+        logits = self.head(x)
+        if logits.shape[-2:] != images.shape[-2:]:  # four blocks end at half size: upsample the logits
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+
+class DeepLabV3(nn.Module):
+    """DeepLabV3 (Chen et al., 2017): torchvision's ASPP head on a backbone; logits (B, out_channels, H, W).
+
+    Backbones: torchvision's MobileNetV3-Large (output stride 16) and ResNet-50 (output stride 8),
+    as its `deeplabv3_*` builders make them, and EfficientNet-Lite0 (output stride 16, dilated by timm).
+    `pretrained`: ImageNet backbone weights; offline for EfficientNet-Lite0, downloaded by torchvision
+    (network needed) for the others.
+    """
+
+    normalization = IMAGENET_NORMALIZATION
+
+    def __init__(self, backbone, out_channels=1, pretrained=False):
+        super().__init__()
+        from torchvision.models import segmentation  # imported here: the U-Nets need no torchvision models
+        self.arch, self.model_args = f"deeplabv3_{backbone}", dict(out_channels=out_channels)
+        if backbone == "efficientnet_lite0":
+            self.backbone = efficientnet_lite0(pretrained, out_indices=(4,), output_stride=16)
+            self.head = segmentation.deeplabv3.DeepLabHead(LITE0_CHANNELS[-1], out_channels)
+        else:
+            build = getattr(segmentation, f"deeplabv3_{backbone}")
+            model = build(weights=None, weights_backbone=_torchvision_backbone(backbone) if pretrained else None,
+                          num_classes=out_channels, aux_loss=False)
+            self.backbone, self.head = model.backbone, model.classifier
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, out_channels, H, W)
+        features = self.backbone(images)
+        x = features[-1] if isinstance(features, list) else features["out"]
+        return F.interpolate(self.head(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _torchvision_backbone(backbone: str):
+    """torchvision's ImageNet weights enum for a backbone, downloaded now (RuntimeError offline, at once)."""
+    from torchvision import models
+    weights = {"mobilenet_v3_large": models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+               "resnet50": models.ResNet50_Weights.IMAGENET1K_V1}[backbone]
+    try:
+        weights.get_state_dict(progress=False, check_hash=True)  # cached in $TORCH_HOME after the first time
+    except OSError as err:  # URLError (no network) is an OSError
+        raise RuntimeError(f"--pretrained-backbone: torchvision's {backbone} ImageNet weights cannot be downloaded "
+                           f"from {weights.url} ({err}); connect to the internet once, or train without "
+                           "--pretrained-backbone (EfficientNet-Lite0 backbones have offline weights)") from None
+    return weights
+
+
 # ---------------------------------------------------------------- the registry
 
-ARCHITECTURES = {cls.arch: cls for cls in (UNet,)}
+ARCHITECTURES = {
+    "unet": UNet,
+    "unet_efficientnet_lite0": EfficientNetUNet,
+    "deeplabv3_mobilenet_v3_large": functools.partial(DeepLabV3, "mobilenet_v3_large"),
+    "deeplabv3_resnet50": functools.partial(DeepLabV3, "resnet50"),
+    "deeplabv3_efficientnet_lite0": functools.partial(DeepLabV3, "efficientnet_lite0"),
+}
+# Where ImageNet weights exist without a network (--pretrained); the others download them (--pretrained-backbone).
+OFFLINE_PRETRAINED = ("unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0")
+DOWNLOADED_PRETRAINED = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50")
 
 
-def build_model(arch: str, **model_args) -> nn.Module:
-    """A freshly initialised model of a registered architecture; ValueError names an unknown one."""
+def build_model(arch: str, pretrained: bool = False, **model_args) -> nn.Module:
+    """A model of a registered architecture; ValueError names an unknown one.
+
+    pretrained: start the encoder from ImageNet weights (architectures in OFFLINE_PRETRAINED and
+    DOWNLOADED_PRETRAINED only; RuntimeError when they cannot be had). Checkpoints are rebuilt with
+    pretrained=False: their own weights replace the encoder's.
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[arch](**model_args)
+    if not pretrained:
+        return ARCHITECTURES[arch](**model_args)
+    if arch not in OFFLINE_PRETRAINED + DOWNLOADED_PRETRAINED:
+        raise ValueError(f"{arch} has no pretrained weights")
+    return ARCHITECTURES[arch](pretrained=True, **model_args)
 
 
 def load_model(checkpoint: dict) -> nn.Module:
@@ -145,11 +256,13 @@ def checkpoint_for(model: nn.Module, config: dict, **extra) -> dict:
     """A checkpoint of `model` (uncompiled): plain data and tensors only, loadable with weights_only=True.
 
     `config` is the training options as a dict (it must hold image_width, image_height and
-    threshold); machine-local paths are dropped from it. `extra` adds keys (epoch, history, optimizer...).
+    threshold); machine-local paths are dropped from it. `extra` adds keys (class_names, epoch,
+    history, optimizer...); `class_names` (index 0 the background) defaults to BINARY_CLASSES.
     """
     missing = [name for name in INFERENCE_OPTIONS if name not in config]
     if missing:
         raise ValueError(f"a checkpoint's config needs {', '.join(missing)}")
+    extra.setdefault("class_names", list(BINARY_CLASSES))
     return {"format_version": CHECKPOINT_FORMAT, "arch": model.arch, "model_args": dict(model.model_args),
             "model": model.state_dict(), "normalization": {k: list(v) for k, v in model.normalization.items()},
             "config": {k: v for k, v in config.items() if k not in LOCAL_OPTIONS}, **extra}
@@ -182,6 +295,11 @@ def load_checkpoint(path) -> dict:
             or any(k not in checkpoint for k in required) \
             or any(k not in checkpoint["config"] for k in INFERENCE_OPTIONS):
         raise ValueError(f"checkpoint {path} is not a train.py checkpoint (format {CHECKPOINT_FORMAT})")
+    checkpoint.setdefault("class_names", list(BINARY_CLASSES))  # written before multi-class models
+    names, out_channels = checkpoint["class_names"], checkpoint["model_args"].get("out_channels", 1)
+    if not (isinstance(names, list) and len(names) >= 2 and out_channels == (len(names) if len(names) > 2 else 1)):
+        raise ValueError(f"checkpoint {path}: its class_names {names!r} do not fit a model of {out_channels} "
+                         "output channel(s) (one for two classes, else one per class)")
     config = checkpoint["config"]
     sizes_ok = all(isinstance(config[k], int) and config[k] > 0 for k in ("image_width", "image_height"))
     if not (sizes_ok and isinstance(config["threshold"], (int, float)) and 0 < config["threshold"] < 1):

@@ -27,12 +27,12 @@ import plots
 import runtime
 from batchnorm import recompute_batchnorm
 from config import TrainConfig, parse_config, resolve_data_dir
-from dataset import (CarvanaDataset, build_transform, describe_split, find_samples, prepare_store, regroup,
-                     split_by_car)
+from dataset import (CarvanaDataset, build_transform, describe_split, find_class_names, find_samples, prepare_store,
+                     regroup, split_by_car)
 from evaluate import evaluate
 from inference import InferenceSpec, Predictor, TorchRunner
-from losses import BCEDiceLoss
-from model import build_model, checkpoint_for, load_checkpoint, save_checkpoint
+from losses import BCEDiceLoss, CEDiceLoss
+from model import OFFLINE_PRETRAINED, build_model, checkpoint_for, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 # Options that change what the weights mean or which cars are validation: a resume may not change them.
@@ -55,15 +55,17 @@ class TrainState:
     scaler: torch.amp.GradScaler
     val_cars: list              # the validation car ids, sorted
     train_cars: list            # the training car ids, sorted
+    class_names: list           # what the masks' values index, background first (binary: background, car)
     epoch: int = 0              # epochs completed
     global_step: int = 0        # optimisation steps taken
-    best_val_dice: float = -1.0  # best validation Dice so far (full resolution where validated so)
+    best_val_dice: float = -1.0  # best selection_score so far: Dice, or mean IoU over the parts for multi-class
     history: list = field(default_factory=list)  # one record per epoch, as in metrics.jsonl
     pending: dict | None = None  # the last epoch's training figures while it is not yet validated
 
     def checkpoint(self, cfg: TrainConfig, resumable: bool = True) -> dict:
         """last.pt (resumable: with optimizer, scheduler and scaler) or best.pt / interrupted.pt (without)."""
-        extra = {"val_cars": self.val_cars, "train_cars": self.train_cars, "epoch": self.epoch,
+        extra = {"class_names": self.class_names, "val_cars": self.val_cars, "train_cars": self.train_cars,
+                 "epoch": self.epoch,
                  "global_step": self.global_step, "best_val_dice": self.best_val_dice,
                  "metrics": self.history[-1] if self.history else {}, "history": self.history}
         if resumable:
@@ -99,15 +101,36 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def model_args(cfg: TrainConfig) -> dict:
-    """The architecture's constructor arguments among the options."""
-    return {"base_channels": cfg.base_channels, "depth": cfg.depth, "bilinear": cfg.bilinear}
+def model_args(cfg: TrainConfig, class_names) -> dict:
+    """The architecture's constructor arguments: one output channel for car/background, else one per class."""
+    args = {"out_channels": len(class_names) if len(class_names) > 2 else 1}
+    if cfg.arch == "unet":
+        args.update(base_channels=cfg.base_channels, depth=cfg.depth, bilinear=cfg.bilinear)
+    return args
+
+
+def build_model_for(cfg: TrainConfig, class_names):
+    """A new model for this run; EfficientNet-Lite0 encoders start from their offline ImageNet weights."""
+    pretrained = (cfg.pretrained and cfg.arch in OFFLINE_PRETRAINED) or cfg.pretrained_backbone
+    model = build_model(cfg.arch, pretrained=pretrained, **model_args(cfg, class_names))
+    log.info("model %s (%.2f M parameters), encoder %s", cfg.arch, sum(p.numel() for p in model.parameters()) / 1e6,
+             "from ImageNet weights" if pretrained else "trained from scratch")
+    return model
+
+
+def build_loss(cfg: TrainConfig, class_names) -> torch.nn.Module:
+    if len(class_names) > 2:
+        return CEDiceLoss(cfg.bce_weight, cfg.dice_weight)
+    return BCEDiceLoss(cfg.bce_weight, cfg.dice_weight, cfg.boundary_weight)
 
 
 def build_stores(cfg: TrainConfig):
-    """Find, split (by car) and decode all samples, failing before training on any problem."""
+    """Find, split (by car) and decode all samples, failing before training on any problem.
+
+    Returns (training store, validation store, class names)."""
     data_dir = resolve_data_dir(cfg.data_dir)
     samples, problems = find_samples(data_dir)
+    class_names = find_class_names(data_dir)
     samples = regroup(samples, cfg.group_by)
     if cfg.max_cars:
         keep = set(sorted({s.car_id for s in samples})[:cfg.max_cars])
@@ -124,13 +147,15 @@ def build_stores(cfg: TrainConfig):
     for warning in warnings:
         log.warning("%s", warning)
     size = (cfg.image_width, cfg.image_height)
-    store = prepare_store(train_samples + val_samples, size, cfg.cache_dir, data_dir, problems)
+    store = prepare_store(train_samples + val_samples, size, cfg.cache_dir, data_dir, problems, len(class_names))
     n = len(train_samples)
     train_store, val_store = store.subset(range(n)), store.subset(range(n, len(store)))
     log.info("data %s: %d training images of %d cars, %d validation images of %d cars, at %dx%d",
              data_dir, len(train_store), len({s.car_id for s in train_samples}), len(val_store),
              len({s.car_id for s in val_samples}), *size)
-    return train_store, val_store
+    if len(class_names) > 2:
+        log.info("%d classes: %s", len(class_names), ", ".join(class_names))
+    return train_store, val_store, class_names
 
 
 def _worker_init(worker_id):
@@ -139,14 +164,14 @@ def _worker_init(worker_id):
     info.dataset.reseed(info.seed % 2**31)
 
 
-def training_transform(cfg):
+def training_transform(cfg, class_names):
     """The augmentation and random crop every training sample goes through."""
-    return build_transform(cfg.augment, (cfg.crop_width, cfg.crop_height) if cfg.crop_width else None)
+    return build_transform(cfg.augment, (cfg.crop_width, cfg.crop_height) if cfg.crop_width else None, class_names)
 
 
-def build_loaders(cfg, train_store, val_store, device, normalization):
+def build_loaders(cfg, train_store, val_store, device, normalization, class_names):
     pin = device.type == "cuda"
-    train_set = CarvanaDataset(train_store, training_transform(cfg), normalization)
+    train_set = CarvanaDataset(train_store, training_transform(cfg, class_names), normalization)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
         num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator(),
@@ -156,13 +181,13 @@ def build_loaders(cfg, train_store, val_store, device, normalization):
     return train_loader, val_loader
 
 
-def batchnorm_batches(cfg, train_set: CarvanaDataset):
+def batchnorm_batches(cfg, train_set: CarvanaDataset, class_names):
     """Batches for recompute_batchnorm: a fixed, seeded draw of augmented training samples (crops too).
 
     They must look like training batches: statistics of whole images, when the model trained on crops,
     cost 0.011 Dice here. The same draw every time, so a resumed run recomputes the same statistics.
     """
-    dataset = CarvanaDataset(train_set.store, training_transform(cfg), train_set.normalization)
+    dataset = CarvanaDataset(train_set.store, training_transform(cfg, class_names), train_set.normalization)
     dataset.reseed(cfg.seed)
     count = min(cfg.precise_bn, len(dataset))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:count].tolist()
@@ -225,8 +250,8 @@ def validate(run: Run, predictor: Predictor, state: TrainState, loaders) -> dict
     """Recompute BatchNorm statistics (--precise-bn), then score the validation cars: evaluate()'s result."""
     cfg, (train_loader, val_loader) = run.cfg, loaders
     if cfg.precise_bn:
-        recompute_batchnorm(state.model, batchnorm_batches(cfg, train_loader.dataset), run.device, run.precision,
-                            cfg.channels_last)
+        recompute_batchnorm(state.model, batchnorm_batches(cfg, train_loader.dataset, state.class_names), run.device,
+                            run.precision, cfg.channels_last)
     state.model.eval()  # (the compiled model shares the module) the next train_one_epoch switches it back
     return evaluate(predictor, val_loader, cfg.full_res_val, loss_fn=run.loss_fn)
 
@@ -236,7 +261,7 @@ def run_epochs(run: Run, model, state: TrainState, loaders):
     cfg, (train_loader, _) = run.cfg, loaders
     # Validation runs the model being trained (compiled, if it is) through the one inference path.
     predictor = Predictor(TorchRunner(model, run.device, run.precision, cfg.channels_last),
-                          InferenceSpec.from_config(dataclasses.asdict(cfg), state.model.normalization))
+                          InferenceSpec.from_config(dataclasses.asdict(cfg), state.model.normalization, state.class_names))
     if state.pending is not None:  # resumed between an epoch's training and its validation
         finish_epoch(run, predictor, state, loaders)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -260,14 +285,15 @@ def finish_epoch(run: Run, predictor: Predictor, state: TrainState, loaders):
     result = validate(run, predictor, state, loaders)
     record = {"epoch": pending["epoch"], "step": pending["step"], "train_loss": pending["train_loss"],
               "val_loss": result["loss"]}
-    if run.cfg.full_res_val:
-        record.update(val_dice_full_res=result["full_res"]["dice"], val_iou_full_res=result["full_res"]["iou"])
-    record.update(val_dice_model_res=result["model_res"]["dice"], val_iou_model_res=result["model_res"]["iou"],
-                  lr=state.scheduler.get_last_lr()[0], images_per_s=pending["images_per_s"],
+    # Binary: mean per-image Dice and IoU. Multi-class: mean IoU and Dice over the parts, pixel accuracy.
+    names = ("miou", "mdice", "pixel_accuracy") if len(state.class_names) > 2 else ("dice", "iou")
+    for res in ("full_res", "model_res") if run.cfg.full_res_val else ("model_res",):
+        record.update({f"val_{name}_{res}": result[res][name] for name in names})
+    record.update(lr=state.scheduler.get_last_lr()[0], images_per_s=pending["images_per_s"],
                   seconds=pending["train_seconds"] + time.perf_counter() - start)
     state.history.append(record)
     state.pending = None
-    score = record.get("val_dice_full_res", record["val_dice_model_res"])
+    score = selection_score(record)
     improved = score > state.best_val_dice
     state.best_val_dice = max(state.best_val_dice, score)
     save_checkpoint(run.dir / "last.pt", state.checkpoint(run.cfg))
@@ -277,8 +303,22 @@ def finish_epoch(run: Run, predictor: Predictor, state: TrainState, loaders):
     log_epoch(run.cfg, record)
 
 
+def selection_score(record: dict) -> float:
+    """What best.pt is chosen by: validation Dice (binary) or mean IoU over the parts, at full resolution
+    where validated so."""
+    name = "val_miou" if "val_miou_model_res" in record else "val_dice"
+    return record.get(f"{name}_full_res", record[f"{name}_model_res"])
+
+
 def log_epoch(cfg, record):
     """The one log line per epoch."""
+    if "val_miou_model_res" in record:
+        res = "full_res" if "val_miou_full_res" in record else "model_res"
+        log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val mIoU %.4f  mDice %.4f  pixel acc %.4f (%s)  "
+                 "lr %.2e  %.1f img/s  %.0fs", record["epoch"], cfg.epochs, record["train_loss"], record["val_loss"],
+                 record[f"val_miou_{res}"], record[f"val_mdice_{res}"], record[f"val_pixel_accuracy_{res}"],
+                 res.replace("_", "-"), record["lr"], record["images_per_s"], record["seconds"])
+        return
     full = f"full-res {record['val_dice_full_res']:.5f} (IoU {record['val_iou_full_res']:.5f}), " \
         if "val_dice_full_res" in record else ""
     log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val Dice %smodel-res %.5f  lr %.2e  %.1f img/s  %.0fs",
@@ -352,29 +392,28 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
                          f"{run_dir} cannot be written: {problem}")
     if cfg.resume:  # fail fast, before decoding
         resumed = check_resumable(cfg, resumed if resumed is not None else load_checkpoint(resume_path(cfg.resume)))
+    train_store, val_store, class_names = build_stores(cfg)
     seed_everything(cfg.seed)
-    raw_model = build_model(cfg.arch, **model_args(cfg)).to(device)
+    raw_model = build_model_for(cfg, class_names).to(device)
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
-    train_store, val_store = build_stores(cfg)
-    loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization)
+    loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization, class_names)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(loaders[0]))
     state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),
                        val_cars=sorted({s.car_id for s in val_store.samples}),
-                       train_cars=sorted({s.car_id for s in train_store.samples}))
+                       train_cars=sorted({s.car_id for s in train_store.samples}), class_names=class_names)
     if resumed is not None:
         check_same_cars(cfg, resumed, state)
         state.restore(resumed)
     # Static shapes: training crops and whole validation images get a graph each. Dynamic-shape
     # graphs of this model failed to compile in bf16 with torch 2.14 (an inductor TypeError).
     model = torch.compile(raw_model, dynamic=False) if cfg.compile else raw_model
-    run = Run(cfg, run_dir, device, precision, BCEDiceLoss(cfg.bce_weight, cfg.dice_weight, cfg.boundary_weight))
+    run = Run(cfg, run_dir, device, precision, build_loss(cfg, class_names))
     run_dir.mkdir(parents=True, exist_ok=True)
     # The options as given, minus --resume: replaying the file with --config starts a new run.
     replay = dataclasses.asdict(dataclasses.replace(cfg, resume=""))
     atomic.write_text(run_dir / "config.json", json.dumps(replay, indent=2) + "\n")
-    log.info("run %s: %s, %s, %s with base_channels %d, depth %d (%.2f M parameters)", run_dir, device, precision,
-             cfg.arch, cfg.base_channels, cfg.depth, sum(p.numel() for p in raw_model.parameters()) / 1e6)
+    log.info("run %s: %s, %s", run_dir, device, precision)
     try:
         run_epochs(run, model, state, loaders)
     except KeyboardInterrupt:
@@ -428,8 +467,9 @@ def main(argv=None):
               file=sys.stderr)
         raise SystemExit(130)
     best = Path(summary["run_dir"]) / "best.pt"
-    log.info("done: best validation Dice %.5f (full resolution); next:\n  python evaluate.py --checkpoint %s"
-             "\n  python predict.py PHOTOS... --checkpoint %s --out-dir masks/", summary["best_val_dice"], best, best)
+    log.info("done: best validation %s %.5f; next:\n  python evaluate.py --checkpoint %s"
+             "\n  python predict.py PHOTOS... --checkpoint %s --out-dir masks/",
+             "mIoU" if "val_miou_model_res" in summary else "Dice", summary["best_val_dice"], best, best)
     return summary
 
 

@@ -137,3 +137,67 @@ def carvana_dir() -> Path:
             pytest.fail(reason + "; CARVANA_REQUIRED=1 makes this a failure", pytrace=False)
         pytest.skip(reason)
     return path
+
+
+# ---------------------------------------------------------------- real Car Parts data
+
+@pytest.fixture(scope="session")
+def carparts_dir() -> Path:
+    """The Car Parts Dataset's training folder (annotations.json + JPEGImages/): $CARPARTS_DIR, else
+    ../shared/carparts/trainingset; skips when absent, or fails instead when CARVANA_REQUIRED=1."""
+    path = Path(os.environ.get("CARPARTS_DIR") or REPO_ROOT.parent / "shared" / "carparts" / "trainingset").expanduser()
+    if not (path / "annotations.json").is_file():
+        reason = f"the Car Parts Dataset was not found at {path} (set CARPARTS_DIR, or put it at ../shared/carparts)"
+        if os.environ.get("CARVANA_REQUIRED") == "1":
+            pytest.fail(reason + "; CARVANA_REQUIRED=1 makes this a failure", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+# ---------------------------------------------------------------- synthetic car parts (COCO)
+
+PART_CATEGORIES = [{"id": 1, "name": "_background_"}, {"id": 2, "name": "left_door"},
+                   {"id": 3, "name": "right_door"}, {"id": 4, "name": "wheel"}]
+PART_COLOURS = {2: (200, 40, 40), 3: (40, 40, 200), 4: (30, 30, 30)}
+
+
+def parts_picture(index: int, size=IMAGE_SIZE):
+    """An RGB photo with a "left door" (red, left half), a "right door" (blue, right half) and a dark
+    "wheel" drawn over the doors, and the COCO polygons of the three, [(category_id, [x, y, ...])]."""
+    w, h = size
+    rng = np.random.default_rng(index)
+    dx, dy = int(rng.integers(-4, 5)), int(rng.integers(-3, 4))
+    shapes = [(2, [8 + dx, 12 + dy, w // 2 + dx, 12 + dy, w // 2 + dx, h - 14 + dy, 8 + dx, h - 14 + dy]),
+              (3, [w // 2 + dx, 12 + dy, w - 8 + dx, 12 + dy, w - 8 + dx, h - 14 + dy, w // 2 + dx, h - 14 + dy]),
+              (4, [w // 2 - 10 + dx, h - 24 + dy, w // 2 + 10 + dx, h - 24 + dy, w // 2 + 10 + dx, h - 8 + dy,
+                   w // 2 - 10 + dx, h - 8 + dy])]
+    photo = Image.new("RGB", size, (235, 235, 240))
+    draw = ImageDraw.Draw(photo)
+    for category, polygon in shapes:
+        draw.polygon(polygon, fill=PART_COLOURS[category])
+    image = np.asarray(photo).astype(np.int16) + rng.integers(-8, 9, size=(h, w, 3), dtype=np.int16)
+    return np.clip(image, 0, 255).astype(np.uint8), shapes
+
+
+def write_coco_dataset(root: Path, count: int = 12, size=IMAGE_SIZE) -> Path:
+    """root/annotations.json (COCO polygons of 3 parts + a background category) + root/JPEGImages/; returns root."""
+    import json
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(count):
+        image, shapes = parts_picture(i, size)
+        name = f"part{i:03d}.jpg"
+        Image.fromarray(image).save(root / "JPEGImages" / name, quality=95)
+        images.append({"id": i + 1, "file_name": name, "width": size[0], "height": size[1]})
+        for category, polygon in shapes:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": category,
+                                "segmentation": [polygon], "iscrowd": 0})
+    coco = {"images": images, "annotations": annotations, "categories": PART_CATEGORIES}
+    (root / "annotations.json").write_text(json.dumps(coco))
+    return root
+
+
+@pytest.fixture
+def coco_dir(tmp_path) -> Path:
+    """A COCO-layout car-parts set: 12 96x64 photos, classes background, left_door, right_door, wheel."""
+    return write_coco_dataset(tmp_path / "coco")

@@ -417,7 +417,7 @@ def test_disk_cache_is_used_and_identical(kaggle_dir, tmp_path, monkeypatch):
     assert problems == [] and len(list(cache.glob("*.npz"))) == len(samples)
     calls = []
 
-    def no_decoding(sample, size):
+    def no_decoding(sample, size, num_classes=2):
         calls.append(sample.name)
         raise ValueError(f"decode_sample called for {sample.name}")
 

@@ -109,7 +109,7 @@ def test_the_runner_uses_the_memory_format_it_is_given(channels_last):
 
 
 # The project's modules, lowest layer first: each may import only modules listed before it.
-LAYERS = ["config", "runtime", "atomic", "metrics", "losses", "plots", "model", "dataset", "batchnorm",
+LAYERS = ["config", "runtime", "atomic", "metrics", "losses", "labels", "plots", "encoders", "model", "dataset", "batchnorm",
           "inference", "evaluate", "train", "predict", "export", "bench"]
 
 

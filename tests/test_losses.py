@@ -1,11 +1,12 @@
-"""Protects the loss (soft Dice, BCE + Dice) against hand-computed values, dtype drift and NaN gradients."""
+"""Protects the losses (soft Dice, BCE + Dice; multi-class Dice, CE + Dice) against hand-computed values,
+dtype drift and NaN gradients."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import BCEDiceLoss, boundary_weights, soft_dice_loss
+from losses import BCEDiceLoss, CEDiceLoss, boundary_weights, multiclass_soft_dice_loss, soft_dice_loss
 
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 0.75, sigmoid(-ln 3) = 0.25
 
@@ -123,3 +124,105 @@ def test_boundary_weighted_bce_by_hand():
     w = [1, 4, 4, 4, 4, 1, 1]
     expected = sum(a * b for a, b in zip(w, per_pixel)) / sum(w)
     assert BCEDiceLoss(1.0, 0.0, boundary_weight=3.0)(logits, targets).item() == pytest.approx(expected, abs=1e-6)
+
+
+# ---- multi-class (car parts): cross-entropy + soft Dice over class-index targets ----
+
+# A 2x2 image with 3 classes: class 0 on the top row, class 1 and 2 one pixel each.
+PARTS = torch.tensor([[[0, 0], [1, 2]]])
+
+
+def perfect_logits(targets, num_classes, scale=40.0):
+    """(B, C, H, W) logits with +scale on each pixel's true class and 0 elsewhere."""
+    return F.one_hot(targets, num_classes).permute(0, 3, 1, 2).float() * scale
+
+
+@pytest.mark.parametrize("num_classes", [3, 5])  # 5: classes 3 and 4 absent, and predicted absent
+def test_multiclass_dice_of_a_perfect_prediction_is_zero(num_classes):
+    logits = perfect_logits(PARTS, num_classes)
+    assert multiclass_soft_dice_loss(logits, PARTS).item() == pytest.approx(0.0, abs=1e-6)
+    assert multiclass_soft_dice_loss(logits, PARTS, ignore_background=True).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("eps, ignore_background, expected", [
+    # Uniform logits: p = 1/3 on each of the 4 pixels. N = 4, true counts n = (2, 1, 1).
+    # Class c: I = n_c / 3, sum(p) = 4/3, sum(t) = n_c.
+    # eps 1: class 0 (2/3*2 + 1) / (4/3 + 2 + 1) = 7/13; classes 1, 2: (2/3 + 1) / (4/3 + 1 + 1) = 1/2
+    (1.0, False, 1 - (7 / 13 + 1 / 2 + 1 / 2) / 3),   # 19/39
+    # eps 0: class 0 (4/3) / (10/3) = 2/5; classes 1, 2: (2/3) / (7/3) = 2/7
+    (0.0, False, 1 - (2 / 5 + 2 / 7 + 2 / 7) / 3),     # 71/105
+    (1.0, True, 1 - (1 / 2 + 1 / 2) / 2),              # background left out: 1/2
+])
+def test_multiclass_dice_of_uniform_logits_by_hand(eps, ignore_background, expected):
+    logits = torch.zeros(1, 3, 2, 2)
+    got = multiclass_soft_dice_loss(logits, PARTS, eps=eps, ignore_background=ignore_background)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_class_absent_from_the_targets_is_still_penalised_for_predicted_mass():
+    # All 4 pixels class 0, uniform over 2 classes (p = 1/2):
+    # class 0: (2*2 + 1) / (2 + 4 + 1) = 5/7; class 1 (absent): (0 + 1) / (2 + 0 + 1) = 1/3
+    targets = torch.zeros(1, 2, 2, dtype=torch.long)
+    got = multiclass_soft_dice_loss(torch.zeros(1, 2, 2, 2), targets)
+    assert got.item() == pytest.approx(1 - (5 / 7 + 1 / 3) / 2, abs=1e-6)  # 10/21
+
+
+def test_multiclass_dice_pools_the_whole_batch():
+    # Sums over B, H and W: two images in a batch score as one image of both side by side.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, generator=g)
+    targets = torch.randint(0, 4, (2, 3, 5), generator=g)
+    side_by_side = multiclass_soft_dice_loss(torch.cat(list(logits), 2)[None], torch.cat(list(targets), 1)[None])
+    assert multiclass_soft_dice_loss(logits, targets).item() == pytest.approx(side_by_side.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_multiclass_gradient_flows_and_is_finite(scale):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 4, 3, 3, generator=g) * scale).requires_grad_()
+    targets = torch.randint(0, 4, (2, 3, 3), generator=g)
+    loss = CEDiceLoss()(logits, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_multiclass_losses_are_fp32_for_bf16_logits():
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(2, 5, 4, 4, generator=g) * 2).bfloat16()
+    targets = torch.randint(0, 5, (2, 4, 4), generator=g)
+    for loss_fn in (multiclass_soft_dice_loss, CEDiceLoss()):
+        loss = loss_fn(logits, targets)
+        assert loss.dtype == torch.float32
+        assert torch.equal(loss, loss_fn(logits.float(), targets))  # the upcast is exact
+
+
+@pytest.mark.parametrize("ce_weight, dice_weight", [(1.0, 1.0), (0.4, 1.7), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_ce_dice_is_the_weighted_sum_of_its_parts(ce_weight, dice_weight):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 6, 5, 4, generator=g) * 3
+    targets = torch.randint(0, 6, (3, 5, 4), generator=g)
+    ce, dice = F.cross_entropy(logits, targets), multiclass_soft_dice_loss(logits, targets)
+    got = CEDiceLoss(ce_weight, dice_weight)(logits, targets)
+    assert got.item() == pytest.approx(ce_weight * ce.item() + dice_weight * dice.item(), abs=1e-6)
+    if dice_weight == 0:
+        assert torch.equal(got, ce_weight * ce)  # the Dice term is off, not merely small
+
+
+def test_uint8_targets_are_accepted():
+    targets = PARTS.to(torch.uint8)
+    assert CEDiceLoss()(torch.zeros(1, 3, 2, 2), targets).item() == pytest.approx(
+        CEDiceLoss()(torch.zeros(1, 3, 2, 2), PARTS).item(), abs=1e-7)
+
+
+@pytest.mark.parametrize("targets, match", [
+    (torch.tensor([[[0, 0], [1, 3]]]), r"\[0, 3\)"),          # class 3 of 3
+    (torch.tensor([[[0, 255], [1, 2]]]), r"\[0, 3\)"),        # a "void" label
+    (torch.tensor([[[0, -1], [1, 2]]]), r"\[0, 3\)"),
+    (PARTS.float(), "integer class indices"),
+    (PARTS[:, :1], "targets"),                                # (1, 1, 2) vs logits (1, 3, 2, 2)
+])
+def test_bad_class_targets_raise_value_error(targets, match):
+    for loss_fn in (multiclass_soft_dice_loss, CEDiceLoss()):
+        with pytest.raises(ValueError, match=match):
+            loss_fn(torch.zeros(1, 3, 2, 2), targets)

@@ -46,7 +46,7 @@ def test_model_args_rebuild_an_identical_architecture(bilinear):
 
 def test_the_registry_knows_the_unet_and_names_unknown_architectures():
     assert ARCHITECTURES["unet"] is UNet
-    with pytest.raises(ValueError, match="'resnet9000'.*registered: unet"):
+    with pytest.raises(ValueError, match="'resnet9000'.*registered: deeplabv3_efficientnet_lite0, .*unet"):
         build_model("resnet9000")
 
 

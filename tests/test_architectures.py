@@ -1,0 +1,147 @@
+"""The roadmap's architectures: shapes for any input size, the offline ImageNet encoder (key mapping
+and weights), pretrained-weight options, and checkpoints that rebuild every architecture."""
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+import config
+import encoders
+import model as model_module
+from model import ARCHITECTURES, build_model, checkpoint_for, load_checkpoint, load_model, save_checkpoint
+
+NEW_ARCHS = [a for a in ARCHITECTURES if a != "unet"]
+SMALL = {"deeplabv3_resnet50": (40, 56)}  # ResNet-50 at output stride 8 is heavy: keep its input small
+
+
+def test_config_and_registry_name_the_same_architectures():
+    assert tuple(ARCHITECTURES) == config.ARCHS
+    assert model_module.OFFLINE_PRETRAINED == config.OFFLINE_PRETRAINED
+    assert model_module.DOWNLOADED_PRETRAINED == config.DOWNLOADED_PRETRAINED
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("out_channels", [1, 5])
+def test_any_input_size_gives_logits_of_that_size(arch, out_channels):
+    net = build_model(arch, out_channels=out_channels).eval()
+    height, width = SMALL.get(arch, (70, 99))  # odd and not a multiple of 32
+    with torch.no_grad():
+        logits = net(torch.rand(2, 3, height, width))
+    assert logits.shape == (2, out_channels, height, width)
+    assert net.normalization == encoders.IMAGENET_NORMALIZATION
+
+
+@pytest.mark.parametrize("decoder_channels", [(32, 16, 16, 8), (32, 16, 16, 8, 8)])
+def test_the_unet_decoder_ends_at_half_or_full_size(decoder_channels):
+    net = build_model("unet_efficientnet_lite0", out_channels=2, decoder_channels=decoder_channels)
+    logits = net(torch.rand(2, 3, 64, 96))
+    assert logits.shape == (2, 2, 64, 96)
+    logits.mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    with pytest.raises(ValueError, match="4 or 5 widths"):
+        build_model("unet_efficientnet_lite0", decoder_channels=(8, 8))
+
+
+def test_lukemelas_keys_map_to_timm_names_by_stage():
+    # EfficientNet-Lite0 stages hold 1, 2, 2, 3, 3, 4, 1 blocks; block 0 has no expansion convolution.
+    assert encoders.timm_key("_conv_stem.weight") == "conv_stem.weight"
+    assert encoders.timm_key("_bn0.running_var") == "bn1.running_var"
+    assert encoders.timm_key("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
+    assert encoders.timm_key("_blocks.0._bn2.bias") == "blocks.0.0.bn2.bias"
+    assert encoders.timm_key("_blocks.1._expand_conv.weight") == "blocks.1.0.conv_pw.weight"
+    assert encoders.timm_key("_blocks.2._bn1.weight") == "blocks.1.1.bn2.weight"
+    assert encoders.timm_key("_blocks.3._project_conv.weight") == "blocks.2.0.conv_pwl.weight"
+    assert encoders.timm_key("_blocks.14._bn2.weight") == "blocks.5.3.bn3.weight"
+    assert encoders.timm_key("_blocks.15._depthwise_conv.weight") == "blocks.6.0.conv_dw.weight"
+    assert encoders.timm_key("_conv_head.weight") == "conv_head.weight"
+    assert encoders.timm_key("_fc.bias") == "classifier.bias"
+
+
+def test_the_installed_imagenet_weights_fill_timms_network_exactly():
+    import timm
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = encoders.lite0_state_dict()
+    net.load_state_dict(state, strict=True)  # every tensor named and shaped as timm's
+    assert len(state) == len(net.state_dict()) == 296
+
+
+def test_pretrained_encoders_start_from_the_imagenet_weights():
+    state = encoders.lite0_state_dict()
+    for arch in model_module.OFFLINE_PRETRAINED:
+        net = build_model(arch, pretrained=True)
+        stem = net.encoder.conv_stem if hasattr(net, "encoder") else net.backbone.conv_stem
+        assert torch.equal(stem.weight, state["conv_stem.weight"]), arch
+        assert not torch.equal(build_model(arch).state_dict()[next(iter(net.state_dict()))],
+                               net.state_dict()[next(iter(net.state_dict()))])
+
+
+def test_architectures_without_offline_weights_refuse_pretrained():
+    with pytest.raises(ValueError, match="unet has no pretrained weights"):
+        build_model("unet", pretrained=True)
+
+
+def test_a_backbone_download_without_network_fails_at_once_naming_the_option(monkeypatch):
+    from torchvision.models import MobileNet_V3_Large_Weights
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(type(MobileNet_V3_Large_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match="--pretrained-backbone: torchvision's mobilenet_v3_large ImageNet weights "
+                                           "cannot be downloaded"):
+        build_model("deeplabv3_mobilenet_v3_large", pretrained=True)
+
+
+def test_config_refuses_options_that_do_not_fit_the_architecture():
+    with pytest.raises(ValueError, match="pretrained_backbone.*applies to deeplabv3_mobilenet_v3_large"):
+        config.TrainConfig(arch="unet_efficientnet_lite0", pretrained_backbone=True)
+    with pytest.raises(ValueError, match="batch_size.*image-pooling"):
+        config.TrainConfig(arch="deeplabv3_efficientnet_lite0", batch_size=1)
+    with pytest.raises(ValueError, match="image_width.*at least 32"):
+        config.TrainConfig(arch="deeplabv3_efficientnet_lite0", image_width=16, crop_width=0, crop_height=0)
+    # Encoders interpolate, so sizes need not be multiples of anything.
+    config.TrainConfig(arch="unet_efficientnet_lite0", image_width=500, image_height=333, crop_width=250, crop_height=170)
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_a_checkpoint_rebuilds_every_architecture_alone(arch, tmp_path):
+    torch.manual_seed(0)
+    net = build_model(arch, out_channels=3).eval()
+    cfg = {"image_width": 64, "image_height": 48, "threshold": 0.5}
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, checkpoint_for(net, cfg, class_names=["background", "left_door", "right_door"]))
+    checkpoint = load_checkpoint(path)
+    twin = load_model(checkpoint).eval()
+    images = torch.rand(2, 3, 48, 64)
+    with torch.no_grad():
+        assert torch.equal(net(images), twin(images))
+    assert checkpoint["arch"] == arch and checkpoint["class_names"][1] == "left_door"
+
+
+def test_class_names_must_fit_the_output_channels(tmp_path):
+    net = build_model("unet_efficientnet_lite0", out_channels=3)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, checkpoint_for(net, {"image_width": 64, "image_height": 48, "threshold": 0.5},
+                                         class_names=["background", "a", "b", "c"]))
+    with pytest.raises(ValueError, match="class_names .* do not fit a model of 3 output channel"):
+        load_checkpoint(path)
+
+
+def test_the_imagenet_classifier_sees_cars_in_carvana_photos(carvana_dir):
+    """The mapped weights are the trained network: ImageNet's car classes win on real photos."""
+    import timm
+    from PIL import Image
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net.load_state_dict(encoders.lite0_state_dict())
+    net.eval()
+    mean = np.array(encoders.IMAGENET_NORMALIZATION["mean"])
+    std = np.array(encoders.IMAGENET_NORMALIZATION["std"])
+    photos = sorted((carvana_dir / "train").glob("*.jpg"))[:32:4]
+    batch = torch.stack([torch.from_numpy(((np.asarray(Image.open(p).convert("RGB").resize((224, 224)), np.float32)
+                                            / 255 - mean) / std).astype(np.float32)).permute(2, 0, 1) for p in photos])
+    with torch.no_grad():
+        probs = net(batch).softmax(1)
+    # ImageNet-1k classes of cars and car parts (sports car, convertible, minivan, cab, car wheel, ...)
+    cars = [407, 436, 468, 479, 511, 581, 609, 627, 656, 661, 705, 717, 734, 751, 817, 864, 867]
+    assert probs[:, cars].sum(1).min() > 0.3
+    assert probs[:, cars].sum(1).mean() > 0.6
