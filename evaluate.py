@@ -31,7 +31,6 @@ import re
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -322,13 +321,6 @@ def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, c
                                      title=f"{filename[:-4]}: {Path(cfg.checkpoint).name}")
 
 
-# The parts panels are composed at their final pixel size, so overlay outlines and legend text are
-# drawn 1:1 rather than shrunk into illegibility from full resolution.
-PANEL_HEIGHT = 240   # px of each photo in worst.png / samples.png
-PANEL_GAP = 8        # px of white between panels and between examples
-HEADING = 26         # px of the text strip above each panel
-
-
 def draw_parts_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig):
     """worst.png (lowest per-image mIoU first) and samples.png (a seeded random few): per image one row
     photo | truth overlay | predicted overlay, over a legend of the classes in either."""
@@ -344,55 +336,12 @@ def draw_parts_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: l
             pred = predictor.labels(images[None], [store.full_sizes[index]])[0]
             sample = store.samples[index]
             score = "no parts" if miou[sample.name] is None else f"mIoU {miou[sample.name]:.3f}"
-            rows.append(parts_row(sample.image, store.full_mask(index), pred, names, colours,
-                                  f"{sample.name}  {score}"))
+            truth = store.full_mask(index)
+            # from the file: the store holds the photo squashed to the model's input size
+            photo, _ = load_image(sample.image, plots.panel_size(truth.shape))
+            rows.append(plots.parts_row(photo, truth, pred, names, colours, f"{sample.name}  {score}"))
         title = f"{filename[:-4]}: {Path(cfg.checkpoint).name}, {cfg.split} split"
-        atomic.write_bytes(Path(cfg.out_dir) / filename, png_bytes(stack_rows(rows, title)))
-
-
-def parts_row(photo_path, truth: np.ndarray, pred: np.ndarray, names, colours, label: str) -> np.ndarray:
-    """One example, uint8 (h, w, 3): headed panels photo | ground truth | prediction, PANEL_HEIGHT tall at
-    the photo's aspect ratio, over the legend of the classes in truth or prediction.
-
-    truth, pred: uint8 (H, W) class maps at the photo's full size.
-    """
-    h, w = truth.shape
-    size = (max(1, round(w * PANEL_HEIGHT / h)), PANEL_HEIGHT)
-    photo, _ = load_image(photo_path, size)  # from the file: the store holds it squashed to the model's size
-    small = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in (truth, pred)]
-    panels = [photo] + [plots.parts_overlay(photo, m, colours) for m in small]
-    headed = [np.vstack([heading(text, size[0]), panel])
-              for text, panel in zip((label, "ground truth", "prediction"), panels)]
-    gap = np.full((PANEL_HEIGHT + HEADING, PANEL_GAP, 3), 255, np.uint8)
-    row = np.hstack([headed[0], gap, headed[1], gap, headed[2]])
-    present = sorted(set(np.unique(truth).tolist()) | set(np.unique(pred).tolist()))
-    return plots.with_legend(row, names, colours, present)
-
-
-def heading(text: str, width: int) -> np.ndarray:
-    """A white strip HEADING px tall with `text` in black (cut at `width`)."""
-    strip = np.full((HEADING, width, 3), 255, np.uint8)
-    cv2.putText(strip, text, (4, HEADING - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    return strip
-
-
-def stack_rows(rows: list, title: str) -> np.ndarray:
-    """Rows of different widths, left-aligned on white under a title strip, as one uint8 image."""
-    width = max(row.shape[1] for row in rows)
-    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255)
-    gap = np.full((PANEL_GAP, width, 3), 255, np.uint8)
-    parts = [pad(heading(title, width))]
-    for row in rows:
-        parts += [gap, pad(row)]
-    return np.vstack(parts)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """RGB uint8 (h, w, 3) -> PNG file bytes."""
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # OpenCV wants BGR
-    if not ok:
-        raise OSError(f"PNG encoding of a {image.shape[1]}x{image.shape[0]} image failed")
-    return encoded.tobytes()
+        atomic.write_bytes(Path(cfg.out_dir) / filename, plots.png_bytes(plots.stack_rows(rows, title)))
 
 
 # ---------------------------------------------------------------- printing

@@ -33,9 +33,12 @@ BINARY_CLASSES = [BACKGROUND, "car"]  # what a binary (car/background) mask inde
 EDGE_TOLERANCE = 2.0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Kelly's colours of maximum contrast (without white and black), for the classes after the background.
-KELLY_COLOURS = ["F3C300", "875692", "F38400", "A1CAF1", "BE0032", "C2B280", "848482", "008856", "E68FAC",
-                 "0067A5", "F99379", "604E97", "F6A600", "B3446C", "DCD300", "882D17", "8DB600", "654522",
-                 "E25822", "2B3D26"]
+# Sasha Trubetskoy's 20 distinct colours ("List of 20 Simple, Distinct Colors", 2017), strongest first:
+# in the Car Parts order no two parts share a hue family (Kelly's list gave the back-left door and the
+# hood two oranges).
+DISTINCT_COLOURS = ["E6194B", "3CB44B", "FFE119", "4363D8", "F58231", "911EB4", "42D4F4", "F032E6", "BFEF45",
+                    "FABED4", "469990", "DCBEFF", "9A6324", "FFFAC8", "800000", "AAFFC3", "808000", "FFD8B1",
+                    "000075", "A9A9A9"]
 
 
 @dataclass(frozen=True)
@@ -285,10 +288,10 @@ def flip_permutation(class_names) -> np.ndarray:
 
 
 def palette(num_classes: int) -> np.ndarray:
-    """uint8 (num_classes, 3) distinct colours: black background, Kelly's colours, then an HSV spread."""
+    """uint8 (num_classes, 3) distinct colours: black background, DISTINCT_COLOURS, then an HSV spread."""
     if not 1 <= num_classes <= 256:
         raise ValueError(f"num_classes must be in 1..256, got {num_classes}")
-    colours = [(0, 0, 0)] + [tuple(bytes.fromhex(c)) for c in KELLY_COLOURS]
+    colours = [(0, 0, 0)] + [tuple(bytes.fromhex(c)) for c in DISTINCT_COLOURS]
     for i in range(num_classes - len(colours)):
         # Golden-ratio hue steps never repeat; cycling value and saturation separates near hues further.
         hue = (i * 0.618033988749895) % 1.0

@@ -188,3 +188,60 @@ def with_legend(image: np.ndarray, class_names, colours, present=None) -> np.nda
     names = [class_names[c] for c in present] or ["(no parts found)"]
     swatches = [colours[c] for c in present] or [(255, 255, 255)]
     return np.vstack([image, legend_image(names, swatches, image.shape[1])])
+
+
+# The parts panels are composed at their final pixel size, so overlay outlines and legend text are
+# drawn 1:1 rather than shrunk into illegibility from full resolution.
+PANEL_HEIGHT = 240   # px of each photo in worst.png / samples.png
+PANEL_GAP = 8        # px of white between panels and between examples
+HEADING = 26         # px of the text strip above each panel
+
+
+def panel_size(shape) -> tuple:
+    """(width, height) of a parts panel for a photo of shape (H, W, ...): PANEL_HEIGHT tall, same aspect."""
+    h, w = shape[:2]
+    return max(1, round(w * PANEL_HEIGHT / h)), PANEL_HEIGHT
+
+
+def parts_row(photo: np.ndarray, truth: np.ndarray, pred: np.ndarray, names, colours, label: str) -> np.ndarray:
+    """One example, uint8 (h, w, 3): headed panels photo | ground truth | prediction, PANEL_HEIGHT tall at
+    the photo's aspect ratio, over the legend of the classes in truth or prediction.
+
+    photo: uint8 (PANEL_HEIGHT, w, 3) at panel_size(truth.shape); truth, pred: uint8 (H, W) class maps
+    at the photo's full size.
+    """
+    size = panel_size(truth.shape)
+    small = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in (truth, pred)]
+    panels = [photo] + [parts_overlay(photo, m, colours) for m in small]
+    headed = [np.vstack([heading(text, size[0]), panel])
+              for text, panel in zip((label, "ground truth", "prediction"), panels)]
+    gap = np.full((PANEL_HEIGHT + HEADING, PANEL_GAP, 3), 255, np.uint8)
+    row = np.hstack([headed[0], gap, headed[1], gap, headed[2]])
+    present = sorted(set(np.unique(truth).tolist()) | set(np.unique(pred).tolist()))
+    return with_legend(row, names, colours, present)
+
+
+def heading(text: str, width: int) -> np.ndarray:
+    """A white strip HEADING px tall with `text` in black (cut at `width`)."""
+    strip = np.full((HEADING, width, 3), 255, np.uint8)
+    cv2.putText(strip, text, (4, HEADING - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def stack_rows(rows: list, title: str) -> np.ndarray:
+    """Rows of different widths, left-aligned on white under a title strip, as one uint8 image."""
+    width = max(row.shape[1] for row in rows)
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255)
+    gap = np.full((PANEL_GAP, width, 3), 255, np.uint8)
+    parts = [pad(heading(title, width))]
+    for row in rows:
+        parts += [gap, pad(row)]
+    return np.vstack(parts)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """RGB uint8 (h, w, 3) -> PNG file bytes."""
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # OpenCV wants BGR
+    if not ok:
+        raise OSError(f"PNG encoding of a {image.shape[1]}x{image.shape[0]} image failed")
+    return encoded.tobytes()

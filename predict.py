@@ -3,6 +3,10 @@
     python predict.py photos/ more/*.jpg --out-dir masks/ --cutout
 
 For each input, OUT_DIR/<stem>_mask.png is a single-channel 0/255 PNG of the input's own size.
+With a car-parts (multi-class) checkpoint, OUT_DIR/<stem>_parts.png is also written: a palette
+("P") PNG whose pixel values index the class names listed one per line in OUT_DIR/classes.txt, and
+the mask is the whole car (the parts' union, holes filled); --overlay then colours the parts and
+adds a legend of the classes present under the photo.
 A file that cannot be read is reported with its reason and the rest are still processed; the exit
 status is 1 if any input failed. Outputs are written atomically and never over an input.
 """
@@ -10,23 +14,29 @@ import csv
 import glob
 import io
 import logging
-import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 import atomic
 from config import PredictConfig, parse_config, resolve_checkpoint
 from dataset import IMAGE_EXTENSIONS, load_image, rle_encode
-from inference import Predictor
+from inference import Predictor, car_mask
+from labels import palette
+from plots import parts_overlay, with_legend
 
 log = logging.getLogger(__name__)
-OUTPUT_SUFFIXES = ("_mask.png", "_overlay.jpg", "_cutout.png")
+OUTPUT_SUFFIXES = ("_mask.png", "_parts.png", "_overlay.jpg", "_cutout.png")
+LEGEND_WIDTHS = (128, 640)  # photo widths between which the overlay's legend is drawn at its own size
+LEGEND_MIN_SHARE = 1e-4  # a class on a smaller share of the photo's pixels is left out of the legend
+CLASSES_FILE = "classes.txt"  # a multi-class run's class names, one per line: what _parts.png values mean
 
 
 def collect_inputs(inputs, recursive=False):
@@ -62,6 +72,8 @@ def output_paths(paths, out_dir: Path):
         seen[mask_path] = path
         outputs[path] = mask_path
     inputs = set(paths)
+    if out_dir.resolve() / CLASSES_FILE in inputs:
+        raise ValueError(f"refusing to write over input {CLASSES_FILE}; choose another --out-dir")
     for mask_path in outputs.values():
         for suffix in OUTPUT_SUFFIXES:
             if mask_path.with_name(mask_path.name.replace("_mask.png", suffix)) in inputs:
@@ -97,6 +109,16 @@ def encode(ext: str, array: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
+def encode_parts(labels: np.ndarray, colours: np.ndarray) -> bytes:
+    """A class-index map uint8 (H, W) -> palette PNG bytes: the pixel values stay the class indices
+    (np.asarray(Image.open(...)) reads them back) and `colours` (C, 3) shows them in colour."""
+    image = Image.fromarray(labels)
+    image.putpalette(colours.tobytes())  # an "L" image given a palette becomes "P", values untouched
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # fast, as for the masks; label maps compress well anyway
+    return buffer.getvalue()
+
+
 def write_outputs(path: Path, mask_path: Path, pred_mask: np.ndarray, cfg: PredictConfig):
     """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout; returns (mask path, RLE)."""
     atomic.write_bytes(mask_path, encode(".png", pred_mask))
@@ -109,9 +131,64 @@ def write_outputs(path: Path, mask_path: Path, pred_mask: np.ndarray, cfg: Predi
             tinted[car] = (0.55 * image[car] + 0.45 * np.array([0, 200, 80])).astype(np.uint8)
             atomic.write_bytes(mask_path.with_name(f"{path.stem}_overlay.jpg"), encode(".jpg", tinted[..., ::-1]))
         if cfg.cutout:
-            rgba = np.dstack([image[..., ::-1], pred_mask])  # OpenCV writes BGRA
-            atomic.write_bytes(mask_path.with_name(f"{path.stem}_cutout.png"), encode(".png", rgba))
+            write_cutout(path, mask_path, image, pred_mask)
     return mask_path, rle
+
+
+def write_part_outputs(path: Path, mask_path: Path, labels: np.ndarray, cfg: PredictConfig, class_names):
+    """A multi-class model's outputs for one photo from its class-index map uint8 (H, W): the car mask,
+    <stem>_parts.png and, if asked, the parts overlay with its legend and the cutout; returns (mask path, RLE)."""
+    colours = palette(len(class_names))
+    pred_mask = car_mask(labels)  # what Predictor.masks gives, without running the model a second time
+    atomic.write_bytes(mask_path, encode(".png", pred_mask))
+    atomic.write_bytes(mask_path.with_name(f"{path.stem}_parts.png"), encode_parts(labels, colours))
+    rle = rle_encode(pred_mask) if cfg.rle_csv else None
+    if cfg.overlay or cfg.cutout:
+        image, _ = load_image(path)  # full resolution, upright RGB
+        if cfg.overlay:
+            shown = legend_classes(labels, len(class_names))
+            overlay = legend_under(parts_overlay(image, labels, colours), class_names, colours, shown)
+            atomic.write_bytes(mask_path.with_name(f"{path.stem}_overlay.jpg"), encode(".jpg", overlay[..., ::-1]))
+        if cfg.cutout:
+            write_cutout(path, mask_path, image, pred_mask)
+    return mask_path, rle
+
+
+def legend_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The class indices the overlay's legend lists: those on at least LEGEND_MIN_SHARE of the pixels
+    of the class-index map (H, W), background included (with_legend drops it).
+
+    Why not every class present: a model's stray specks (6 'wheel' pixels of 262144 on a bonnet) put
+    entries in the legend that send the reader looking for a part that cannot be seen. _parts.png
+    keeps every pixel.
+    """
+    counts = np.bincount(labels.ravel(), minlength=num_classes)
+    return np.flatnonzero(counts >= max(1.0, LEGEND_MIN_SHARE * labels.size))
+
+
+def legend_under(overlay: np.ndarray, class_names, colours, present) -> np.ndarray:
+    """The overlay (H, W, 3) with the legend of the `present` classes under it (plots.with_legend),
+    uint8 (H + legend height, W, 3).
+
+    plots draws the legend in fixed pixel sizes, right for a photo about LEGEND_WIDTHS[1] wide. A wider
+    photo gets that legend enlarged, so it keeps its share of the picture (text 10 px high under a
+    4000 px photo is a grey line once the photo is shown on a screen); a photo narrower than
+    LEGEND_WIDTHS[0] gets a shrunk one rather than none (plots refuses widths under one swatch).
+    """
+    width = overlay.shape[1]
+    drawn = int(np.clip(width, *LEGEND_WIDTHS))
+    if drawn == width:
+        return with_legend(overlay, class_names, colours, present)
+    legend = with_legend(np.zeros((0, drawn, 3), np.uint8), class_names, colours, present)  # the strip alone
+    height = max(1, round(legend.shape[0] * width / drawn))
+    legend = cv2.resize(legend, (width, height), interpolation=cv2.INTER_CUBIC if width > drawn else cv2.INTER_AREA)
+    return np.vstack([overlay, legend])
+
+
+def write_cutout(path: Path, mask_path: Path, image: np.ndarray, pred_mask: np.ndarray):
+    """<stem>_cutout.png: the photo (H, W, 3) RGB with the mask (H, W) 0/255 as its alpha channel."""
+    rgba = np.dstack([image[..., ::-1], pred_mask])  # OpenCV writes BGRA
+    atomic.write_bytes(mask_path.with_name(f"{path.stem}_cutout.png"), encode(".png", rgba))
 
 
 def _read(predictor, path):
@@ -138,6 +215,8 @@ def predict_files(cfg: PredictConfig):
     """Predict every input; returns (written mask paths, {input: error message}).
 
     With cfg.rle_csv, the masks are also written run-length encoded to that CSV, in input order.
+    A multi-class checkpoint also writes each photo's <stem>_parts.png and OUT_DIR/classes.txt.
+    Raises ValueError (OSError) before loading the model when the outputs cannot be written.
     """
     checkpoint_path = resolve_checkpoint(cfg.checkpoint)
     log.info("predicting with %s", checkpoint_path)
@@ -147,6 +226,8 @@ def predict_files(cfg: PredictConfig):
     outputs = output_paths(paths, out_dir)
     prepare_outputs(cfg)  # before any work: a folder that cannot be written fails now, not after every image
     predictor = Predictor.from_checkpoint(checkpoint_path, cfg.device, cfg.precision, cfg.tta, cfg.threshold)
+    multiclass = predictor.spec.multiclass
+    write = _writer(predictor, cfg)
     written, rles = [], {}
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
             tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
@@ -154,9 +235,11 @@ def predict_files(cfg: PredictConfig):
         pending = deque()
         for batch in _batches(decoded, cfg.batch_size, failures, bar):
             images = predictor.preprocess([image for _, (image, _) in batch])
-            pred_masks = predictor.masks(images, [full_size for _, (_, full_size) in batch])
-            for (path, _), pred_mask in zip(batch, pred_masks):
-                pending.append((path, writers.submit(write_outputs, path, outputs[path], pred_mask, cfg)))
+            full_sizes = [full_size for _, (_, full_size) in batch]
+            # Multi-class: the class maps; each writer derives its car mask from its map (car_mask).
+            predictions = predictor.labels(images, full_sizes) if multiclass else predictor.masks(images, full_sizes)
+            for (path, _), prediction in zip(batch, predictions):
+                pending.append((path, writers.submit(write, path, outputs[path], prediction, cfg)))
             while pending and (pending[0][1].done() or len(pending) > 4 * cfg.batch_size):
                 _collect(pending.popleft(), written, rles, failures, bar)
         while pending:
@@ -165,7 +248,38 @@ def predict_files(cfg: PredictConfig):
         text = io.StringIO()
         csv.writer(text, lineterminator="\n").writerows([("img", "rle_mask")] + [(p.name, rles[p]) for p in paths if p in rles])
         atomic.write_text(Path(cfg.rle_csv), text.getvalue())  # csv quotes names with commas
-    return written, {str(k): v for k, v in failures.items()}
+    failures = {str(k): v for k, v in failures.items()}
+    _report(cfg, multiclass, written, failures)
+    return written, failures
+
+
+def _writer(predictor, cfg: PredictConfig):
+    """The per-photo writer for the predictor's kind of model: write_outputs for a car/background
+    model; for a multi-class one write_part_outputs bound to its class names, after writing
+    OUT_DIR/classes.txt (first, so that even an interrupted run's part maps say what their values mean)."""
+    if not predictor.spec.multiclass:
+        return write_outputs
+    if cfg.threshold is not None:
+        log.warning("--threshold is ignored: a multi-class model takes each pixel's most probable class")
+    class_names = predictor.spec.class_names
+    atomic.write_text(Path(cfg.out_dir) / CLASSES_FILE, "".join(f"{name}\n" for name in class_names))
+    return partial(write_part_outputs, class_names=class_names)
+
+
+def _report(cfg: PredictConfig, multiclass: bool, written, failures):
+    """Log each failure, then the end-of-run line: which outputs, for how many photos, how many failed.
+    Here rather than in main: only predict_files knows whether the model wrote part maps."""
+    for message in failures.values():
+        log.error("failed: %s", message)
+    log.info("wrote %s for %d photo(s) to %s; %d input(s) failed",
+             describe_outputs(cfg, multiclass), len(written), cfg.out_dir, len(failures))
+
+
+def describe_outputs(cfg: PredictConfig, multiclass: bool) -> str:
+    """What a run writes per photo, in words, e.g. 'masks, part maps (classes.txt) and overlays'."""
+    kinds = ["masks"] + [f"part maps ({CLASSES_FILE})"] * multiclass + ["overlays"] * cfg.overlay \
+        + ["cutouts"] * cfg.cutout + [f"RLE rows in {cfg.rle_csv}"] * bool(cfg.rle_csv)
+    return ", ".join(kinds[:-1]) + " and " + kinds[-1] if len(kinds) > 1 else kinds[0]
 
 
 def _batches(decoded, batch_size, failures, bar):
@@ -201,9 +315,6 @@ def main(argv=None):
         written, failures = predict_files(cfg)
     except (OSError, ValueError) as err:  # FileNotFoundError, an output folder that cannot be written...
         raise SystemExit(f"error: {err}")
-    for message in failures.values():
-        log.error("failed: %s", message)
-    print(f"wrote {len(written)} mask(s) to {cfg.out_dir}; {len(failures)} input(s) failed")
     if failures:
         sys.exit(1)
     return written

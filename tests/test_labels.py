@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from labels import (BACKGROUND, Shapes, flip_permutation, load_class_mask, palette, read_class_names,
+from labels import (BACKGROUND, flip_permutation, load_class_mask, palette, read_class_names,
                     read_coco)
 
 CARPARTS = Path(__file__).resolve().parents[2] / "shared" / "carparts" / "trainingset"
