@@ -15,6 +15,7 @@ from pathlib import Path
 
 DEFAULT_DATA_DIR = "data/carvana"
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "carvana_unet.pt"
+BUNDLED_PARTS_CHECKPOINT = BUNDLED_CHECKPOINT.with_name("carparts.pt")  # the car-parts model
 CHECKPOINT_HELP = ("default: the bundled checkpoints/carvana_unet.pt, else the newest "
                    "checkpoints/<run>/best.pt under the current folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

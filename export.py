@@ -1,6 +1,7 @@
 """Slim a training checkpoint into a model to ship: fp16 weights and what evaluate/predict need.
 
     python export.py checkpoints/<run>/best.pt                # -> checkpoints/carvana_unet.pt (the bundled model)
+                                                              #    or checkpoints/carparts.pt for a parts model
     python export.py checkpoints/<run>/best.pt --out my.pt
 
 Drops optimizer/scheduler state and stores floating-point weights as fp16 (half the size); the
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import BUNDLED_CHECKPOINT
+from config import BUNDLED_CHECKPOINT, BUNDLED_PARTS_CHECKPOINT
 from inference import Predictor
 from model import load_checkpoint, save_checkpoint
 
@@ -53,9 +54,12 @@ def check_same_masks(original, slim):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt)")
-    parser.add_argument("--out", default=str(BUNDLED_CHECKPOINT), help="where to write (default: the bundled model)")
+    parser.add_argument("--out", help="where to write (default: the bundled model of its kind, "
+                                       f"{BUNDLED_CHECKPOINT.name} or {BUNDLED_PARTS_CHECKPOINT.name} for a parts model)")
     args = parser.parse_args(argv)
     try:
+        args.out = args.out or str(BUNDLED_PARTS_CHECKPOINT if len(load_checkpoint(args.checkpoint)["class_names"]) > 2
+                                   else BUNDLED_CHECKPOINT)
         export_checkpoint(args.checkpoint, args.out)
     except (OSError, ValueError) as err:  # FileNotFoundError, a folder that cannot be written...
         raise SystemExit(f"error: {err}")

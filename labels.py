@@ -32,7 +32,6 @@ BACKGROUND = "background"
 BINARY_CLASSES = [BACKGROUND, "car"]  # what a binary (car/background) mask indexes
 EDGE_TOLERANCE = 2.0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-# Kelly's colours of maximum contrast (without white and black), for the classes after the background.
 # Sasha Trubetskoy's 20 distinct colours ("List of 20 Simple, Distinct Colors", 2017), strongest first:
 # in the Car Parts order no two parts share a hue family (Kelly's list gave the back-left door and the
 # hood two oranges).

@@ -145,3 +145,20 @@ def test_the_imagenet_classifier_sees_cars_in_carvana_photos(carvana_dir):
     cars = [407, 436, 468, 479, 511, 581, 609, 627, 656, 661, 705, 717, 734, 751, 817, 864, 867]
     assert probs[:, cars].sum(1).min() > 0.3
     assert probs[:, cars].sum(1).mean() > 0.6
+
+
+@pytest.mark.parametrize("arch", ["unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0",
+                                  "deeplabv3_mobilenet_v3_large"])
+def test_bf16_autocast_trains_every_architecture(arch):
+    """The CPU bf16 path (and CUDA's AMP, the same autocast): finite loss and gradients, fp32 weights."""
+    import runtime
+    from losses import CEDiceLoss
+    net = build_model(arch, out_channels=3).to(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with runtime.autocast(torch.device("cpu"), "bf16"):
+        logits = net(images)
+    assert logits.dtype == torch.bfloat16
+    loss = CEDiceLoss()(logits, torch.randint(0, 3, (2, 64, 64)))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)

@@ -19,6 +19,7 @@ from config import EvaluateConfig, PredictConfig, TrainConfig, parse_config
 from conftest import IMAGE_SIZE, MODEL_SIZE, car_picture, tiny_config, write_kaggle_dataset
 from dataset import CarvanaDataset, find_samples, image_to_tensor, load_image, split_by_car
 from inference import Predictor
+from labels import BINARY_CLASSES
 from losses import BCEDiceLoss
 from model import LOCAL_OPTIONS, UNet, load_checkpoint, load_model
 
@@ -335,7 +336,7 @@ def test_precise_bn_never_forms_a_batch_of_one(straight):
     dataset = CarvanaDataset(store)
     for batch_size, precise_bn, sizes in ((8, 64, [9]), (4, 5, [5]), (4, 9, [4, 5]), (4, 8, [4, 4])):
         options = dataclasses.replace(cfg, batch_size=batch_size, precise_bn=precise_bn)
-        assert [len(b) for b in train.batchnorm_batches(options, dataset)] == sizes
+        assert [len(b) for b in train.batchnorm_batches(options, dataset, BINARY_CLASSES)] == sizes
 
 
 def test_output_locations_that_cannot_be_written_are_refused_before_any_work(tiny_cfg, tmp_path, monkeypatch, caplog):
