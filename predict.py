@@ -259,8 +259,9 @@ def _writer(predictor, cfg: PredictConfig):
     OUT_DIR/classes.txt (first, so that even an interrupted run's part maps say what their values mean)."""
     if not predictor.spec.multiclass:
         return write_outputs
-    if cfg.threshold is not None:
-        log.warning("--threshold is ignored: a multi-class model takes each pixel's most probable class")
+    if cfg.threshold is not None:  # refused as evaluate.py refuses it, before anything is written
+        raise ValueError(f"--threshold {cfg.threshold}: the checkpoint is a {len(predictor.spec.class_names)}-class "
+                         "parts model; each pixel takes its most probable class (argmax), which has no threshold")
     class_names = predictor.spec.class_names
     atomic.write_text(Path(cfg.out_dir) / CLASSES_FILE, "".join(f"{name}\n" for name in class_names))
     return partial(write_part_outputs, class_names=class_names)

@@ -148,6 +148,9 @@ def build_stores(cfg: TrainConfig):
         log.warning("%s", warning)
     size = (cfg.image_width, cfg.image_height)
     store = prepare_store(train_samples + val_samples, size, cfg.cache_dir, data_dir, problems, len(class_names))
+    if all(mask.max() == 0 for mask in store.masks):
+        raise ValueError(f"every mask in {data_dir} is background: there is nothing to learn (an empty "
+                         "annotation list, or masks saved without their labels?)")
     n = len(train_samples)
     train_store, val_store = store.subset(range(n)), store.subset(range(n, len(store)))
     log.info("data %s: %d training images of %d cars, %d validation images of %d cars, at %dx%d",
@@ -365,6 +368,11 @@ def check_resumable(cfg: TrainConfig, checkpoint: dict) -> dict:
     if cfg.epochs < checkpoint["epoch"]:
         raise ValueError(f"--resume {cfg.resume}: the run has done {checkpoint['epoch']} epochs already; "
                          f"--epochs {cfg.epochs} would end it before that")
+    data_dir = resolve_data_dir(cfg.data_dir)
+    found = find_class_names(data_dir)  # cheap: before any image is decoded
+    if found != checkpoint["class_names"]:
+        raise ValueError(f"--resume {cfg.resume}: the run trained on the classes {checkpoint['class_names']}, the "
+                         f"data in {data_dir} has {found}; point --data-dir at the run's data")
     return checkpoint
 
 

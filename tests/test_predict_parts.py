@@ -135,3 +135,12 @@ def test_the_legend_leaves_out_classes_on_a_few_stray_pixels():
     labels[199, :4] = 2
     labels[198, :3] = 3
     assert predict.legend_classes(labels, 5).tolist() == [0, 1, 2]
+
+
+def test_a_threshold_for_a_parts_model_is_refused_before_anything_is_written(parts_checkpoint, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(photo)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="--threshold 0.4: the checkpoint is a 4-class parts model"):
+        predict.main([str(photo), "--checkpoint", str(parts_checkpoint), "--out-dir", str(out), "--threshold", "0.4"])
+    assert not out.exists() or not any(out.iterdir())

@@ -155,3 +155,20 @@ def test_each_architecture_trains_on_parts_and_predicts_from_its_checkpoint(arch
     labels = predictor.predict_labels([photo])[0]
     assert labels.shape == (64, 96) and labels.max() < 4
     assert find_samples(parts_dir)[1] == []
+
+
+def test_resume_on_data_of_other_classes_is_refused_before_decoding(straight, kaggle_dir, monkeypatch):
+    _, summary = straight
+    monkeypatch.setattr(train, "build_stores", lambda cfg: pytest.fail("the data was decoded"))
+    with pytest.raises(SystemExit, match=r"trained on the classes \['background', 'left_door'.*has \['background', "
+                                         r"'car'\]"):
+        train.main(["--resume", str(Path(summary["run_dir"]) / "last.pt"), "--data-dir", str(kaggle_dir)])
+
+
+def test_annotations_that_mark_nothing_are_refused(tmp_path, work):
+    root = write_coco_dataset(tmp_path / "empty", count=6)
+    coco = json.loads((root / "annotations.json").read_text())
+    coco["annotations"] = []
+    (root / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="every mask in .* is background: there is nothing to learn"):
+        train.train(tiny_config(root, work, run_name="empty"))
