@@ -24,7 +24,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from atomic import atomic_write, folder_problem  # noqa: E402
-from labels import BINARY_CLASSES, Shapes, flip_permutation, load_class_mask, read_class_names, read_coco  # noqa: E402
+from labels import (BINARY_CLASSES, Shapes, flip_permutation, load_class_mask, read_class_names,  # noqa: E402
+                    read_coco, read_coco_class_names)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def find_class_names(data_dir) -> list:
     beside images/ + masks/, else BINARY_CLASSES (masks are car/background)."""
     data_dir = Path(data_dir)
     if (data_dir / COCO_FILE).is_file():
-        return read_coco(data_dir / COCO_FILE, _coco_image_dir(data_dir))[1]
+        return read_coco_class_names(data_dir / COCO_FILE)
     if (data_dir / CLASSES_FILE).is_file():
         return read_class_names(data_dir / CLASSES_FILE)
     return list(BINARY_CLASSES)

@@ -296,11 +296,13 @@ def compact_json(data) -> str:
 
 
 def example_picks(store, ranked: list, cfg: EvaluateConfig) -> dict:
-    """{"worst.png": store indices of the first cfg.worst_k ranked records, "samples.png": a seeded random few}."""
+    """{"worst.png": store indices of the first cfg.worst_k ranked records, "samples.png": a seeded random few},
+    leaving out a file with no image to draw."""
     by_name = {s.name: i for i, s in enumerate(store.samples)}
     rng = np.random.default_rng(0)
-    return {"worst.png": [by_name[r["name"]] for r in ranked[:cfg.worst_k]],
-            "samples.png": sorted(rng.choice(len(store), min(cfg.num_samples, len(store)), replace=False).tolist())}
+    picks = {"worst.png": [by_name[r["name"]] for r in ranked[:cfg.worst_k]],
+             "samples.png": sorted(rng.choice(len(store), min(cfg.num_samples, len(store)), replace=False).tolist())}
+    return {filename: indices for filename, indices in picks.items() if indices}
 
 
 def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig):
@@ -308,8 +310,6 @@ def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, c
     store = dataset.store
     dice = {r["name"]: r["dice_full_res"] for r in ranked}
     for filename, indices in example_picks(store, ranked, cfg).items():
-        if not indices:
-            continue
         rows = []
         for index in indices:
             images, _, _ = dataset[index]
@@ -328,8 +328,6 @@ def draw_parts_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: l
     colours = palette(len(names))
     miou = {r["name"]: r.get("miou_full_res") for r in ranked}
     for filename, indices in example_picks(store, ranked, cfg).items():
-        if not indices:
-            continue
         rows = []
         for index in indices:
             images, _, _ = dataset[index]

@@ -166,11 +166,8 @@ class Predictor:
 
         A multi-class model's car mask is the union of its classes with its holes filled (see car_mask).
         """
-        if self.spec.multiclass:
-            return [car_mask(labels) for labels in self.labels(batch, full_sizes)]
-        probs = self.probs(batch)
-        return [((self.upsample(prob, full_size) > self.threshold).to(torch.uint8) * 255).cpu().numpy()
-                for prob, full_size in zip(probs, full_sizes)]
+        labels = self.labels(batch, full_sizes)
+        return [car_mask(m) for m in labels] if self.spec.multiclass else [m * 255 for m in labels]
 
     def predict_labels(self, paths) -> list:
         """Photos on disk -> their full-size uint8 class-index maps (one batch; ValueError names an unreadable file)."""

@@ -189,13 +189,8 @@ def _paint_lists(coco: dict, images: dict, index_of: dict, where: str, problems:
     return painted
 
 
-def read_coco(annotations: Path, image_dir: Path) -> tuple[list, list[str], list[str]]:
-    """-> (items, class_names, problems): items are (image_path, Shapes) sorted by file name.
-
-    class_names[0] is BACKGROUND. problems lists everything wrong, each naming the file and the image or
-    annotation id. ValueError at once if the file is not JSON or lacks images/annotations/categories.
-    """
-    annotations, image_dir = Path(annotations), Path(image_dir)
+def _load_coco(annotations: Path) -> dict:
+    """The parsed file; ValueError at once if it is not JSON or lacks lists of images/annotations/categories."""
     try:
         coco = json.loads(annotations.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -204,7 +199,26 @@ def read_coco(annotations: Path, image_dir: Path) -> tuple[list, list[str], list
     if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) and
                                              all(isinstance(entry, dict) for entry in coco[k]) for k in keys):
         raise ValueError(f"{annotations}: not COCO: needs lists of objects 'images', 'annotations', 'categories'")
-    problems = []
+    return coco
+
+
+def read_coco_class_names(annotations: Path) -> list[str]:
+    """read_coco's class_names alone, from the categories: no image is opened and no shape rasterised.
+
+    Problems with the categories are left to read_coco, which reports them with everything else.
+    """
+    annotations = Path(annotations)
+    return _read_categories(_load_coco(annotations)["categories"], str(annotations), [])[0]
+
+
+def read_coco(annotations: Path, image_dir: Path) -> tuple[list, list[str], list[str]]:
+    """-> (items, class_names, problems): items are (image_path, Shapes) sorted by file name.
+
+    class_names[0] is BACKGROUND. problems lists everything wrong, each naming the file and the image or
+    annotation id. ValueError at once if the file is not JSON or lacks images/annotations/categories.
+    """
+    annotations, image_dir = Path(annotations), Path(image_dir)
+    coco, problems = _load_coco(annotations), []
     class_names, index_of = _read_categories(coco["categories"], str(annotations), problems)
     images = _read_images(coco["images"], image_dir, str(annotations), problems)
     painted = _paint_lists(coco, images, index_of, str(annotations), problems)

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic import atomic_write
+# Where ImageNet weights exist without a network (--pretrained); the others download them (--pretrained-backbone).
+from config import DOWNLOADED_PRETRAINED, OFFLINE_PRETRAINED
 from encoders import IMAGENET_NORMALIZATION, LITE0_CHANNELS, efficientnet_lite0
 from labels import BINARY_CLASSES
 from metrics import with_current_names
@@ -209,9 +211,6 @@ ARCHITECTURES = {
     "deeplabv3_resnet50": functools.partial(DeepLabV3, "resnet50"),
     "deeplabv3_efficientnet_lite0": functools.partial(DeepLabV3, "efficientnet_lite0"),
 }
-# Where ImageNet weights exist without a network (--pretrained); the others download them (--pretrained-backbone).
-OFFLINE_PRETRAINED = ("unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0")
-DOWNLOADED_PRETRAINED = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50")
 
 
 def build_model(arch: str, pretrained: bool = False, **model_args) -> nn.Module:
