@@ -118,6 +118,13 @@ def tiny_cfg(kaggle_dir, tmp_path) -> TrainConfig:
 
 # ---------------------------------------------------------------- real Carvana data
 
+def skip_unless_required(reason: str):
+    """Skip a test whose real data or reference package is absent; CI (CARVANA_REQUIRED=1) fails instead."""
+    if os.environ.get("CARVANA_REQUIRED") == "1":
+        pytest.fail(reason + "; CARVANA_REQUIRED=1 makes this a failure", pytrace=False)
+    pytest.skip(reason)
+
+
 def real_data_dir() -> Path:
     """Where the real Carvana files are: $CARVANA_DIR, else data/carvana in the repository (where the
     README puts them), else ../shared/carvana beside it."""
@@ -133,9 +140,7 @@ def carvana_dir() -> Path:
     path = real_data_dir()
     if not ((path / "train").is_dir() and (path / "train_masks").is_dir()):
         reason = f"real Carvana data not found at {path} (set CARVANA_DIR, or put it at ../shared/carvana)"
-        if os.environ.get("CARVANA_REQUIRED") == "1":
-            pytest.fail(reason + "; CARVANA_REQUIRED=1 makes this a failure", pytrace=False)
-        pytest.skip(reason)
+        skip_unless_required(reason)
     return path
 
 
@@ -148,9 +153,7 @@ def carparts_dir() -> Path:
     path = Path(os.environ.get("CARPARTS_DIR") or REPO_ROOT.parent / "shared" / "carparts" / "trainingset").expanduser()
     if not (path / "annotations.json").is_file():
         reason = f"the Car Parts Dataset was not found at {path} (set CARPARTS_DIR, or put it at ../shared/carparts)"
-        if os.environ.get("CARVANA_REQUIRED") == "1":
-            pytest.fail(reason + "; CARVANA_REQUIRED=1 makes this a failure", pytrace=False)
-        pytest.skip(reason)
+        skip_unless_required(reason)
     return path
 
 

@@ -1,6 +1,5 @@
 """The roadmap's architectures: shapes for any input size, the offline ImageNet encoder (key mapping
 and weights), pretrained-weight options, and checkpoints that rebuild every architecture."""
-import os
 import urllib.error
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 import config
 import encoders
 import model as model_module
+from conftest import skip_unless_required
 from model import ARCHITECTURES, build_model, checkpoint_for, load_checkpoint, load_model, save_checkpoint
 
 NEW_ARCHS = [a for a in ARCHITECTURES if a != "unet"]
@@ -73,10 +73,8 @@ def test_timms_network_with_the_mapped_weights_computes_what_the_packages_own_mo
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        reason = "efficientnet-lite-pytorch (the weights' reference model, in requirements.txt) is not installed"
-        if os.environ.get("CARVANA_REQUIRED") == "1":
-            pytest.fail(reason + "; CARVANA_REQUIRED=1 makes this a failure", pytrace=False)
-        pytest.skip(reason)
+        skip_unless_required("efficientnet-lite-pytorch (the weights' reference model, in requirements.txt) "
+                             "is not installed")
     import timm
     reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=encoders.lite0_weights_path()).eval()
     ours = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
