@@ -13,12 +13,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+VERSION = "0.1.0"  # the project's release, reported by serve.py's /api/health
 DEFAULT_DATA_DIR = "data/carvana"
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "carvana_unet.pt"
 BUNDLED_PARTS_CHECKPOINT = BUNDLED_CHECKPOINT.with_name("carparts.pt")  # the car-parts model
 CHECKPOINT_HELP = ("default: the bundled checkpoints/carvana_unet.pt, else the newest "
                    "checkpoints/<run>/best.pt under the current folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# What runs the network (backends.py); auto = OpenVINO on the CPU, torch on a GPU.
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+BACKEND_HELP = ("what runs the network: torch, onnxruntime or openvino (CPU; a .pt checkpoint is exported to ONNX "
+                "once and cached); auto = openvino on the CPU, torch on a GPU")
 AUGMENTATIONS = ("none", "flip", "light")
 # model.ARCHITECTURES' names (config imports nothing heavy; tests/test_model.py checks the two agree)
 ARCHS = ("unet", "unet_efficientnet_lite0", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50",
@@ -303,3 +308,28 @@ def _coerce(path, key, value, f):
     if choices and value not in choices:
         raise ValueError(f"--config {path}: option '{key}' must be one of {choices}, got {value!r}")
     return float(value) if expected is float else value
+
+
+@dataclass
+class ServeConfig:
+    host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
+    port: int = _opt(8000, "TCP port to listen on")
+    checkpoint: str = _opt("", "checkpoint to serve; " + CHECKPOINT_HELP)
+    backend: str = _opt("auto", BACKEND_HELP, choices=BACKENDS)
+    precision: str = _opt("auto", "inference precision; auto = bf16 where the device runs it natively, else fp32",
+                          choices=PRECISIONS)
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    tta: bool = _opt(False, "test-time augmentation: also predict the mirrored image and average (2x compute)")
+    workers: int = _opt(1, "server processes, each with its own copy of the model (each uses every core)")
+    max_upload_mb: float = _opt(20.0, "refuse request bodies larger than this many MiB (413)")
+    max_pixels: int = _opt(40_000_000, "refuse images with more pixels than this, read from the header (413)")
+    timeout: float = _opt(60.0, "seconds a request may take, waiting included, before it is answered 504")
+    max_queue: int = _opt(16, "requests that may wait for the model; more are answered 503 busy")
+
+    def __post_init__(self):
+        _check(self, "port", 0 <= self.port <= 65535, "must be between 0 and 65535")
+        _check(self, "workers", self.workers >= 1, "must be >= 1")
+        _check(self, "max_upload_mb", self.max_upload_mb > 0, "must be > 0")
+        _check(self, "max_pixels", self.max_pixels >= 1, "must be >= 1")
+        _check(self, "timeout", self.timeout > 0, "must be > 0")
+        _check(self, "max_queue", self.max_queue >= 0, "must be >= 0")
