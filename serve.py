@@ -76,12 +76,12 @@ class Options:
 
 # ---------------------------------------------------------------- decoding uploads
 
-def probe(data: bytes, max_pixels: int) -> tuple:
-    """The upload's upright (width, height), from its header alone: ServeError 415 for anything but a
-    JPEG, PNG or WebP (by content, not by name), 413 beyond max_pixels, 422 for a broken header."""
+def probe(data: bytes, max_pixels: int):
+    """Refuse an upload from its header alone, before any pixel is decoded: ServeError 415 for anything
+    but a JPEG, PNG or WebP (by content, not by name), 413 beyond max_pixels, 422 for a broken header."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            kind, size, orientation = img.format, img.size, img.getexif().get(0x0112, 1)
+            kind, (width, height) = img.format, img.size
     except Image.DecompressionBombError:
         raise ServeError(413, f"image has too many pixels; the limit is {max_pixels}")
     except UnidentifiedImageError:
@@ -90,21 +90,24 @@ def probe(data: bytes, max_pixels: int) -> tuple:
         raise ServeError(422, f"corrupt image header: {err}")
     if kind not in ACCEPTED:
         raise ServeError(415, f"{kind} images are not accepted: send a JPEG, PNG or WebP")
-    if size[0] * size[1] > max_pixels:
-        raise ServeError(413, f"image is {size[0]}x{size[1]} = {size[0] * size[1]} pixels; the limit is {max_pixels}")
-    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+    if width * height > max_pixels:
+        raise ServeError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
 
 
-def decode(data: bytes, size=None) -> np.ndarray:
-    """Upload bytes -> upright RGB uint8 (H, W, 3), at size=(w, h) if given; ServeError 422 if corrupt.
+def decode(data: bytes, size=None) -> tuple:
+    """Upload bytes -> (upright RGB uint8 (H, W, 3), at size=(w, h) if given; the upright full (W, H)).
 
-    As dataset.load_image decodes a file (which takes paths only): a JPEG is decoded at a reduced DCT
+    As dataset.load_image decodes a file (it takes paths only): a JPEG is decoded at a reduced DCT
     scale that still covers `size` and divides its size, then area-averaged, so masks match predict.py's.
+    The orientation is read here, not in probe: finding a PNG's EXIF can mean decoding it.
+    ServeError 422 for a corrupt or truncated file.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
+            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            full_size = (img.height, img.width) if turned else img.size
             if size is not None and img.format in JPEG_KINDS:
-                w, h = (size[1], size[0]) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else size
+                w, h = (size[1], size[0]) if turned else size
                 scale = max([s for s in (2, 4, 8) if img.size[0] % s == 0 and img.size[1] % s == 0
                              and img.size[0] // s >= w and img.size[1] // s >= h], default=1)
                 img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
@@ -113,7 +116,7 @@ def decode(data: bytes, size=None) -> np.ndarray:
         raise ServeError(422, f"corrupt or truncated image: {err}")
     if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
         array = cv2.resize(array, tuple(size), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array), full_size
 
 
 def check_options(options: Options, multiclass: bool) -> Options:
@@ -176,14 +179,13 @@ class Segmenter:
     def health(self) -> dict:
         return {**self.info, "uptime_s": round(time.monotonic() - self.started, 1)}
 
-    async def run(self, data: bytes, options: Options, full_size, deadline: float):
+    async def run(self, data: bytes, options: Options, deadline: float):
         """segment() on the model's thread: ServeError 503 when max_queue requests already wait,
         504 at `deadline` (time.monotonic()), after which the job stops at its next step."""
         if self.pending > self.max_waiting:
             raise ServeError(503, f"busy: {self.pending} requests are ahead of this one; try again shortly")
         cancelled = threading.Event()
-        future = asyncio.get_running_loop().run_in_executor(self.executor, self.segment, data, options,
-                                                            full_size, cancelled)
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self.segment, data, options, cancelled)
         self.pending += 1
         future.add_done_callback(self._finished)
         try:
@@ -200,14 +202,16 @@ class Segmenter:
         if not future.cancelled():
             future.exception()  # retrieved here, so a timed-out job's Cancelled is not logged as unhandled
 
-    def segment(self, data: bytes, options: Options, full_size, cancelled: threading.Event):
-        """One request's answer, on the model's thread: (file bytes, (width, height) of the image in it)."""
-        probs = self.predictor.probs(self.predictor.preprocess([decode(data, self.predictor.input_size)]))[0]
+    def segment(self, data: bytes, options: Options, cancelled: threading.Event):
+        """One request's answer, on the model's thread: (file bytes, (width, height) of the image in it,
+        crop box or None)."""
+        small, full_size = decode(data, self.predictor.input_size)
+        probs = self.predictor.probs(self.predictor.preprocess([small]))[0]
         _stop_if(cancelled)
         prob, labels = self.full_size_maps(probs, full_size)
         alpha = self.alpha(prob, labels, options)
         del probs, prob
-        image = decode(data) if options.output in ("cutout", "overlay") else None
+        image = decode(data)[0] if options.output in ("cutout", "overlay") else None
         _stop_if(cancelled)
         box = cutout.crop_box(alpha) if options.crop else None
         if box is not None:
@@ -329,9 +333,9 @@ def _segment_route(cfg: ServeConfig):
         segmenter = request.app.state.segmenter
         data, filename = await read_upload(image)
         options = check_options(Options(output, fmt, background, threshold, edges, crop), segmenter.multiclass)
-        full_size = probe(data, cfg.max_pixels)
+        probe(data, cfg.max_pixels)
         try:
-            body, (width, height), box = await segmenter.run(data, options, full_size, started + cfg.timeout)
+            body, (width, height), box = await segmenter.run(data, options, started + cfg.timeout)
         except ServeError:
             raise
         except Exception:

@@ -1,0 +1,461 @@
+"""Protects serve.py and cutout.py: each output at the photo's own size, mode and values (the same masks
+as predict.py's), each refusal with its status and message, safe file names, /api/health, concurrent
+requests, the busy and timeout answers, and an offline page under a strict Content-Security-Policy."""
+import base64
+import hashlib
+import io
+import re
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+
+import cutout
+import serve
+from config import VERSION, ServeConfig
+from inference import Predictor, car_mask
+from labels import palette
+from model import UNet, checkpoint_for, save_checkpoint
+
+PARTS = ["background", "left_door", "right_door", "wheel"]
+SAFE_NAME = re.compile(r'inline; filename="[A-Za-z0-9._-]{1,80}"')
+
+
+# ---------------------------------------------------------------- synthetic photos and models
+
+def car_photo(size=(96, 64)):
+    """A drawn car (red body and cabin, grey windows, black wheels) on a light studio background:
+    (RGB uint8 (H, W, 3), its silhouette bool (H, W)). The bundled model finds it with IoU ~0.99."""
+    w, h = size
+    photo, silhouette = Image.new("RGB", size, (236, 236, 240)), Image.new("L", size, 0)
+    draw, shape = ImageDraw.Draw(photo), ImageDraw.Draw(silhouette)
+    for canvas, fill in ((draw, (150, 20, 30)), (shape, 255)):
+        canvas.rounded_rectangle((0.12 * w, 0.45 * h, 0.88 * w, 0.72 * h), radius=int(0.06 * h), fill=fill)
+        canvas.polygon([(0.3 * w, 0.46 * h), (0.38 * w, 0.3 * h), (0.62 * w, 0.3 * h), (0.72 * w, 0.46 * h)], fill=fill)
+    draw.polygon([(0.33 * w, 0.45 * h), (0.4 * w, 0.33 * h), (0.6 * w, 0.33 * h), (0.68 * w, 0.45 * h)], fill=(60, 70, 80))
+    for cx in (0.28, 0.72):
+        wheel = (cx * w - 0.098 * h, 0.62 * h, cx * w + 0.098 * h, 0.816 * h)
+        draw.ellipse(wheel, fill=(25, 25, 25))
+        shape.ellipse(wheel, fill=255)
+    return np.asarray(photo), np.asarray(silhouette) > 0
+
+
+def encoded(array, fmt="PNG", exif_orientation=None, **options) -> bytes:
+    """An image file's bytes; with exif_orientation, a JPEG stored as given with that EXIF tag."""
+    buffer = io.BytesIO()
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        options["exif"] = exif
+    Image.fromarray(array).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A 60-byte PNG claiming width x height pixels: its header and a few bytes of pixel data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(bytes(16))) + chunk(b"IEND", b"")
+
+
+def tiny_checkpoint(path: Path, class_names=None) -> Path:
+    """A randomly initialised 4-channel U-Net at 64x48 (binary, or one channel per class)."""
+    torch.manual_seed(3)
+    model = UNet(out_channels=len(class_names) if class_names else 1, base_channels=4, depth=2)
+    extra = {"class_names": class_names} if class_names else {}
+    save_checkpoint(path, checkpoint_for(model, {"image_width": 64, "image_height": 48, "threshold": 0.5}, **extra))
+    return path
+
+
+def config(checkpoint, **overrides) -> ServeConfig:
+    values = {"checkpoint": str(checkpoint), "backend": "torch", "device": "cpu", "precision": "fp32",
+              "max_upload_mb": 0.25, "max_pixels": 1_000_000, "timeout": 30.0, "max_queue": 16}
+    return ServeConfig(**{**values, **overrides})
+
+
+def post(client, data, name="car.png", **fields):
+    return client.post("/api/segment", files={"image": (name, data, "application/octet-stream")},
+                       data={k: str(v) for k, v in fields.items()})
+
+
+def image_of(response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    return Image.open(io.BytesIO(response.content))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    return {"binary": tiny_checkpoint(tmp / "tiny.pt"), "parts": tiny_checkpoint(tmp / "parts.pt", PARTS)}
+
+
+@pytest.fixture(scope="module")
+def client(checkpoints):
+    with TestClient(serve.create_app(config(checkpoints["binary"]))) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def parts_client(checkpoints):
+    with TestClient(serve.create_app(config(checkpoints["parts"]))) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def photo_file(tmp_path_factory):
+    """The upload used against the tiny models: an EXIF-rotated JPEG stored 96x64, upright 64x96."""
+    path = tmp_path_factory.mktemp("photo") / "car.jpg"
+    path.write_bytes(encoded(car_photo()[0], "JPEG", exif_orientation=6, quality=95))
+    return path
+
+
+def reference(checkpoint, photo_file):
+    """What predict.py computes for the photo: (car probability float32 (H, W), hard mask, class map)."""
+    predictor = Predictor.from_checkpoint(str(checkpoint), "cpu", "fp32", backend="torch")
+    image, size = predictor.read(photo_file)
+    probs = predictor.probs(predictor.preprocess([image]))[0]
+    car = Predictor.upsample(probs[:1], size).numpy()
+    labels = predictor.predict_labels([photo_file])[0] if predictor.spec.multiclass else None
+    return (1 - car if labels is not None else car), predictor.predict([photo_file])[0], labels
+
+
+# ---------------------------------------------------------------- cutout.py on hand-made arrays
+
+def test_soft_alpha_ramps_around_the_threshold_and_hard_alpha_thresholds():
+    prob = np.array([[0.0, 0.25, 0.4999, 0.5, 0.6, 0.75, 1.0]], np.float32)
+    assert cutout.soft_alpha(prob, 0.5).tolist() == [[0, 0, 127, 128, 179, 255, 255]]
+    assert cutout.hard_alpha(prob, 0.5).tolist() == [[0, 0, 0, 0, 255, 255, 255]]
+    opaque = np.zeros_like(prob, bool)
+    opaque[0, 0] = True
+    assert cutout.soft_alpha(prob, 0.5, opaque)[0, 0] == 255
+
+
+def test_composite_keeps_the_car_drops_the_background_and_refills_edge_colours():
+    image = np.zeros((20, 30, 3), np.uint8)
+    image[:] = (0, 0, 255)          # blue background
+    image[:, :15] = (255, 0, 0)     # red car on the left
+    alpha = np.zeros((20, 30), np.uint8)
+    alpha[:, :15] = 255
+    alpha[:, 15] = 128              # an edge column, photographed as a red/blue mix
+    image[:, 15] = (128, 0, 127)
+    rgba = cutout.composite(image, alpha)
+    assert rgba.shape == (20, 30, 4) and np.array_equal(rgba[..., 3], alpha)
+    assert np.array_equal(rgba[:, :15, :3], image[:, :15]) and not rgba[:, 16:].any()
+    assert (rgba[:, 15, 0] > 200).all() and (rgba[:, 15, 2] < 60).all()  # the car's red, not the blue mix
+    white = cutout.composite(image, alpha, cutout.WHITE)
+    assert white.shape == (20, 30, 3) and (white[:, 16:] == 255).all()
+    assert np.array_equal(white[:, :15], image[:, :15])
+
+
+def test_strips_give_the_whole_photos_answer(monkeypatch):
+    image, silhouette = car_photo((120, 90))
+    alpha = cv2.GaussianBlur(silhouette.astype(np.uint8) * 255, (5, 5), 0)
+    whole = [cutout.composite(image, alpha), cutout.composite(image, alpha, (9, 99, 199)), cutout.tint(image, alpha)]
+    monkeypatch.setattr(cutout, "STRIP_ROWS", 7)
+    strips = [cutout.composite(image, alpha), cutout.composite(image, alpha, (9, 99, 199)), cutout.tint(image, alpha)]
+    assert all(np.array_equal(a, b) for a, b in zip(whole, strips))
+
+
+def test_crop_box_is_the_car_plus_a_margin_inside_the_photo():
+    alpha = np.zeros((100, 200), np.uint8)
+    alpha[40:60, 50:150] = 200
+    alpha[10, 10] = 127  # not car: under 128
+    assert cutout.crop_box(alpha) == (47, 37, 153, 63)  # 3 % of 100 px = 3 px around
+    alpha[:5, 195:] = 255
+    assert cutout.crop_box(alpha) == (46, 0, 200, 64)  # now 150 px wide: 4 px around, cut at the edges
+    assert cutout.crop_box(np.zeros((4, 4), np.uint8)) is None
+
+
+def test_the_blurred_background_leaves_the_car_out_of_its_blur():
+    image = np.full((200, 300, 3), 250, np.uint8)
+    image[60:140, 100:200] = 0
+    alpha = np.zeros((200, 300), np.uint8)
+    alpha[60:140, 100:200] = 255
+    background = cutout.blurred_background(image, alpha)
+    assert background.shape == image.shape
+    assert background[100, 95].min() >= 240  # beside the black car: still the white wall, no dark glow
+    assert cv2.GaussianBlur(image, (0, 0), 12)[100, 95].min() < 200  # where a plain blur would smear it
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_encode_writes_each_format_at_its_size(fmt):
+    grey, rgb = np.arange(60, dtype=np.uint8).reshape(6, 10), np.full((6, 10, 3), 77, np.uint8)
+    mask = Image.open(io.BytesIO(cutout.encode(grey, fmt)))
+    assert mask.format == fmt.upper() and mask.size == (10, 6)
+    if fmt != "jpeg":  # lossless: values kept (WebP stores grey as RGB)
+        assert np.array_equal(np.asarray(mask.convert("L")), grey)
+    assert Image.open(io.BytesIO(cutout.encode(rgb, fmt))).size == (10, 6)
+    if fmt == "jpeg":
+        with pytest.raises(ValueError, match="alpha"):
+            cutout.encode(np.zeros((6, 10, 4), np.uint8), fmt)
+    parts = Image.open(io.BytesIO(cutout.encode(grey % 4, "png", palette(4))))
+    assert parts.mode == "P" and np.array_equal(np.asarray(parts), grey % 4)
+
+
+# ---------------------------------------------------------------- /api/segment with a tiny model
+
+@pytest.mark.parametrize("fields, mode", [
+    ({"output": "mask"}, "L"), ({"output": "mask", "format": "webp"}, "RGB"),
+    ({"output": "cutout"}, "RGBA"), ({"output": "cutout", "format": "webp"}, "RGBA"),
+    ({"output": "cutout", "background": "white", "format": "jpeg"}, "RGB"),
+    ({"output": "cutout", "background": "blur"}, "RGB"), ({"output": "overlay", "format": "jpeg"}, "RGB")])
+def test_each_output_is_the_upright_photos_size(client, photo_file, fields, mode):
+    response = post(client, photo_file.read_bytes(), "car.jpg", **fields)
+    image = image_of(response)
+    assert image.mode == mode and image.size == (64, 96)  # stored 96x64 with EXIF orientation 6
+    assert image.format == fields.get("format", "png").upper()
+    assert response.headers["x-image-width"] == "64" and response.headers["x-image-height"] == "96"
+    assert int(response.headers["x-process-time-ms"]) >= 0
+    assert response.headers["content-type"] == cutout.MEDIA_TYPES[fields.get("format", "png")]
+
+
+def test_masks_are_predict_pys_hard_and_anti_aliased_soft(client, checkpoints, photo_file):
+    prob, expected, _ = reference(checkpoints["binary"], photo_file)
+    hard = np.asarray(image_of(post(client, photo_file.read_bytes(), output="mask", edges="hard")))
+    assert set(np.unique(hard).tolist()) <= {0, 255} and np.array_equal(hard, expected)
+    soft = np.asarray(image_of(post(client, photo_file.read_bytes(), output="mask")))
+    assert np.array_equal(soft, cutout.soft_alpha(prob, 0.5))
+    assert np.array_equal(soft >= 128, prob >= 0.5)
+    cut = np.asarray(image_of(post(client, photo_file.read_bytes(), output="cutout")))
+    assert np.array_equal(cut[..., 3], soft)  # the cutout's alpha is the mask
+
+
+def test_backgrounds_fill_where_the_mask_is_empty(client, photo_file):
+    data = photo_file.read_bytes()
+    alpha = np.asarray(image_of(post(client, data, output="mask")))
+    for background, colour in (("white", (255, 255, 255)), ("#123456", (0x12, 0x34, 0x56))):
+        out = np.asarray(image_of(post(client, data, output="cutout", background=background)))
+        assert (out[alpha == 0] == colour).all(), background
+    photo = serve.decode(data)[0]
+    out = np.asarray(image_of(post(client, data, output="cutout", background="white")))
+    assert np.array_equal(out[alpha == 255], photo[alpha == 255])
+
+
+def test_threshold_moves_the_hard_mask(client, photo_file):
+    data = photo_file.read_bytes()
+    low, high = (np.asarray(image_of(post(client, data, output="mask", edges="hard", threshold=t))) for t in (0.3, 0.7))
+    assert (low >= high).all()
+
+
+def test_crop_returns_the_cars_box(client, photo_file):
+    data = photo_file.read_bytes()
+    alpha = np.asarray(image_of(post(client, data, output="mask")))
+    box = cutout.crop_box(alpha)
+    response = post(client, data, output="mask", crop="true")
+    cropped = np.asarray(image_of(response))
+    if box is None:  # a random model may find no car: then the whole photo comes back
+        assert "x-crop-box" not in response.headers and cropped.shape == alpha.shape
+        return
+    x0, y0, x1, y1 = box
+    assert response.headers["x-crop-box"] == f"{x0},{y0},{x1},{y1}"
+    assert np.array_equal(cropped, alpha[y0:y1, x0:x1])
+
+
+def test_identical_concurrent_requests_get_identical_answers(client, photo_file):
+    data = photo_file.read_bytes()
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: post(client, data, output="cutout", background="blur"), range(8)))
+    assert [r.status_code for r in responses] == [200] * 8
+    assert len({r.content for r in responses}) == 1
+
+
+# ---------------------------------------------------------------- refusals
+
+def refused(response, status: int, *words):
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "Traceback" not in response.text
+    for word in words:
+        assert word.lower() in detail.lower(), (word, detail)
+    return detail
+
+
+def test_uploads_over_the_limit_are_refused_before_they_are_read(client):
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    refused(post(client, encoded(noise)), 413, "max-upload-mb")  # Content-Length says so
+
+    def chunks():  # no Content-Length: counted while received
+        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+        for _ in range(400):
+            yield bytes(1024)
+    response = client.post("/api/segment", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    refused(response, 413, "max-upload-mb")
+
+
+@pytest.mark.parametrize("data, status, words", [
+    (b"this is not an image", 415, ["JPEG, PNG or WebP"]),
+    (encoded(car_photo()[0], "GIF"), 415, ["GIF"]),
+    (encoded(car_photo()[0], "BMP"), 415, ["BMP"]),
+    (png_header(100_000, 100_000), 413, ["pixels"]),   # Pillow's own bomb limit, from the header alone
+    (png_header(2000, 1000), 413, ["2000x1000", "1000000"]),  # over --max-pixels
+    (encoded(car_photo((300, 200))[0], "JPEG")[:1500], 422, ["truncated"]),
+    (b"", 422, ["empty"]),
+])
+def test_what_is_not_a_usable_photo_is_refused_naming_the_problem(client, data, status, words):
+    refused(post(client, data), status, *words)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"output": "cutouts"}, ["output"]), ({"format": "gif"}, ["format"]), ({"background": "red"}, ["background"]),
+    ({"background": "#12345"}, ["background"]), ({"threshold": 1.5}, ["threshold"]), ({"threshold": 0}, ["threshold"]),
+    ({"threshold": "abc"}, ["threshold"]), ({"edges": "blurry"}, ["edges"]), ({"crop": "maybe"}, ["crop"]),
+    ({"format": "jpeg"}, ["jpeg has no alpha channel"]), ({"output": "parts"}, ["parts", "car/background"]),
+])
+def test_bad_options_are_refused_naming_the_option(client, photo_file, fields, words):
+    refused(post(client, photo_file.read_bytes(), **fields), 422, *words)
+
+
+def test_a_request_without_the_image_field_is_refused(client):
+    refused(client.post("/api/segment", data={"output": "mask"}), 422, "image")
+    refused(client.post("/api/segment", data={"image": "not a file"}), 422, "image")
+
+
+def test_an_unexpected_failure_is_a_plain_500_without_details(client, photo_file, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("secret /home/user/internals")
+    monkeypatch.setattr(client.app.state.segmenter, "segment", broken)
+    detail = refused(post(client, photo_file.read_bytes()), 500)
+    assert detail == "internal error"
+
+
+@pytest.mark.parametrize("filename, expected", [
+    ("voiture été.jpg", "voiture_ete_cutout.png"), ("../../etc/passwd", "passwd_cutout.png"),
+    ("C:\\Users\\me\\car.photo.JPG", "car.photo_cutout.png"), ('a"b\r\nc.jpg', "a_b_c_cutout.png"),
+    (".hidden", "image_cutout.png"), ("", "image_cutout.png"), ("x" * 300 + ".png", "x" * 60 + "_cutout.png"),
+])
+def test_file_names_are_reduced_to_safe_characters(filename, expected):
+    assert serve.download_name(filename, "cutout", "png") == expected
+
+
+def test_the_uploads_name_never_reaches_a_header_unsanitised(client, photo_file):
+    for name in ("../../etc/passwd", 'quo"te\n.png', "車の写真.jpg", "y" * 500):
+        response = post(client, photo_file.read_bytes(), name)
+        assert SAFE_NAME.fullmatch(response.headers["content-disposition"]), response.headers["content-disposition"]
+    assert post(client, photo_file.read_bytes(), "../../etc/passwd", format="webp").headers[
+        "content-disposition"] == 'inline; filename="passwd_cutout.webp"'
+
+
+# ---------------------------------------------------------------- health, page, busy and timeouts
+
+def test_health_describes_the_model_without_paths(client):
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny.pt"
+    assert (health["arch"], health["backend"], health["precision"], health["device"]) == ("unet", "torch", "fp32", "cpu")
+    assert health["classes"] == ["background", "car"] and health["multiclass"] is False
+    assert health["palette"] == ["#000000", "#e6194b"] and health["input_size"] == [64, 48]
+    assert health["version"] == VERSION and health["uptime_s"] >= 0 and health["max_upload_mb"] == 0.25
+
+
+def test_the_page_is_offline_under_a_strict_content_security_policy(client):
+    response = client.get("/")
+    assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    script = re.search(r"<script>(.*?)</script>", response.text, re.DOTALL).group(1)
+    assert base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() in policy
+    assert not re.search(r"https?://", response.text)
+    for hook in ("file-input", "result-cutout", "download-cutout", "download-mask", "status", "time"):
+        assert f'data-testid="{hook}"' in response.text
+    assert client.get("/docs").status_code == 200 and "/api/segment" in client.get("/openapi.json").text
+
+
+def test_busy_and_timed_out_requests_get_503_and_504(checkpoints, photo_file, monkeypatch):
+    stopped = threading.Event()
+
+    def slow(data, options, cancelled):
+        time.sleep(0.6)
+        if cancelled.is_set():
+            stopped.set()
+        return serve.Segmenter.segment(segmenter, data, options, cancelled)
+    with TestClient(serve.create_app(config(checkpoints["binary"], timeout=0.3, max_queue=0))) as test_client:
+        segmenter = test_client.app.state.segmenter
+        monkeypatch.setattr(segmenter, "segment", slow)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, test_client, photo_file.read_bytes())
+            time.sleep(0.1)
+            second = pool.submit(post, test_client, photo_file.read_bytes())
+            refused(second.result(), 503, "busy")
+            refused(first.result(), 504, "timed out")
+        assert stopped.wait(2)  # the timed-out job saw its flag and stopped
+        deadline = time.monotonic() + 2
+        while segmenter.pending and time.monotonic() < deadline:  # its callback runs on the server's loop
+            time.sleep(0.01)
+        assert segmenter.pending == 0
+
+
+# ---------------------------------------------------------------- a car-parts model
+
+def test_a_parts_model_returns_predict_pys_class_map_and_whole_car_mask(parts_client, checkpoints, photo_file):
+    _, _, labels = reference(checkpoints["parts"], photo_file)
+    data = photo_file.read_bytes()
+    parts = image_of(post(parts_client, data, output="parts"))
+    assert parts.mode == "P" and parts.size == (64, 96) and np.array_equal(np.asarray(parts), labels)
+    assert np.array_equal(np.reshape(parts.getpalette(), (-1, 3))[:4], palette(4))
+    hard = np.asarray(image_of(post(parts_client, data, output="mask", edges="hard")))
+    assert np.array_equal(hard, car_mask(labels))
+    soft = np.asarray(image_of(post(parts_client, data, output="mask")))
+    assert ((soft == 255) >= ((hard == 255) & (labels == 0))).all()  # holes between parts stay opaque
+    assert image_of(post(parts_client, data, output="overlay")).size == (64, 96)
+    refused(post(parts_client, data, output="mask", threshold=0.4), 422, "threshold")
+    refused(post(parts_client, data, output="parts", format="webp"), 422, "png")
+    health = parts_client.get("/api/health").json()
+    assert health["multiclass"] is True and health["classes"] == PARTS and len(health["palette"]) == 4
+
+
+# ---------------------------------------------------------------- the bundled model on a drawn car
+
+BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "carvana_unet.pt"
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    if not BUNDLED.is_file():
+        pytest.skip("the bundled checkpoints/carvana_unet.pt is absent")
+    with TestClient(serve.create_app(config(BUNDLED, max_upload_mb=5.0))) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def car():
+    return car_photo((600, 400))
+
+
+class TestBundledModel:
+    def test_the_mask_finds_the_drawn_car_with_soft_edges_only_at_its_outline(self, bundled, car):
+        photo, silhouette = car
+        soft = np.asarray(image_of(post(bundled, encoded(photo), output="mask")))
+        car_pixels = soft >= 128
+        assert (car_pixels & silhouette).sum() / (car_pixels | silhouette).sum() > 0.95
+        partial = (soft > 0) & (soft < 255)
+        outline = cv2.morphologyEx(car_pixels.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((9, 9), np.uint8)) > 0
+        assert partial.any() and not (partial & ~outline).any()  # no semi-transparent patch inside or outside
+
+    def test_a_white_cutout_keeps_the_car_and_whitens_the_rest(self, bundled, car):
+        photo, silhouette = car
+        out = np.asarray(image_of(post(bundled, encoded(photo), output="cutout", background="white", format="png")))
+        inner = cv2.erode(silhouette.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+        outer = cv2.dilate(silhouette.astype(np.uint8), np.ones((9, 9), np.uint8)) == 0
+        assert np.abs(out[inner].astype(int) - photo[inner]).max() <= 2 and (out[outer] == 255).all()
+
+    def test_crop_and_exif_rotation_follow_the_car(self, bundled, car):
+        photo, silhouette = car
+        response = post(bundled, encoded(photo), output="cutout", crop="true")
+        x0, y0, x1, y1 = map(int, response.headers["x-crop-box"].split(","))
+        ys, xs = np.nonzero(silhouette)
+        assert abs(x0 - (xs.min() - 14)) <= 3 and abs(x1 - (xs.max() + 15)) <= 3  # 3 % of 456 px = 14 px
+        assert abs(y0 - (ys.min() - 14)) <= 3 and abs(y1 - (ys.max() + 15)) <= 3
+        assert image_of(response).size == (x1 - x0, y1 - y0)
+        rotated = np.asarray(image_of(post(bundled, encoded(photo, "JPEG", exif_orientation=6, quality=95),
+                                           "car.jpg", output="mask"))) >= 128
+        upright = np.rot90(silhouette, -1)  # orientation 6: shown turned 90 degrees clockwise
+        assert rotated.shape == upright.shape and (rotated & upright).sum() / (rotated | upright).sum() > 0.9
