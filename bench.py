@@ -26,8 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import atomic
 import runtime
+from backends import TorchRunner
 from config import ARCHS, PredictConfig, TrainConfig, resolve_data_dir
-from inference import InferenceSpec, Predictor, TorchRunner
+from inference import InferenceSpec, Predictor
 from losses import BCEDiceLoss, CEDiceLoss
 from model import build_model, checkpoint_for, save_checkpoint
 

@@ -171,7 +171,10 @@ class EvaluateConfig:
     out_dir: str = _opt("", "where reports go; default: <checkpoint folder>/eval-<split>")
     batch_size: int = _opt(8, "images per forward pass")
     threshold: float = _opt(None, THRESHOLD_HELP)
-    precision: str = _opt("fp32", "inference precision", choices=PRECISIONS)
+    precision: str = _opt("fp32", "inference precision (fp32: the reference score; auto = bf16 where native)",
+                          choices=PRECISIONS)
+    backend: str = _opt("torch", "what runs the network (torch: the reference score); " + BACKEND_HELP,
+                        choices=BACKENDS)
     tta: bool = _opt(False, "test-time augmentation: also predict the mirrored image and average (2x compute)")
     worst_k: int = _opt(8, "list and draw this many worst images")
     num_samples: int = _opt(4, "also draw this many random images")
@@ -196,7 +199,9 @@ class PredictConfig:
     rle_csv: str = _opt("", "also write every mask run-length encoded to this CSV (Kaggle's img,rle_mask)")
     recursive: bool = _opt(False, "search folders recursively")
     batch_size: int = _opt(8, "images per forward pass")
-    precision: str = _opt("fp32", "inference precision", choices=PRECISIONS)
+    precision: str = _opt("auto", "inference precision; auto = bf16 where the device runs it natively (same "
+                                  "Dice, docs/deployment.md), else fp32", choices=PRECISIONS)
+    backend: str = _opt("auto", BACKEND_HELP, choices=BACKENDS)
     tta: bool = _opt(False, "test-time augmentation: also predict the mirrored image and average (2x compute)")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
 

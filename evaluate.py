@@ -37,12 +37,12 @@ from tqdm import tqdm
 
 import atomic
 import plots
+from backends import load_source
 from config import EvaluateConfig, parse_config, resolve_checkpoint, resolve_data_dir
 from dataset import CarvanaDataset, find_class_names, find_samples, load_image, prepare_store, regroup
 from inference import Predictor
 from labels import palette
 from metrics import ConfusionMeter, SegmentationMeter
-from model import load_checkpoint
 
 log = logging.getLogger(__name__)
 SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8)
@@ -198,12 +198,12 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     problem = atomic.folder_problem(cfg.out_dir)
     if problem is not None:  # before scoring, not after
         raise ValueError(f"--out-dir {cfg.out_dir}: reports cannot be written there: {problem}")
-    checkpoint = load_checkpoint(cfg.checkpoint)
+    checkpoint = load_source(cfg.checkpoint)  # a .pt checkpoint, or an exported .onnx file's metadata
     classes = len(checkpoint["class_names"])
     if classes > 2 and cfg.threshold is not None:
         raise ValueError(f"--threshold {cfg.threshold}: checkpoint {cfg.checkpoint} is a {classes}-class parts model; "
                          "each pixel takes its most probable class (argmax), which has no threshold to set")
-    predictor = Predictor.from_checkpoint(checkpoint, cfg.device, cfg.precision, cfg.tta, cfg.threshold)
+    predictor = Predictor.from_checkpoint(checkpoint, cfg.device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
     dataset = load_split(checkpoint, predictor, cfg)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, pin_memory=predictor.device.type == "cuda")
     start = time.perf_counter()
@@ -224,7 +224,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
 
 def binary_summary(head: dict, result: dict, predictor: Predictor, store, cfg, seconds: float):
     """(summary, records ranked worst first by full-res Dice) of a binary model's `evaluate` result."""
-    summary = {**head, "threshold": predictor.threshold, "precision": predictor.precision,
+    summary = {**head, "threshold": predictor.threshold, "backend": predictor.backend, "precision": predictor.precision,
                "tta": cfg.tta, "model_size": list(predictor.input_size), "cars": len({s.car_id for s in store.samples}),
                "seconds": round(seconds, 1), "full_res": result["full_res"],
                "model_res": result["model_res"], "sweep": result["sweep"]}
@@ -238,7 +238,7 @@ def parts_summary(head: dict, result: dict, predictor: Predictor, store, cfg, se
 
     An image with no part in its truth or its prediction has no mIoU (None): nothing to miss, it ranks last.
     """
-    summary = {**head, "precision": predictor.precision, "tta": cfg.tta, "model_size": list(predictor.input_size),
+    summary = {**head, "backend": predictor.backend, "precision": predictor.precision, "tta": cfg.tta, "model_size": list(predictor.input_size),
                "images": len(result["records"]), "groups": len({s.car_id for s in store.samples}),
                "seconds": round(seconds, 1), "class_names": list(predictor.spec.class_names),
                "full_res": result["full_res"], "model_res": result["model_res"]}
@@ -349,7 +349,8 @@ def format_summary(summary: dict) -> str:
     if "class_names" in summary:
         return format_parts_summary(summary)
     full, small = summary["full_res"], summary["model_res"]
-    lines = [f"{summary['split']} split: {full['images']} images of {summary['cars']} cars from {summary['data_dir']}",
+    lines = [f"{summary['split']} split: {full['images']} images of {summary['cars']} cars from {summary['data_dir']}; "
+             f"{summary.get('backend', 'torch')} {summary['precision']}",
              f"full resolution   mean Dice {full['dice']:.5f}  mean IoU {full['iou']:.5f}  "
              f"pooled Dice {full['dice_pooled']:.5f}  pixel accuracy {full['pixel_accuracy']:.5f}",
              f"model resolution  mean Dice {small['dice']:.5f}  mean IoU {small['iou']:.5f}  "
@@ -372,7 +373,7 @@ def format_parts_summary(summary: dict) -> str:
     width = max([width] + [len(label) for label, _ in means])
     lines = [f"{summary['split']} split: {summary['images']} images ({summary['groups']} groups) from "
              f"{summary['data_dir']}; model {summary['model_size'][0]}x{summary['model_size'][1]}, "
-             f"{summary['precision']}{', flip TTA' if summary.get('tta') else ''}",
+             f"{summary.get('backend', 'torch')} {summary['precision']}{', flip TTA' if summary.get('tta') else ''}",
              "full resolution, scored from one confusion matrix over all pixels:"]
     lines += class_table(full, names, width)
     lines += [f"{label:<{width}}  {_score(value)}" for label, value in means]

@@ -8,9 +8,9 @@ at the model's input size, preprocessing a batch, logits, probabilities upsample
 own size, and hard masks. evaluate.py (and through it train.py's validation), predict.py, export.py
 and bench.py all go through it.
 
-The network itself runs behind a *runner*: a callable taking a preprocessed batch (B, 3, h, w) to
-fp32 logits (B, C, h, w). `TorchRunner` runs a torch module under autocast; another backend
-(ONNX Runtime, OpenVINO) only has to provide the same call to stand behind the same `Predictor`.
+The network itself runs behind a *runner* (backends.py): a callable taking a preprocessed batch
+(B, 3, h, w) to fp32 logits (B, C, h, w), on PyTorch, ONNX Runtime or OpenVINO. Everything else,
+TTA included, is the same code whichever backend runs the network.
 """
 from dataclasses import dataclass
 
@@ -19,10 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import runtime
+from backends import load_source, make_runner
 from dataset import image_to_tensor, load_image
 from labels import BINARY_CLASSES, flip_permutation
-from model import load_checkpoint, load_model
 
 
 @dataclass(frozen=True)
@@ -49,24 +48,6 @@ class InferenceSpec:
         return len(self.class_names) > 2
 
 
-class TorchRunner:
-    """Runs a torch module on `device` under the autocast of `precision`; returns fp32 logits on `device`.
-
-    The module must already be in the mode wanted (eval for inference): the runner never switches it,
-    so train.py can validate its live, possibly compiled, model through the same path.
-    """
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool = True):
-        self.model, self.device, self.precision, self.channels_last = model, device, precision, channels_last
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), runtime.autocast(self.device, self.precision):
-            return self.model(images).float()
-
-
 class Predictor:
     """Full-resolution masks from one model: see the module docstring.
 
@@ -83,17 +64,16 @@ class Predictor:
         self.mirrored_classes = torch.from_numpy(flip_permutation(spec.class_names)) if spec.multiclass else None
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, device="cpu", precision="fp32", tta=False, threshold=None) -> "Predictor":
-        """A Predictor for a checkpoint path or loaded dict; `device` and `precision` as the scripts' options.
+    def from_checkpoint(cls, checkpoint, device="cpu", precision="fp32", tta=False, threshold=None,
+                        backend="torch") -> "Predictor":
+        """A Predictor for a checkpoint (a .pt path or loaded dict, or an exported .onnx path).
 
-        Raises FileNotFoundError or ValueError (from model.load_checkpoint and runtime) naming what is wrong.
+        device, precision and backend take the scripts' option values ('auto' included; see
+        backends.make_runner). Raises FileNotFoundError or ValueError naming what is wrong.
         """
-        if not isinstance(checkpoint, dict):
-            checkpoint = load_checkpoint(checkpoint)
-        device = runtime.resolve_device(device) if isinstance(device, str) else device
-        precision = runtime.resolve_precision(precision, device)
-        model = load_model(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
-        return cls(TorchRunner(model, device, precision), InferenceSpec.from_checkpoint(checkpoint), tta, threshold)
+        source = checkpoint if isinstance(checkpoint, dict) else load_source(checkpoint)
+        runner = make_runner(source, backend, device, precision)
+        return cls(runner, InferenceSpec.from_checkpoint(source), tta, threshold)
 
     @property
     def input_size(self) -> tuple:
@@ -109,6 +89,11 @@ class Predictor:
     def precision(self) -> str:
         """The precision the network runs in: fp32, bf16 or fp16."""
         return self.runner.precision
+
+    @property
+    def backend(self) -> str:
+        """What runs the network: torch, onnxruntime or openvino (a runner without the attribute: its class name)."""
+        return getattr(self.runner, "backend", type(self.runner).__name__)
 
     def read(self, path):
         """Decode a photo upright at the model's input size: (uint8 (h, w, 3), full (width, height)).

@@ -75,7 +75,9 @@ class Up(nn.Module):
         x = self.up(x)
         # An odd-sized encoder level was floored by max-pooling: pad back to the skip's size.
         dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
-        if dy or dx:
+        # Exported to ONNX the sizes are symbolic: pad unconditionally (a no-op when they match) so the
+        # graph serves every input size, not only the one traced.
+        if torch.onnx.is_in_onnx_export() or dy or dx:
             x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
         return self.conv(torch.cat([skip, x], dim=1))
 

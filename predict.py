@@ -225,7 +225,9 @@ def predict_files(cfg: PredictConfig):
     out_dir = Path(cfg.out_dir)
     outputs = output_paths(paths, out_dir)
     prepare_outputs(cfg)  # before any work: a folder that cannot be written fails now, not after every image
-    predictor = Predictor.from_checkpoint(checkpoint_path, cfg.device, cfg.precision, cfg.tta, cfg.threshold)
+    predictor = Predictor.from_checkpoint(checkpoint_path, cfg.device, cfg.precision, cfg.tta, cfg.threshold,
+                                          cfg.backend)
+    log.info("backend %s, %s on %s", predictor.backend, predictor.precision, predictor.device)
     multiclass = predictor.spec.multiclass
     write = _writer(predictor, cfg)
     written, rles = [], {}

@@ -25,12 +25,13 @@ from tqdm import tqdm
 import atomic
 import plots
 import runtime
+from backends import TorchRunner
 from batchnorm import recompute_batchnorm
 from config import TrainConfig, parse_config, resolve_data_dir
 from dataset import (CarvanaDataset, build_transform, describe_split, find_class_names, find_samples, prepare_store,
                      regroup, split_by_car)
 from evaluate import evaluate
-from inference import InferenceSpec, Predictor, TorchRunner
+from inference import InferenceSpec, Predictor
 from losses import BCEDiceLoss, CEDiceLoss
 from model import OFFLINE_PRETRAINED, build_model, checkpoint_for, load_checkpoint, save_checkpoint
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from backends import TorchRunner
 from conftest import REPO_ROOT
-from inference import InferenceSpec, Predictor, TorchRunner
+from inference import InferenceSpec, Predictor
 from model import UNet, checkpoint_for
 
 CPU = torch.device("cpu")
@@ -109,8 +110,8 @@ def test_the_runner_uses_the_memory_format_it_is_given(channels_last):
 
 
 # The project's modules, lowest layer first: each may import only modules listed before it.
-LAYERS = ["config", "runtime", "atomic", "metrics", "losses", "labels", "plots", "encoders", "model", "dataset", "batchnorm",
-          "inference", "evaluate", "train", "predict", "export", "bench"]
+LAYERS = ["config", "runtime", "atomic", "metrics", "losses", "labels", "plots", "cutout", "encoders", "model", "dataset",
+          "batchnorm", "backends", "inference", "evaluate", "train", "predict", "export", "bench", "serve"]
 
 
 def project_imports(path):
