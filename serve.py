@@ -205,6 +205,7 @@ class Segmenter:
     def segment(self, data: bytes, options: Options, cancelled: threading.Event):
         """One request's answer, on the model's thread: (file bytes, (width, height) of the image in it,
         crop box or None)."""
+        _stop_if(cancelled)  # it waited in the queue past its deadline: nobody is waiting for it any more
         small, full_size = decode(data, self.predictor.input_size)
         probs = self.predictor.probs(self.predictor.preprocess([small]))[0]
         _stop_if(cancelled)
