@@ -13,6 +13,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -48,6 +49,7 @@ CONFIG_ENV = "CARSEG_SERVE_CONFIG"  # the ServeConfig as JSON, for worker proces
 JPEG_KINDS = ("JPEG", "MPO")  # MPO: the multi-picture JPEG many cameras and phones write
 ACCEPTED = JPEG_KINDS + ("PNG", "WEBP")  # decoded formats accepted, by Pillow's name
 FORM_ALLOWANCE = 64 * 1024  # bytes of multipart framing and form fields allowed on top of --max-upload-mb
+WORKER_START_S = 300  # seconds a --workers process may take to start (an ONNX export on first use included)
 BACKGROUND = re.compile(r"transparent|white|blur|#[0-9a-fA-F]{6}")
 
 
@@ -476,6 +478,10 @@ def serve(cfg: ServeConfig):
         return
     load_source(cfg.checkpoint)  # fail here, once, rather than in every worker
     os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
+    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:  # recent uvicorn only
+        # A worker importing torch and loading the model answers no health check for a while: uvicorn's
+        # default 5 s had slow laptops restart workers that were only starting.
+        common["timeout_worker_healthcheck"] = WORKER_START_S
     uvicorn.run("serve:app_from_environment", factory=True, workers=cfg.workers, **common)
 
 
