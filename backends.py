@@ -223,7 +223,8 @@ def weights_hash(checkpoint: dict) -> str:
 def onnx_metadata(checkpoint: dict) -> dict:
     """What an exported file keeps of its checkpoint (no weights): enough for InferenceSpec.from_checkpoint."""
     metadata = {k: checkpoint[k] for k in METADATA_FIELDS if k in checkpoint}
-    metadata["config"] = {k: checkpoint["config"][k] for k in INFERENCE_OPTIONS}
+    # and how its split grouped photos, so evaluate.py finds the validation cars again
+    metadata["config"] = {k: checkpoint["config"][k] for k in (*INFERENCE_OPTIONS, "group_by") if k in checkpoint["config"]}
     return metadata
 
 

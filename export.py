@@ -1,26 +1,41 @@
-"""Slim a training checkpoint into a model to ship: fp16 weights and what evaluate/predict need.
+"""Ship a model: a slim .pt checkpoint (fp16 weights), or an ONNX file for ONNX Runtime and OpenVINO.
 
     python export.py checkpoints/<run>/best.pt                # -> checkpoints/carvana_unet.pt (the bundled model)
                                                               #    or checkpoints/carparts.pt for a parts model
     python export.py checkpoints/<run>/best.pt --out my.pt
+    python export.py checkpoints/carvana_unet.pt --format onnx  # -> checkpoints/carvana_unet.onnx, parity checked
 
-Drops optimizer/scheduler state and stores floating-point weights as fp16 (half the size); the
-model is rebuilt in fp32 when loaded. The written file is checked: it must load with
-weights_only=True and give the same masks as the original on a random input batch. Written in the
-current checkpoint format, so exporting an older checkpoint also upgrades it.
+--format pt drops optimizer/scheduler state and stores floating-point weights as fp16 (half the
+size); the model is rebuilt in fp32 when loaded. The written file must load with weights_only=True
+and give the same masks as the original on a random batch.
+
+--format onnx writes the model with dynamic batch, height and width and the checkpoint's inference
+metadata (backends.export_onnx), then checks it against PyTorch on real photos (--check-images, or
+up to 8 validation photos of the checkpoint found under --data-dir / $CARVANA_DIR) through ONNX
+Runtime and OpenVINO: the largest absolute logit difference, the share of full-resolution mask
+pixels that agree and the mean Dice between the masks. The file is kept only if every backend
+agrees on at least PARITY_MIN_AGREEMENT of the pixels; otherwise nothing is written and the exit
+status is 1.
 """
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import BUNDLED_CHECKPOINT, BUNDLED_PARTS_CHECKPOINT
+from backends import export_onnx, load_source
+from config import BUNDLED_CHECKPOINT, BUNDLED_PARTS_CHECKPOINT, resolve_data_dir
+from evaluate import select_samples
 from inference import Predictor
+from metrics import dice_per_image
 from model import load_checkpoint, save_checkpoint
 
 KEEP = ("format_version", "arch", "model_args", "normalization", "config", "class_names", "val_cars", "train_cars", "epoch",
         "global_step", "metrics", "best_val_dice", "history")
+PARITY_BACKENDS = ("onnxruntime", "openvino")
+PARITY_MIN_AGREEMENT = 0.9999  # share of full-resolution mask pixels a backend must give as PyTorch does
+PARITY_PHOTOS = 8
 
 
 def export_checkpoint(source, out) -> dict:
@@ -51,19 +66,111 @@ def check_same_masks(original, slim):
         raise ValueError(f"fp16 weights change {changed:.2%} of the predicted pixels; keep fp32")
 
 
+def export_onnx_checked(source, out, photos) -> dict:
+    """Export `source` (a .pt path) to `out` (.onnx) and keep it only if it agrees with PyTorch on `photos`.
+
+    Returns {backend: parity row (see parity)}. Raises ValueError when a backend disagrees, leaving no file.
+    """
+    checkpoint = load_checkpoint(source)
+    checkpoint.setdefault("exported_from", Path(source).name)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    candidate = out.with_name(f".{out.stem}.checking.onnx")
+    export_onnx(checkpoint, candidate)
+    try:
+        rows = {backend: parity(checkpoint, candidate, backend, photos) for backend in PARITY_BACKENDS}
+        failed = [b for b, row in rows.items() if row["agreement"] < PARITY_MIN_AGREEMENT]
+        if failed:
+            raise ValueError(f"the ONNX export disagrees with PyTorch on {', '.join(failed)}: "
+                             + "; ".join(format_parity(b, rows[b]) for b in failed))
+        os.replace(candidate, out)
+    finally:
+        candidate.unlink(missing_ok=True)
+    return rows
+
+
+def parity(checkpoint: dict, onnx_path, backend: str, photos) -> dict:
+    """PyTorch fp32 against `backend` on `photos` (paths; none: two random images at the model size).
+
+    Returns {"precision", "photos", "max_abs_logit_diff", "agreement" (share of equal full-size mask
+    pixels, or class-map pixels for a parts model), "dice" (mean over photos of the Dice between the two
+    car masks)}.
+    """
+    reference = Predictor.from_checkpoint(checkpoint, "cpu", "fp32")
+    other = Predictor.from_checkpoint(str(onnx_path), "cpu", "auto", backend=backend)
+    if photos:
+        decoded = [reference.read(path) for path in photos]
+        batch, sizes = reference.preprocess([image for image, _ in decoded]), [size for _, size in decoded]
+    else:
+        w, h = reference.input_size
+        batch, sizes = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)), [(w, h)] * 2
+    diff = max((reference.logits(image[None]) - other.logits(image[None])).abs().max().item() for image in batch)
+    ours, theirs = reference.labels(batch, sizes), other.labels(batch, sizes)
+    agreement = float(np.mean([(a == b).mean() for a, b in zip(ours, theirs)]))
+    dice = float(np.mean([dice_per_image(torch.from_numpy(a > 0)[None], torch.from_numpy(b > 0)[None]).item()
+                          for a, b in zip(ours, theirs)]))
+    return {"precision": other.precision, "photos": len(sizes) if photos else 0, "max_abs_logit_diff": diff,
+            "agreement": agreement, "dice": dice}
+
+
+def format_parity(backend: str, row: dict) -> str:
+    return (f"{backend} ({row['precision']}): max |logit diff| {row['max_abs_logit_diff']:.2e}, "
+            f"{row['agreement']:.6%} of full-size mask pixels agree, Dice {row['dice']:.6f}")
+
+
+def parity_photos(checkpoint_path, check_images, data_dir) -> list:
+    """--check-images as given, else up to PARITY_PHOTOS validation photos (one per car first) under data_dir."""
+    if check_images:
+        return [Path(p) for p in check_images]
+    folder = resolve_data_dir(data_dir)
+    if not folder.is_dir():
+        return []
+    try:
+        samples, _ = select_samples(load_source(checkpoint_path), folder, "val", where=checkpoint_path)
+    except ValueError:  # a folder of other photos, or a checkpoint without a split
+        return []
+    firsts = list({s.car_id: s for s in reversed(samples)}.values())[::-1]  # each car's first view
+    return [s.image for s in (firsts + samples)[:PARITY_PHOTOS]]
+
+
+def default_out(checkpoint_path, fmt: str) -> Path:
+    if fmt == "onnx":
+        return Path(checkpoint_path).with_suffix(".onnx")
+    parts = len(load_checkpoint(checkpoint_path)["class_names"]) > 2
+    return BUNDLED_PARTS_CHECKPOINT if parts else BUNDLED_CHECKPOINT
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt)")
-    parser.add_argument("--out", help="where to write (default: the bundled model of its kind, "
-                                       f"{BUNDLED_CHECKPOINT.name} or {BUNDLED_PARTS_CHECKPOINT.name} for a parts model)")
+    parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt) or a bundled one")
+    parser.add_argument("--format", choices=("pt", "onnx"), default="pt",
+                        help="pt: slim fp16 checkpoint (default); onnx: for --backend onnxruntime/openvino")
+    parser.add_argument("--out", help="where to write (default: pt: the bundled model of its kind, "
+                                      f"{BUNDLED_CHECKPOINT.name} or {BUNDLED_PARTS_CHECKPOINT.name}; "
+                                      "onnx: the checkpoint's path with .onnx)")
+    parser.add_argument("--check-images", nargs="+", metavar="PHOTO",
+                        help="onnx: photos to check parity on (default: validation photos under --data-dir)")
+    parser.add_argument("--data-dir", default="", help="onnx: where the checkpoint's validation photos are "
+                                                       "(default: $CARVANA_DIR, else data/carvana)")
     args = parser.parse_args(argv)
     try:
-        args.out = args.out or str(BUNDLED_PARTS_CHECKPOINT if len(load_checkpoint(args.checkpoint)["class_names"]) > 2
-                                   else BUNDLED_CHECKPOINT)
-        export_checkpoint(args.checkpoint, args.out)
+        out = Path(args.out or default_out(args.checkpoint, args.format))
+        if args.format == "pt":
+            export_checkpoint(args.checkpoint, out)
+        else:
+            export_onnx_main(args, out)
     except (OSError, ValueError) as err:  # FileNotFoundError, a folder that cannot be written...
         raise SystemExit(f"error: {err}")
-    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+def export_onnx_main(args, out):
+    photos = parity_photos(args.checkpoint, args.check_images, args.data_dir)
+    print(f"parity on {len(photos)} photo(s)" if photos else
+          "parity on 2 random images only: no --check-images given and no validation photos found under "
+          f"{resolve_data_dir(args.data_dir)}")
+    for backend, row in export_onnx_checked(args.checkpoint, out, photos).items():
+        print(format_parity(backend, row))
 
 
 if __name__ == "__main__":

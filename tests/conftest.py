@@ -91,6 +91,12 @@ def tiny_config(data_dir, tmp, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _export_cache(tmp_path_factory):
+    """ONNX exports and OpenVINO blobs of the tests go to a temporary folder, never the user's ~/.cache."""
+    os.environ["CARSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("export-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """A fixed seed for every test."""

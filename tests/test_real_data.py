@@ -132,3 +132,19 @@ def test_bundled_model_through_predict_matches_the_true_masks(carvana_dir, real_
         scores.append(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
     # The bundled model's validation images score 0.985-0.998 each, 0.994+ on average.
     assert min(scores) > 0.98 and np.mean(scores) > 0.99, scores
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_bundled_model_on_each_engine_gives_pytorchs_masks_on_real_photos(engine, carvana_dir, real_samples, tmp_path):
+    import backends
+    import export
+    from model import load_checkpoint
+    checkpoint = load_checkpoint(BUNDLED_CHECKPOINT)
+    photos = [s.image for s in real_samples if s.car_id in set(checkpoint["val_cars"])][::16][:4]
+    if not photos:
+        pytest.skip(f"none of the bundled model's validation cars are in {carvana_dir}")
+    onnx_path = backends.export_onnx(checkpoint, tmp_path / "bundled.onnx")
+    row = export.parity(checkpoint, onnx_path, engine, photos)
+    # Measured on this CPU (fp32 on both): 2.7e-05 / 4.3e-05 and every full-size pixel equal.
+    assert row["photos"] == len(photos) and row["max_abs_logit_diff"] < 1e-3
+    assert row["agreement"] > 0.9999 and row["dice"] > 0.9999, row

@@ -1,0 +1,191 @@
+"""The ONNX export and the two CPU engines behind --backend: the same logits and masks as PyTorch for
+every architecture and size, the metadata inside the file, the export cache, and each refusal."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import backends
+import export
+from conftest import REPO_ROOT, car_picture
+from inference import Predictor
+from model import build_model, checkpoint_for
+
+CPU = torch.device("cpu")
+ENGINES = ("onnxruntime", "openvino")
+
+
+def tiny_checkpoint(arch="unet", classes=2, size=(64, 48), seed=0):
+    torch.manual_seed(seed)
+    args = dict(base_channels=4, depth=2) if arch == "unet" else {}
+    model = build_model(arch, pretrained=False, out_channels=1 if classes == 2 else classes, **args).eval()
+    names = ["background", "car"] if classes == 2 else ["background"] + [f"part{i}" for i in range(1, classes)]
+    config = {"image_width": size[0], "image_height": size[1], "threshold": 0.5, "group_by": "car-id"}
+    return checkpoint_for(model, config, class_names=names, val_cars=["a"], train_cars=["b"])
+
+
+@pytest.fixture(scope="module")
+def unet_onnx(tmp_path_factory):
+    checkpoint = tiny_checkpoint()
+    path = backends.export_onnx(checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    return checkpoint, path
+
+
+@pytest.mark.parametrize("arch", ["unet", "unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0",
+                                  "deeplabv3_mobilenet_v3_large"])
+def test_every_architecture_exports_with_dynamic_batch_height_and_width(arch, tmp_path):
+    checkpoint = tiny_checkpoint(arch, classes=2 if arch == "unet" else 5)
+    path = backends.export_onnx(checkpoint, tmp_path / "m.onnx")
+    model = build_model(arch, pretrained=False, **checkpoint["model_args"]).eval()
+    model.load_state_dict(checkpoint["model"])
+    runner = backends.OnnxRuntimeRunner(path)
+    for shape in [(1, 3, 48, 64), (3, 3, 61, 87)]:  # another batch, and a size no power of two divides
+        images = torch.rand(*shape)
+        with torch.no_grad():
+            expected = model(images)
+        got = runner(images)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_engine_gives_pytorchs_logits_and_masks_through_the_predictor(engine, unet_onnx):
+    checkpoint, path = unet_onnx
+    reference = Predictor.from_checkpoint(checkpoint, "cpu", "fp32")
+    other = Predictor.from_checkpoint(str(path), "cpu", "fp32", backend=engine)
+    assert other.backend == engine and other.precision == "fp32" and other.device == CPU
+    assert other.spec == reference.spec  # the spec came from the file's metadata alone
+    images = torch.rand(2, 3, 48, 64)
+    assert (other.logits(images) - reference.logits(images)).abs().max().item() < 1e-4
+    sizes = [(97, 71), (64, 48)]
+    for a, b in zip(reference.masks(images, sizes), other.masks(images, sizes)):
+        assert a.shape == b.shape and (a != b).mean() < 1e-3
+
+
+def test_tta_runs_the_same_on_an_engine(unet_onnx):
+    checkpoint, path = unet_onnx
+    images = torch.rand(2, 3, 48, 64)
+    reference = Predictor.from_checkpoint(checkpoint, "cpu", "fp32", tta=True).logits(images)
+    got = Predictor.from_checkpoint(str(path), "cpu", "fp32", tta=True, backend="onnxruntime").logits(images)
+    assert (got - reference).abs().max().item() < 1e-4
+
+
+def test_the_file_carries_the_checkpoints_inference_metadata_and_no_training_state(unet_onnx):
+    checkpoint, path = unet_onnx
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    meta = json.loads(props[backends.METADATA_KEY])
+    assert meta["config"] == {"image_width": 64, "image_height": 48, "threshold": 0.5, "group_by": "car-id"}
+    assert meta["class_names"] == ["background", "car"] and meta["val_cars"] == ["a"]
+    assert "model" not in meta and "optimizer" not in meta
+    source = backends.load_source(path)
+    assert source["onnx_path"] == str(path) and source["arch"] == "unet"
+
+
+def test_a_pt_checkpoint_is_exported_once_then_found_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CARSEG_CACHE_DIR", str(tmp_path / "cache"))
+    checkpoint = tiny_checkpoint()
+    first = backends.cached_onnx(checkpoint)
+    assert first.parent == tmp_path / "cache" / "onnx" and first.is_file()
+    monkeypatch.setattr(backends, "export_onnx", lambda *a: pytest.fail("exported again"))
+    assert backends.cached_onnx(checkpoint) == first
+    Predictor.from_checkpoint(checkpoint, "cpu", "auto", backend="openvino")  # from the cache, no export
+    assert list((tmp_path / "cache" / "openvino").iterdir())  # OpenVINO kept its compiled blob there
+
+
+def test_other_weights_or_metadata_are_another_cache_entry():
+    checkpoint = tiny_checkpoint()
+    key = backends.weights_hash(checkpoint)
+    assert backends.weights_hash(tiny_checkpoint()) == key  # the same weights, built again
+    assert backends.weights_hash(tiny_checkpoint(seed=1)) != key
+    moved = {**checkpoint, "config": {**checkpoint["config"], "threshold": 0.4}}
+    assert backends.weights_hash(moved) != key
+
+
+def test_an_unwritable_cache_is_refused_naming_the_folder_and_the_variable(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CARSEG_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(ValueError, match="CARSEG_CACHE_DIR"):
+        backends.cached_onnx(tiny_checkpoint())
+
+
+def test_auto_is_openvino_on_the_cpu_and_torch_elsewhere():
+    assert backends.resolve_backend("auto", CPU) == "openvino"
+    assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="--backend onnxruntime runs on the CPU"):
+        backends.resolve_backend("onnxruntime", torch.device("cuda"))
+
+
+def test_refusals_name_the_option_to_change(unet_onnx, tmp_path):
+    checkpoint, path = unet_onnx
+    with pytest.raises(ValueError, match="is an ONNX file: run it with --backend onnxruntime or openvino"):
+        Predictor.from_checkpoint(str(path), "cpu", "fp32", backend="torch")
+    with pytest.raises(ValueError, match="--backend onnxruntime runs fp32"):
+        Predictor.from_checkpoint(str(path), "cpu", "bf16", backend="onnxruntime")
+    with pytest.raises(ValueError, match="--backend openvino runs fp32 or bf16"):
+        Predictor.from_checkpoint(str(path), "cpu", "fp16", backend="openvino")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01 not protobuf at all" * 10)
+    with pytest.raises(ValueError, match="garbage.onnx is not a readable ONNX model"):
+        backends.load_source(garbage)
+    bare = tmp_path / "bare.onnx"
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(bare))
+    with pytest.raises(ValueError, match="holds no car_segmentation metadata: export it with"):
+        backends.load_source(bare)
+    with pytest.raises(FileNotFoundError, match="missing.onnx does not exist"):
+        backends.load_source(tmp_path / "missing.onnx")
+
+
+def test_openvino_bf16_is_refused_where_the_cpu_does_not_run_it_natively(unet_onnx):
+    import openvino as ov
+    _, path = unet_onnx
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert Predictor.from_checkpoint(str(path), "cpu", "bf16", backend="openvino").precision == "bf16"
+    else:
+        with pytest.raises(ValueError, match="no native bf16"):
+            Predictor.from_checkpoint(str(path), "cpu", "bf16", backend="openvino")
+
+
+def test_export_keeps_the_file_only_when_every_engine_agrees(tmp_path):
+    source = tmp_path / "model.pt"
+    torch.save(tiny_checkpoint(), source)
+    photos = []
+    for i in range(2):
+        photos.append(tmp_path / f"car{i}.png")
+        from PIL import Image
+        Image.fromarray(car_picture(i, 1, size=(96, 64))[0]).save(photos[-1])
+    rows = export.export_onnx_checked(source, tmp_path / "model.onnx", photos)
+    assert set(rows) == set(ENGINES) and (tmp_path / "model.onnx").is_file()
+    for row in rows.values():
+        assert row["photos"] == 2 and row["max_abs_logit_diff"] < 1e-4 and row["agreement"] > 0.9999
+        assert row["dice"] == pytest.approx(1.0, abs=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir() if "onnx" in p.name) == ["model.onnx"]  # no candidate left
+
+
+def test_export_refuses_a_graph_that_disagrees_and_leaves_nothing(tmp_path, monkeypatch):
+    source = tmp_path / "model.pt"
+    torch.save(tiny_checkpoint(), source)
+    real_export = backends.export_onnx
+
+    def sabotaged(checkpoint, path):  # another model's weights in the file: plausible, and wrong
+        return real_export({**checkpoint, "model": tiny_checkpoint(seed=7)["model"]}, path)
+
+    monkeypatch.setattr(export, "export_onnx", sabotaged)
+    with pytest.raises(ValueError, match="disagrees with PyTorch on onnxruntime, openvino"):
+        export.export_onnx_checked(source, tmp_path / "model.onnx", [])
+    assert not [p for p in tmp_path.iterdir() if "onnx" in p.name]
+
+
+def test_export_main_prints_parity_for_the_bundled_model(tmp_path, capsys):
+    export.main([str(REPO_ROOT / "checkpoints" / "carvana_unet.pt"), "--format", "onnx", "--out",
+                 str(tmp_path / "bundled.onnx"), "--data-dir", str(tmp_path / "none")])
+    out = capsys.readouterr().out
+    assert "parity on 2 random images only" in out
+    for engine in ENGINES:
+        line = next(l for l in out.splitlines() if l.startswith(engine))
+        assert "100.0000" in line and "Dice 1.000000" in line
+    assert (tmp_path / "bundled.onnx").stat().st_size > 1e6
