@@ -421,9 +421,9 @@ def measure_started(backend: str, photos: list, args) -> dict:
     finally:
         stop_server(proc)
     rss = report["rss_mb"]
-    rss["idle"], rss["peak"] = _round(idle), _round(max(mb for mb in (idle, rss["peak"]) if mb is not None))
+    rss["idle"], rss["peak"] = _round(idle), _round(max((mb for mb in (idle, rss["peak"]) if mb is not None), default=None))
     return {"label": health["backend"], "backend_asked": backend, "health": _health_summary(health),
-            "cold_start_s": cold, "server_log": str(log_path), **report}
+            "cold_start_s": cold, "server_pid": proc.pid, "server_log": str(log_path), **report}
 
 
 def measure_running(url: str, photos: list, args) -> dict:
