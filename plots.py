@@ -1,10 +1,8 @@
 """Figures people would rather look at than read: training curves, prediction panels, and for car
 parts the confusion matrix and the colour legend drawn under part overlays."""
-import matplotlib
+import functools
 
-matplotlib.use("Agg")  # files only; no display on training machines
 import cv2
-import matplotlib.pyplot as plt
 import numpy as np
 
 from atomic import atomic_write
@@ -18,12 +16,22 @@ LEGEND_FONT, LEGEND_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.45
 SWATCH, GAP, SPACING, MARGIN, ROW_HEIGHT = 14, 5, 16, 6, 22
 
 
+@functools.cache
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use: predict.py and serve.py
+    draw legends with OpenCV alone and need not pay matplotlib's import (0.35 s) at every start."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display on training machines
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_training_curves(history: list, path):
     """Loss and the validation score per epoch from metrics.jsonl records (today's key names or older
     ones), as a PNG: 1 - Dice for binary runs, 1 - mean IoU over the parts for multi-class ones."""
     history = [with_current_names(record) for record in history]
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_score) = pyplot().subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy + Dice loss", yscale="log", title="loss")
@@ -47,7 +55,7 @@ def save(fig, path, dpi):
     """Write a figure as a PNG atomically and free it."""
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=dpi)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def error_image(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -65,7 +73,7 @@ def plot_prediction_panels(rows: list, path, title=""):
     Each row is a dict with 'image' (RGB, any size), full-resolution boolean 'pred' and 'target',
     and a 'label'. Masks are shrunk with area averaging, so thin error bands stay visible.
     """
-    fig, axes = plt.subplots(len(rows), 4, figsize=(16, 2.8 * len(rows)), squeeze=False)
+    fig, axes = pyplot().subplots(len(rows), 4, figsize=(16, 2.8 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
         h, w = row["image"].shape[:2]
         shrink = lambda a: cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA)
@@ -82,7 +90,7 @@ def plot_prediction_panels(rows: list, path, title=""):
 
 def plot_threshold_sweep(sweep: list, path):
     """Full-resolution mean Dice against the probability threshold."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     ax.plot([r["threshold"] for r in sweep], [r["dice"] for r in sweep], "o-")
     ax.set(xlabel="threshold", ylabel="mean per-image Dice (full res)", title="threshold sweep")
     ax.grid(alpha=0.3)
@@ -105,8 +113,8 @@ def plot_confusion_matrix(confusion, class_names, path, title=""):
     true_pixels = confusion.sum(1, keepdims=True)
     percent = np.divide(100.0 * confusion, true_pixels, out=np.full_like(confusion, np.nan), where=true_pixels > 0)
     side = 2.5 + 0.45 * n  # inches: about 0.45 in (45 px at dpi 100) per cell, whatever the class count
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
-    cmap = plt.get_cmap("Blues").with_extremes(bad="0.85")  # NaN rows: the class never occurs in the truth
+    fig, ax = pyplot().subplots(figsize=(side + 1.2, side))
+    cmap = pyplot().get_cmap("Blues").with_extremes(bad="0.85")  # NaN rows: the class never occurs in the truth
     heat = ax.imshow(percent, cmap=cmap, vmin=0, vmax=100)
     _annotate_cells(ax, percent, fontsize=max(5.0, min(9.0, 150 / n)))
     ax.set_xticks(range(n), class_names, rotation=55, ha="right", rotation_mode="anchor", fontsize=8)

@@ -28,7 +28,8 @@ import runtime
 from backends import TorchRunner
 from batchnorm import recompute_batchnorm
 from config import TrainConfig, parse_config, resolve_data_dir
-from dataset import (CarvanaDataset, build_transform, describe_split, find_class_names, find_samples, prepare_store,
+from augment import build_transform
+from dataset import (CarvanaDataset, describe_split, find_class_names, find_samples, prepare_store,
                      regroup, split_by_car)
 from evaluate import evaluate
 from inference import InferenceSpec, Predictor

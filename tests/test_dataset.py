@@ -10,7 +10,8 @@ from PIL import Image
 
 import dataset
 from conftest import FAKE_CARS, IMAGE_SIZE, MODEL_SIZE, PLAIN_CARS, VIEWS, car_picture, save_palette_gif
-from dataset import (CarvanaDataset, DatasetError, Sample, build_transform, car_id_of, describe_split, find_samples,
+from augment import build_transform
+from dataset import (CarvanaDataset, DatasetError, Sample, car_id_of, describe_split, find_samples,
                      group_of, load_image, load_mask, load_samples, prepare_store, regroup, shrink_mask, split_by_car)
 
 

@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 
 import train
 from conftest import MODEL_SIZE, parts_picture, tiny_config, write_coco_dataset
-from dataset import MirrorSwappingSides, build_transform, find_class_names, find_samples
+from augment import MirrorSwappingSides, build_transform
+from dataset import find_class_names, find_samples
 from inference import InferenceSpec, Predictor
 from labels import flip_permutation
 from model import load_checkpoint, load_model
