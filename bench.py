@@ -4,6 +4,7 @@
     python bench.py --compile --base-channels 16 32   # add torch.compile rows, two network widths
     python bench.py --predict-images 64               # also time predict.py end to end on 64 Carvana photos
     python bench.py --arch unet unet_efficientnet_lite0 deeplabv3_mobilenet_v3_large --layouts channels_last
+    python bench.py --deploy --predict-images 96      # the bundled model on each --backend, predict.py as a process
 
 Training steps run on --train-size inputs (the recipe's random crops), inference on --size (whole
 images) through inference.Predictor, the path evaluate.py and predict.py take.
@@ -17,6 +18,8 @@ import dataclasses
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import atomic
 import runtime
 from backends import TorchRunner
-from config import ARCHS, PredictConfig, TrainConfig, resolve_data_dir
+from config import ARCHS, BACKENDS, PredictConfig, TrainConfig, resolve_checkpoint, resolve_data_dir
 from inference import InferenceSpec, Predictor
 from losses import BCEDiceLoss, CEDiceLoss
 from model import build_model, checkpoint_for, save_checkpoint
@@ -141,6 +144,48 @@ def bench_predict(n_images: int, arch: dict, size, precision: str, tta: bool) ->
             "masks_per_s": len(written) / seconds, "precision": precision, "tta": tta, **arch}
 
 
+def bench_backend(checkpoint: str, backend: str, n_images: int, repeats: int) -> dict:
+    """One backend on a real checkpoint: model-only images/s at batch 1 and 8 (Predictor.logits), then
+    `python predict.py` as a fresh process on n_images Carvana photos, start-up included (imports,
+    model build or ONNX/OpenVINO load, warm-up): what a user typing the README's command waits for."""
+    predictor = Predictor.from_checkpoint(checkpoint, "cpu", "auto", backend=backend)
+    w, h = predictor.input_size
+    row = {"backend": backend, "precision": predictor.precision}
+    for batch in (1, 8):
+        images = torch.rand(batch, 3, h, w)
+        row[f"infer_images_per_s_batch{batch}"] = batch / median_seconds(lambda images=images: predictor.logits(images), repeats)
+    photos = sorted((resolve_data_dir("") / "train").glob("*.jpg"))[:n_images]
+    if photos:
+        with tempfile.TemporaryDirectory() as tmp:
+            command = [sys.executable, str(Path(__file__).with_name("predict.py")), *map(str, photos),
+                       "--checkpoint", checkpoint, "--backend", backend, "--out-dir", tmp]
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            seconds = time.perf_counter() - start
+        row.update(predict_images=len(photos), predict_process_s=seconds, predict_masks_per_s=len(photos) / seconds)
+    return row
+
+
+def bench_deploy(args, peaks) -> list:
+    """bench_backend for each of args.backends on args.checkpoint (default: the bundled model)."""
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    for backend in args.backends:
+        Predictor.from_checkpoint(checkpoint, "cpu", "auto", backend=backend)  # exports/compiles once, untimed
+    rows = [bench_backend(checkpoint, backend, args.predict_images, args.repeats) for backend in args.backends]
+    print(f"{Path(checkpoint).name}; {'backend':>12} {'prec':>5} | model img/s b1 {'b8':>6} | predict.py process")
+    for r in rows:
+        process = (f"{r['predict_images']} photos in {r['predict_process_s']:.1f} s = {r['predict_masks_per_s']:.2f} "
+                   "masks/s" if "predict_images" in r else f"skipped: no photos under {resolve_data_dir('')}/train")
+        print(f"{r['backend']:>12} {r['precision']:>5} | {r['infer_images_per_s_batch1']:>14.2f} "
+              f"{r['infer_images_per_s_batch8']:>6.2f} | {process}")
+    base = next((r for r in rows if r["backend"] == "torch"), None)
+    if base:
+        for r in rows:
+            print(f"{r['backend']}: {r['infer_images_per_s_batch8'] / base['infer_images_per_s_batch8']:.2f}x torch's "
+                  f"model throughput at batch 8 (fp32 matmul peak {peaks['fp32']:.0f} GFLOP/s in this run)")
+    return rows
+
+
 def model_variant(args, name: str, base_channels) -> dict:
     """{"arch": name, **model_args} of one measured model."""
     arch = {"arch": name, "out_channels": args.classes}
@@ -180,6 +225,11 @@ def main(argv=None):
     parser.add_argument("--peak-size", type=int, default=2048,
                         help="matmul size N of the GFLOP/s reference (an N x N bf16 matmul takes minutes where "
                              "the CPU has no native bf16)")
+    parser.add_argument("--deploy", action="store_true",
+                        help="instead of training/inference rows: a real checkpoint on each --backends")
+    parser.add_argument("--checkpoint", default="", help="--deploy: the checkpoint (default: the bundled model)")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS[1:], default=list(BACKENDS[1:]),
+                        help="--deploy: the backends to measure")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.size.lower().split("x"))
@@ -191,6 +241,11 @@ def main(argv=None):
                "matmul_peak_gflops": peaks}
     print(f"{machine['platform']}, {machine['threads']} threads, torch {torch.__version__}; "
           f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    if args.deploy:
+        result = {"machine": machine, "deploy": bench_deploy(args, peaks)}
+        atomic.write_text(args.out, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return result
     rows = []
     header = f"{'model':>30} {'train':>8} {'prec':>5} {'layout':>6} {'compile':>7} | {'train img/s':>11} " \
              f"{'GFLOP/s':>8} {'%fp32':>6} {'%bf16':>6} | {'infer img/s':>11} {'1st step':>8}"
