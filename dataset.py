@@ -213,22 +213,24 @@ def describe_split(train, val, val_fraction: float, group_by: str = "car-id"):
 # ---------------------------------------------------------------- decoding and preprocessing
 
 def open_image(path) -> Image.Image:
-    """Open an image file lazily; errors name the file and the reason."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise ValueError(f"{path}: empty file (0 bytes)")
+    """Open an image lazily: a path, or a binary file object (serve.py's uploads, as io.BytesIO, named
+    by their `name` attribute if they have one). Errors are ValueErrors naming it and the reason."""
+    name = getattr(path, "name", path)
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{name}: empty file (0 bytes)")
     try:
         img = Image.open(path)
     except Image.DecompressionBombError as err:
-        raise ValueError(f"{path}: image too large ({err}); limit is {MAX_IMAGE_PIXELS} pixels")
+        raise ValueError(f"{name}: image too large ({err}); limit is {MAX_IMAGE_PIXELS} pixels")
     except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file (or a format Pillow cannot read)")
+        raise ValueError(f"{name}: not an image file (or a format Pillow cannot read)")
     except OSError as err:
-        raise ValueError(f"{path}: cannot read: {err}")
+        raise ValueError(f"{name}: cannot read: {err}")
     except DECODE_ERRORS as err:  # Pillow's parsers raise these too on corrupt headers
-        raise ValueError(f"{path}: corrupt image header: {err}")
+        raise ValueError(f"{name}: corrupt image header: {err}")
     # Pillow only warns between 1x and 2x its limit; refuse from 1x, before any pixel is decoded.
     if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{path}: image too large ({img.width}x{img.height} pixels); "
+        raise ValueError(f"{name}: image too large ({img.width}x{img.height} pixels); "
                          f"limit is {MAX_IMAGE_PIXELS} pixels")
     return img
 
@@ -281,7 +283,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path, size=None):
-    """Decode an image upright as RGB uint8 (H, W, 3); with size=(w, h), decoded small and resized.
+    """Decode an image (a path or a binary file object, see open_image) upright as RGB uint8 (H, W, 3);
+    with size=(w, h), decoded small and resized.
 
     Returns (array, full_size) where full_size is the upright (width, height) of the file. JPEGs are
     decoded at a reduced DCT scale where that stays at or above `size` and divides the stored size
@@ -291,7 +294,7 @@ def load_image(path, size=None):
     img = open_image(path)
     try:
         full_size = _oriented_size(img)
-        if size is not None and img.format == "JPEG":
+        if size is not None and img.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEG of phones and cameras
             swap = full_size != img.size
             w, h = (size[1], size[0]) if swap else size
             # Only a scale that divides the stored size: libjpeg rounds a partial last block up to a
@@ -303,9 +306,9 @@ def load_image(path, size=None):
         img = _to_rgb(ImageOps.exif_transpose(img))
         array = np.array(img)  # a writable copy: torch.from_numpy warns on read-only arrays
     except Image.DecompressionBombError as err:
-        raise ValueError(f"{path}: image too large ({err})")
+        raise ValueError(f"{getattr(path, 'name', path)}: image too large ({err})")
     except DECODE_ERRORS as err:  # truncated or corrupt data shows up only when decoding
-        raise ValueError(f"{path}: cannot decode: {err}")
+        raise ValueError(f"{getattr(path, 'name', path)}: cannot decode: {err}")
     if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
         array = cv2.resize(array, tuple(size), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(array), full_size

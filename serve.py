@@ -27,18 +27,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
-import cv2
 import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 import cutout
 from backends import load_source
 from config import VERSION, ServeConfig, parse_config, resolve_checkpoint
-from dataset import DECODE_ERRORS, _to_rgb
+from dataset import DECODE_ERRORS, load_image
 from inference import Predictor, car_mask
 from labels import palette
 from plots import parts_overlay
@@ -99,26 +98,15 @@ def probe(data: bytes, max_pixels: int):
 def decode(data: bytes, size=None) -> tuple:
     """Upload bytes -> (upright RGB uint8 (H, W, 3), at size=(w, h) if given; the upright full (W, H)).
 
-    As dataset.load_image decodes a file (it takes paths only): a JPEG is decoded at a reduced DCT
-    scale that still covers `size` and divides its size, then area-averaged, so masks match predict.py's.
-    The orientation is read here, not in probe: finding a PNG's EXIF can mean decoding it.
-    ServeError 422 for a corrupt or truncated file.
+    dataset.load_image, the decoding predict.py gives a file (a JPEG at a reduced DCT scale, then
+    area-averaged), so the server's masks are predict.py's. ServeError 422 for a corrupt or truncated file.
     """
+    upload = io.BytesIO(data)
+    upload.name = "upload"  # what load_image's messages call it
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            full_size = (img.height, img.width) if turned else img.size
-            if size is not None and img.format in JPEG_KINDS:
-                w, h = (size[1], size[0]) if turned else size
-                scale = max([s for s in (2, 4, 8) if img.size[0] % s == 0 and img.size[1] % s == 0
-                             and img.size[0] // s >= w and img.size[1] // s >= h], default=1)
-                img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
-            array = np.array(_to_rgb(ImageOps.exif_transpose(img)))
-    except DECODE_ERRORS as err:  # truncated or corrupt data shows up only when decoding
-        raise ServeError(422, f"corrupt or truncated image: {err}")
-    if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
-        array = cv2.resize(array, tuple(size), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(array), full_size
+        return load_image(upload, size)
+    except ValueError as err:  # truncated or corrupt data shows up only when decoding
+        raise ServeError(422, f"corrupt or truncated image: {err}") from None
 
 
 def check_options(options: Options, multiclass: bool) -> Options:
