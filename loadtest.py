@@ -420,8 +420,7 @@ def measure_started(backend: str, photos: list, args) -> dict:
         report = run_load(url, photos, args, proc.pid)
     finally:
         stop_server(proc)
-    rss = report["rss_mb"]
-    rss["idle"], rss["peak"] = _round(idle), _round(max((mb for mb in (idle, rss["peak"]) if mb is not None), default=None))
+    _add_idle(report["rss_mb"], idle)
     return {"label": health["backend"], "backend_asked": backend, "health": _health_summary(health),
             "cold_start_s": cold, "server_pid": proc.pid, "server_log": str(log_path), **report}
 
@@ -429,8 +428,15 @@ def measure_started(backend: str, photos: list, args) -> dict:
 def measure_running(url: str, photos: list, args) -> dict:
     """The load against a server already running at url (RSS only when --pid is given)."""
     health = httpx.get(url + "/api/health", timeout=10).raise_for_status().json()
+    idle = rss_mb(args.pid) if args.pid else None
     report = run_load(url, photos, args, args.pid)
+    _add_idle(report["rss_mb"], idle)
     return {"label": health.get("backend", url), "url": url, "health": _health_summary(health), **report}
+
+
+def _add_idle(rss: dict, idle):
+    """The RSS before the load goes in as idle, and counts towards the peak."""
+    rss["idle"], rss["peak"] = _round(idle), _round(max((mb for mb in (idle, rss["peak"]) if mb is not None), default=None))
 
 
 def _health_summary(health: dict) -> dict:
@@ -450,8 +456,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError, RuntimeError, httpx.HTTPError) as err:
         raise SystemExit(f"error: {err}")
     footprint = install_footprint()
-    print(f"{args.requests} requests ({args.output} PNG of {len(photos)} photo(s), cycled), "
-          f"concurrency {args.concurrency}, --workers {args.workers}")
+    print(f"{args.requests} requests ({args.output} PNG of {len(photos)} photo(s), cycled), concurrency "
+          f"{args.concurrency}, " + (f"server at {args.url}" if args.url else f"--workers {args.workers}"))
     print(format_table(reports))
     print(format_footprint(footprint))
     if args.out:

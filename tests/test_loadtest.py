@@ -3,6 +3,7 @@ non-loopback servers, stopping the server it started on Ctrl-C, and one tiny rea
 import json
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -73,6 +74,16 @@ def test_a_run_without_rss_samples_reports_none():
     report = loadtest.summarize(fake_run(10, errors=()), 1.0, [], stopped_early=True)
     assert report["stopped_early"] and report["rss_mb"]["peak"] is None and report["rss_mb"]["growth_pct"] is None
     assert "-" in loadtest.format_table([{"label": "x", **report}])
+
+
+def test_sending_stops_at_max_seconds_and_says_so(tmp_path, monkeypatch):
+    def slow(client, url, photo, fields):
+        time.sleep(0.05)
+        return Answer(0, 0.05, 200, 1, 1, "")
+    monkeypatch.setattr(loadtest, "send_one", slow)
+    args = loadtest.parse_args(["--requests", "1000", "--concurrency", "2", "--max-seconds", "0.3"])
+    answers, wall_s, stopped = loadtest.send_all("http://127.0.0.1:1", [tmp_path / "car.jpg"], args)
+    assert stopped and 4 <= len(answers) < 40 and wall_s < 2
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:8000/", "https://127.0.0.9"])
