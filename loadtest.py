@@ -9,8 +9,9 @@ the cold start (spawn -> first /api/health -> first /api/segment answer), the id
 answer and the server's RSS (its child processes included, for --workers > 1) every 0.2 s through the
 run; the mean RSS over the first and the last 100 requests shows whether memory stays flat. Photos
 cycle through --photos, else $CARVANA_DIR/train, else ../shared/carvana/train. Each backend gets a
-fresh server; the table compares them, --out writes it all as JSON, and the exit status is 1 when any
-request failed. The server this script started is stopped however the script ends.
+fresh server; the table compares them, --out writes it all as JSON (and each server's log beside
+it), and the exit status is 1 when any request failed. A server started here is stopped however
+the script ends.
 """
 import argparse
 import importlib.metadata
@@ -401,7 +402,11 @@ def run_load(url: str, photos: list, args, pid: int | None) -> dict:
 def measure_started(backend: str, photos: list, args) -> dict:
     """One backend on a fresh server: cold start, idle RSS after warm-up, then the load; the server
     is stopped however this ends."""
-    port, log_path = free_port(), Path(tempfile.mkstemp(prefix=f"loadtest-{backend}-", suffix=".log")[1])
+    port = free_port()
+    if args.out:  # the server's log (a line per request) is kept beside the results
+        log_path = args.out.with_name(f"{args.out.stem}-{backend}-server.log")
+    else:
+        log_path = Path(tempfile.mkstemp(prefix=f"loadtest-{backend}-", suffix=".log")[1])
     spawned = time.monotonic()
     proc = start_server(backend, port, log_path, args.workers, args.checkpoint)
     try:
@@ -420,9 +425,11 @@ def measure_started(backend: str, photos: list, args) -> dict:
         report = run_load(url, photos, args, proc.pid)
     finally:
         stop_server(proc)
+        if not args.out:  # errors quote its tail already
+            log_path.unlink(missing_ok=True)
     _add_idle(report["rss_mb"], idle)
     return {"label": health["backend"], "backend_asked": backend, "health": _health_summary(health),
-            "cold_start_s": cold, "server_pid": proc.pid, "server_log": str(log_path), **report}
+            "cold_start_s": cold, "server_pid": proc.pid, "server_log": str(log_path) if args.out else None, **report}
 
 
 def measure_running(url: str, photos: list, args) -> dict:

@@ -146,4 +146,5 @@ def test_a_tiny_real_run_against_the_server_it_starts(tmp_path, capsys):
     assert run["rss_mb"]["window"] == 3 and 100 < run["rss_mb"]["idle"] <= run["rss_mb"]["peak"]
     assert run["bytes_per_request"]["received"] > 1000
     assert not psutil.pid_exists(run["server_pid"])
+    assert "POST /api/segment 200" in (tmp_path / "run-torch-server.log").read_text()
     assert "requests/s" in capsys.readouterr().out
