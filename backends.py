@@ -8,6 +8,7 @@ inference metadata inside it) and the cache that lets `--backend onnxruntime|ope
 
     runner = make_runner(load_source("checkpoints/carvana_unet.pt"), "openvino", "auto", "auto")
 """
+import gc
 import hashlib
 import io
 import json
@@ -208,6 +209,8 @@ def cached_onnx(checkpoint: dict) -> Path:
                          "a writable folder, or export once with `python export.py CHECKPOINT --format onnx`")
     log.info("exporting the checkpoint to ONNX once: %s (later runs reuse it)", path)
     export_onnx(checkpoint, path)
+    gc.collect()
+    runtime.release_freed_memory()
     return path
 
 

@@ -96,3 +96,15 @@ def keep_freed_memory():
     libc.mallopt(m_mmap_max, 0)
     libc.mallopt(m_trim_threshold, 2**31 - 1)
     libc.mallopt(m_top_pad, 1 << 30)
+
+
+def release_freed_memory():
+    """Hand memory freed by a one-off job back to the kernel (glibc's malloc_trim).
+
+    After the ONNX export a long-lived process (serve.py) otherwise keeps the exporter's ~400 MB of
+    freed buffers resident for its whole life (idle RSS 1040 MB against 750 MB when the export was cached).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
