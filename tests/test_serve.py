@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 import cutout
+import segmenter
 import serve
 from config import VERSION, ServeConfig
 from inference import Predictor, car_mask
@@ -236,7 +237,7 @@ def test_backgrounds_fill_where_the_mask_is_empty(client, photo_file):
     for background, colour in (("white", (255, 255, 255)), ("#123456", (0x12, 0x34, 0x56))):
         out = np.asarray(image_of(post(client, data, output="cutout", background=background)))
         assert (out[alpha == 0] == colour).all(), background
-    photo = serve.decode(data)[0]
+    photo = segmenter.decode(data)[0]
     out = np.asarray(image_of(post(client, data, output="cutout", background="white")))
     assert np.array_equal(out[alpha == 255], photo[alpha == 255])
 
