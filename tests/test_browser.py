@@ -1,6 +1,7 @@
 """Protects the web page end to end in a real browser (Debian's Chromium driven by Playwright): a photo
-uploaded at desktop and phone sizes is cut out and shown, both downloads are the server's full-size
-RGBA cutout and L mask, and the page asks nothing of any host but the server."""
+uploaded at desktop and phone sizes is cut out and shown with the download buttons within 1.5 screens,
+both downloads are the server's full-size RGBA cutout and L mask, and the page asks nothing of any host
+but the server."""
 import os
 import re
 import shutil
@@ -120,8 +121,11 @@ def test_a_photo_is_cut_out_shown_and_downloaded_at_full_size(browser, server, v
         box = cutout.bounding_box()
         assert int(cutout.get_attribute("width")) > 0 and int(cutout.get_attribute("height")) > 0
         assert box["width"] > 0 and box["height"] > 0
-        expect(page.get_by_test_id("time")).to_contain_text(re.compile(r"server \d+ ms"))
+        # \s: the page keeps each number and its "ms" together with a no-break space
+        expect(page.get_by_test_id("time")).to_contain_text(re.compile(r"server\s\d+\sms"))
         expect(page.get_by_test_id("error")).to_have_text("")
+        button = page.get_by_test_id("download-cutout").bounding_box()  # not scrolled yet: page coordinates
+        assert button["y"] + button["height"] <= 1.5 * VIEWPORTS[viewport]["viewport"]["height"]  # no long scroll
         screenshot(page, viewport, tmp_path)
 
         cut = download(page, "download-cutout", tmp_path)
