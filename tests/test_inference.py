@@ -130,3 +130,15 @@ def test_imports_flow_one_way_and_only_inference_reaches_the_network_for_the_scr
     assert "evaluate" not in project_imports(REPO_ROOT / "predict.py")
     for script in ("evaluate", "predict", "export"):
         assert "inference" in project_imports(REPO_ROOT / f"{script}.py"), script
+
+
+@pytest.mark.parametrize("full_size", [(4000, 3000), (71, 97), (200, 300)])
+def test_class_map_in_bands_takes_the_argmax_of_the_bilinear_upsampling(full_size, monkeypatch):
+    import inference
+    monkeypatch.setattr(inference, "CLASS_MAP_BAND", 5000)  # force bands even for the small sizes
+    probs = torch.rand(19, 48, 64, generator=torch.Generator().manual_seed(0)).softmax(0)
+    w, h = full_size
+    expected = torch.nn.functional.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+    got = Predictor.class_map(probs, full_size)
+    assert got.shape == (h, w)
+    assert (got == expected).float().mean().item() > 0.99999  # equal but for float-rounding ties
