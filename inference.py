@@ -171,6 +171,11 @@ class Predictor:
                     for prob, size in zip(probs, full_sizes)]
         return [self.class_map(prob, size).to(torch.uint8).cpu().numpy() for prob, size in zip(probs, full_sizes)]
 
+    def car_probs(self, batch: torch.Tensor, full_sizes) -> list:
+        """Preprocessed batch of a car/background model -> each photo's car probability, float32 numpy
+        (H, W) at its full_size=(W, H): what `masks` thresholds, for soft-edged cutouts (cutout.soft_alpha)."""
+        return [self.upsample(prob, size).cpu().numpy() for prob, size in zip(self.probs(batch), full_sizes)]
+
     def masks(self, batch: torch.Tensor, full_sizes) -> list:
         """Preprocessed batch -> one uint8 0/255 car mask (H, W) per image, each at its full_size=(W, H).
 

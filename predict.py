@@ -2,7 +2,8 @@
 
     python predict.py photos/ more/*.jpg --out-dir masks/ --cutout
 
-For each input, OUT_DIR/<stem>_mask.png is a single-channel 0/255 PNG of the input's own size.
+For each input, OUT_DIR/<stem>_mask.png is a single-channel 0/255 PNG of the input's own size;
+<stem>_cutout.png (--cutout) has soft, anti-aliased edges, as serve.py's default cutout.
 With a car-parts (multi-class) checkpoint, OUT_DIR/<stem>_parts.png is also written: a palette
 ("P") PNG whose pixel values index the class names listed one per line in OUT_DIR/classes.txt, and
 the mask is the whole car (the parts' union, holes filled); --overlay then colours the parts and
@@ -26,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import atomic
+import cutout
 from config import PredictConfig, parse_config, resolve_checkpoint
 from dataset import IMAGE_EXTENSIONS, load_image, rle_encode
 from inference import Predictor, car_mask
@@ -119,19 +121,21 @@ def encode_parts(labels: np.ndarray, colours: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_outputs(path: Path, mask_path: Path, pred_mask: np.ndarray, cfg: PredictConfig):
-    """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout; returns (mask path, RLE)."""
+def write_outputs(path: Path, mask_path: Path, prediction, cfg: PredictConfig):
+    """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout; returns (mask path, RLE).
+
+    prediction: (the 0/255 mask uint8 (H, W), the cutout's soft alpha uint8 (H, W) or None); see _predict.
+    """
+    pred_mask, alpha = prediction
     atomic.write_bytes(mask_path, encode(".png", pred_mask))
     rle = rle_encode(pred_mask) if cfg.rle_csv else None
     if cfg.overlay or cfg.cutout:
         image, _ = load_image(path)  # full resolution, upright RGB
         if cfg.overlay:
-            tinted = image.copy()
-            car = pred_mask > 0
-            tinted[car] = (0.55 * image[car] + 0.45 * np.array([0, 200, 80])).astype(np.uint8)
-            atomic.write_bytes(mask_path.with_name(f"{path.stem}_overlay.jpg"), encode(".jpg", tinted[..., ::-1]))
+            atomic.write_bytes(mask_path.with_name(f"{path.stem}_overlay.jpg"),
+                               encode(".jpg", cutout.tint(image, pred_mask)[..., ::-1]))
         if cfg.cutout:
-            write_cutout(path, mask_path, image, pred_mask)
+            write_cutout(path, mask_path, image, alpha)
     return mask_path, rle
 
 
@@ -185,10 +189,11 @@ def legend_under(overlay: np.ndarray, class_names, colours, present) -> np.ndarr
     return np.vstack([overlay, legend])
 
 
-def write_cutout(path: Path, mask_path: Path, image: np.ndarray, pred_mask: np.ndarray):
-    """<stem>_cutout.png: the photo (H, W, 3) RGB with the mask (H, W) 0/255 as its alpha channel."""
-    rgba = np.dstack([image[..., ::-1], pred_mask])  # OpenCV writes BGRA
-    atomic.write_bytes(mask_path.with_name(f"{path.stem}_cutout.png"), encode(".png", rgba))
+def write_cutout(path: Path, mask_path: Path, image: np.ndarray, alpha: np.ndarray):
+    """<stem>_cutout.png: the photo (H, W, 3) RGB over a transparent background by `alpha` uint8 (H, W),
+    with the car's own colour estimated in partly transparent edge pixels (cutout.composite), as serve.py's."""
+    rgba = cutout.composite(image, alpha)
+    atomic.write_bytes(mask_path.with_name(f"{path.stem}_cutout.png"), cutout.encode(rgba, "png"))
 
 
 def _read(predictor, path):
@@ -239,7 +244,7 @@ def predict_files(cfg: PredictConfig):
             images = predictor.preprocess([image for _, (image, _) in batch])
             full_sizes = [full_size for _, (_, full_size) in batch]
             # Multi-class: the class maps; each writer derives its car mask from its map (car_mask).
-            predictions = predictor.labels(images, full_sizes) if multiclass else predictor.masks(images, full_sizes)
+            predictions = _predict(predictor, images, full_sizes, cfg)
             for (path, _), prediction in zip(batch, predictions):
                 pending.append((path, writers.submit(write, path, outputs[path], prediction, cfg)))
             while pending and (pending[0][1].done() or len(pending) > 4 * cfg.batch_size):
@@ -253,6 +258,18 @@ def predict_files(cfg: PredictConfig):
     failures = {str(k): v for k, v in failures.items()}
     _report(cfg, multiclass, written, failures)
     return written, failures
+
+
+def _predict(predictor, images, full_sizes, cfg: PredictConfig) -> list:
+    """What each photo's writer needs: a parts model's class map (the writer derives its car mask);
+    else (0/255 mask, soft alpha for --cutout or None), both from one upsampled probability."""
+    if predictor.spec.multiclass:
+        return predictor.labels(images, full_sizes)
+    if not cfg.cutout:
+        return [(mask, None) for mask in predictor.masks(images, full_sizes)]
+    threshold = predictor.threshold
+    return [(cutout.hard_alpha(prob, threshold), cutout.soft_alpha(prob, threshold))
+            for prob in predictor.car_probs(images, full_sizes)]
 
 
 def _writer(predictor, cfg: PredictConfig):

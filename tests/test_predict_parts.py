@@ -71,8 +71,9 @@ def test_parts_png_holds_the_predictors_class_indices_with_the_palette(parts_che
         assert np.array_equal(rle_decode(rles[path.name], mask.size[::-1]) * 255, np.asarray(mask)), path.name
         cutout = Image.open(out / f"{path.stem}_cutout.png")
         assert cutout.mode == "RGBA" and cutout.size == size
-        assert np.array_equal(np.asarray(cutout)[..., 3], np.asarray(mask))
-        assert np.array_equal(np.asarray(cutout)[..., :3], load_image(path)[0])
+        rgba, car = np.asarray(cutout), np.asarray(mask) > 0
+        assert np.array_equal(rgba[..., 3], np.asarray(mask))  # a parts model's cutout is its whole car, hard-edged
+        assert np.array_equal(rgba[car, :3], load_image(path)[0][car]) and not rgba[~car, :3].any()
         legend = with_legend(np.zeros((0, predict.LEGEND_WIDTHS[0], 3), np.uint8), CLASS_NAMES, palette(4),
                              predict.legend_classes(labels, 4))  # photos narrower than LEGEND_WIDTHS[0]: shrunk
         overlay = Image.open(out / f"{path.stem}_overlay.jpg")

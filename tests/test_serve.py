@@ -460,3 +460,16 @@ class TestBundledModel:
                                            "car.jpg", output="mask"))) >= 128
         upright = np.rot90(silhouette, -1)  # orientation 6: shown turned 90 degrees clockwise
         assert rotated.shape == upright.shape and (rotated & upright).sum() / (rotated | upright).sum() > 0.9
+
+    def test_the_pages_cutout_is_predict_pys_cutout(self, bundled, car, tmp_path):
+        # One way to cut a car out: predict.py --cutout writes what the API's default cutout answers.
+        import predict
+        from config import PredictConfig
+        photo, _ = car
+        (tmp_path / "car.png").write_bytes(encoded(photo))
+        predict.predict_files(PredictConfig(inputs=[str(tmp_path / "car.png")], out_dir=str(tmp_path / "out"),
+                                            checkpoint=str(BUNDLED), backend="torch", precision="fp32", cutout=True))
+        written = np.asarray(Image.open(tmp_path / "out" / "car_cutout.png"))
+        answered = np.asarray(image_of(post(bundled, encoded(photo), output="cutout")))
+        assert written.shape == answered.shape == (400, 600, 4)
+        assert np.array_equal(written, answered)

@@ -576,8 +576,10 @@ def test_predict_writes_full_size_masks_overlays_and_cutouts(trained, photos, tm
         cutout = Image.open(out / f"{path.stem}_cutout.png")
         assert cutout.mode == "RGBA" and cutout.size == size
         cutout = np.array(cutout)
-        assert np.array_equal(cutout[..., 3], mask)
-        assert np.array_equal(cutout[..., :3], load_image(path)[0])
+        alpha, photo = cutout[..., 3], load_image(path)[0]
+        assert np.array_equal(alpha >= 128, mask > 0)  # soft edges: half-transparent exactly at the threshold
+        assert np.array_equal(cutout[alpha == 255, :3], photo[alpha == 255])  # the car's inside is the photo
+        assert not cutout[alpha == 0, :3].any()  # nothing of the background is kept under full transparency
     assert (out / "rotated_mask.png").exists() and Image.open(out / "rotated_mask.png").size == (80, 120)
 
 
