@@ -65,7 +65,12 @@ def load_source(path) -> dict:
     if METADATA_KEY not in props:
         raise ValueError(f"{path} holds no {METADATA_KEY} metadata: export it with `python export.py CHECKPOINT "
                          "--format onnx` so it says its input size, threshold, normalisation and classes")
-    return {**json.loads(props[METADATA_KEY]), "onnx_path": str(path)}
+    try:
+        metadata = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its {METADATA_KEY} metadata is not valid JSON ({err}); export the file again "
+                         "with `python export.py CHECKPOINT --format onnx`") from None
+    return {**metadata, "onnx_path": str(path)}
 
 
 def make_runner(source: dict, backend: str, device, precision: str):

@@ -173,7 +173,7 @@ class EvaluateConfig:
     threshold: float = _opt(None, THRESHOLD_HELP)
     precision: str = _opt("fp32", "inference precision (fp32: the reference score; auto = bf16 where native)",
                           choices=PRECISIONS)
-    backend: str = _opt("torch", "what runs the network (torch: the reference score); " + BACKEND_HELP,
+    backend: str = _opt("torch", "torch (the reference score), onnxruntime, openvino or auto: see predict.py -h",
                         choices=BACKENDS)
     tta: bool = _opt(False, "test-time augmentation: also predict the mirrored image and average (2x compute)")
     worst_k: int = _opt(8, "list and draw this many worst images")

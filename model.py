@@ -11,6 +11,7 @@ joined by skip connections. Padded 3x3 convolutions with BatchNorm, so the outpu
 height and width for any size, odd ones included.
 """
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -282,6 +283,8 @@ def load_checkpoint(path) -> dict:
     FileNotFoundError for a missing file and ValueError, naming the file, for anything that is not a
     checkpoint of this project (format 1 or 2; format 1 is upgraded in memory).
     """
+    if Path(path).is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; give the file in it (a run folder holds best.pt and last.pt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

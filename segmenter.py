@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import cutout
+import runtime
 from backends import load_source
 from config import VERSION, ServeConfig, resolve_checkpoint
 from dataset import DECODE_ERRORS, load_image
@@ -28,6 +29,7 @@ from plots import parts_overlay
 
 JPEG_KINDS = ("JPEG", "MPO")  # MPO: the multi-picture JPEG many cameras and phones write
 ACCEPTED = JPEG_KINDS + ("PNG", "WEBP")  # decoded formats accepted, by Pillow's name
+LARGE_PHOTO = 12_000_000  # pixels; after a larger photo the freed memory is handed back to the kernel
 BACKGROUND = re.compile(r"transparent|white|blur|#[0-9a-fA-F]{6}")
 
 
@@ -92,7 +94,8 @@ def check_options(options: Options, multiclass: bool) -> Options:
     """The options, or ServeError 422 naming the one that cannot be honoured (Literal-typed fields
     are already checked by FastAPI)."""
     if not BACKGROUND.fullmatch(options.background):
-        raise ServeError(422, f"background {options.background!r}: use transparent, white, blur or a colour #rrggbb")
+        shown = options.background if len(options.background) <= 40 else options.background[:40] + "..."
+        raise ServeError(422, f"background {shown!r}: use transparent, white, blur or a colour #rrggbb")
     if options.output == "parts" and not multiclass:
         raise ServeError(422, "output parts needs a car-parts (multi-class) model; this server's model is "
                               "car/background: use mask, cutout or overlay")
@@ -179,7 +182,11 @@ class Segmenter:
             x0, y0, x1, y1 = box
             alpha, labels, image = (None if a is None else a[y0:y1, x0:x1] for a in (alpha, labels, image))
         array, colours = self.render(options, alpha, labels, image)
-        return cutout.encode(array, options.format, colours), (array.shape[1], array.shape[0]), box
+        body, size = cutout.encode(array, options.format, colours), (array.shape[1], array.shape[0])
+        del small, alpha, labels, image, array
+        if full_size[0] * full_size[1] > LARGE_PHOTO:
+            runtime.release_freed_memory()  # else the process keeps the largest photo's arrays resident for good
+        return body, size, box
 
     def full_size_maps(self, probs, full_size):
         """Model probabilities (C, h, w) -> the car probability float32 (H, W) at full_size=(W, H) and,

@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 import cutout
 from backends import load_source
@@ -76,7 +77,8 @@ def create_app(cfg: ServeConfig, segmenter: Segmenter | None = None) -> FastAPI:
         yield
         app.state.segmenter.executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="Car cutout", version=VERSION, lifespan=lifespan,
+    # fastapi-offline: /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN.
+    app = FastAPIOffline(title="Car cutout", version=VERSION, lifespan=lifespan,
                   description="Cut cars out of photos with this project's segmentation models, offline.")
     page = PAGE.read_text(encoding="utf-8")
     limit_mb = f"{cfg.max_upload_mb:g}"
@@ -119,6 +121,8 @@ def _segment_route(cfg: ServeConfig):
             crop: Annotated[bool, Form(description="crop to the car plus a small margin")] = False):
         started = time.monotonic()
         segmenter = request.app.state.segmenter
+        if len((await request.form()).getlist("image")) > 1:  # else the last one would silently win
+            raise ServeError(422, "image: send one photo per request")
         data, filename = await read_upload(image)
         options = check_options(Options(output, fmt, background, threshold, edges, crop), segmenter.multiclass)
         probe(data, cfg.max_pixels)
@@ -161,13 +165,21 @@ def _add_error_handlers(app: FastAPI):
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
-        problems = [f"{error['loc'][-1]}: {error['msg']}" for error in err.errors()]
+        problems = [_problem(error) for error in err.errors()]
         return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, err: Exception):
         log.error("%s %s failed", request.method, request.url.path, exc_info=err)
         return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def _problem(error: dict) -> str:
+    """One validation error of FastAPI's in the API's words (not pydantic's class names)."""
+    field = error["loc"][-1]
+    if field == "image":  # a text field, or a file part without a file name, is not an upload
+        return "image: send the photo as a file (multipart form field 'image' with a file name)"
+    return f"{field}: {error['msg']}"
 
 
 def content_security_policy(page: str) -> str:

@@ -189,3 +189,14 @@ def test_export_main_prints_parity_for_the_bundled_model(tmp_path, capsys):
         line = next(l for l in out.splitlines() if l.startswith(engine))
         assert "100.0000" in line and "Dice 1.000000" in line
     assert (tmp_path / "bundled.onnx").stat().st_size > 1e6
+
+
+def test_broken_metadata_and_a_folder_are_named(unet_onnx, tmp_path):
+    _, path = unet_onnx
+    proto = onnx.load(str(path))
+    next(p for p in proto.metadata_props if p.key == backends.METADATA_KEY).value = '{"arch": "unet'
+    onnx.save(proto, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ValueError, match="broken.onnx: its car_segmentation metadata is not valid JSON"):
+        backends.load_source(tmp_path / "broken.onnx")
+    with pytest.raises(ValueError, match="is a folder; give the file in it"):
+        backends.load_source(tmp_path)

@@ -473,3 +473,22 @@ class TestBundledModel:
         answered = np.asarray(image_of(post(bundled, encoded(photo), output="cutout")))
         assert written.shape == answered.shape == (400, 600, 4)
         assert np.array_equal(written, answered)
+
+
+def test_the_api_documentation_is_served_from_here_too(client):
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert not re.search(r"(src|href)=['\"]?https?://", html), page  # Swagger UI / ReDoc without a CDN
+        for asset in re.findall(r"(?:src|href)=['\"]?(/[^'\" >]+)", html):
+            assert client.get(asset).status_code == 200, asset
+
+
+def test_one_photo_per_request_and_no_pydantic_words(client, photo_file):
+    data = photo_file.read_bytes()
+    response = client.post("/api/segment", files=[("image", ("a.png", data)), ("image", ("b.png", data))])
+    assert response.status_code == 422 and response.json()["detail"] == "image: send one photo per request"
+    response = client.post("/api/segment", data={"image": "hello"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "image: send the photo as a file (multipart form field 'image' with a file name)"
+    response = post(client, data, background="x" * 100_000)
+    assert response.status_code == 422 and len(response.content) < 200  # the value is not echoed in full
