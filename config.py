@@ -196,7 +196,8 @@ class PredictConfig:
     threshold: float = _opt(None, THRESHOLD_HELP)
     overlay: bool = _opt(False, "also write <stem>_overlay.jpg: the photo with the mask tinted")
     cutout: bool = _opt(False, "also write <stem>_cutout.png: RGBA, background transparent")
-    rle_csv: str = _opt("", "also write every mask run-length encoded to this CSV (Kaggle's img,rle_mask)")
+    submission: str = _opt("", "also write Kaggle's submission: one img,rle_mask row per mask, in input order, "
+                               "streamed while predicting (FILE.csv, or FILE.csv.gz compressed)")
     recursive: bool = _opt(False, "search folders recursively")
     batch_size: int = _opt(8, "images per forward pass")
     precision: str = _opt("auto", "inference precision; auto = bf16 where the device runs it natively (same "

@@ -68,7 +68,7 @@ def test_output_names_stay_inside_the_output_folder(tmp_path, name):
     out = tmp_path / "out"
     written, failures = predict.predict_files(PredictConfig(
         inputs=[str(photos / name)], out_dir=str(out), checkpoint=str(Path(summary["run_dir"]) / "best.pt"),
-        device="cpu", cutout=True, rle_csv=str(tmp_path / "sub.csv")))
+        device="cpu", cutout=True, submission=str(tmp_path / "sub.csv")))
     assert failures == {} and len(written) == 1
     produced = [p for p in tmp_path.rglob("*") if p.is_file() and ("_mask.png" in p.name or "_cutout" in p.name)]
     assert produced and all(p.resolve().parent == out.resolve() for p in produced)

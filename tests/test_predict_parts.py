@@ -53,7 +53,7 @@ def predict_parts(checkpoint, photos, out, **options):
 def test_parts_png_holds_the_predictors_class_indices_with_the_palette(parts_checkpoint, photos, tmp_path):
     out = tmp_path / "out"
     written, failures = predict_parts(parts_checkpoint, photos, out, overlay=True, cutout=True,
-                                      rle_csv=str(tmp_path / "rle.csv"))
+                                      submission=str(tmp_path / "rle.csv"))
     inputs = sorted(photos.iterdir())
     assert failures == {} and sorted(written) == sorted(out.resolve() / f"{p.stem}_mask.png" for p in inputs)
     expected = Predictor.from_checkpoint(str(parts_checkpoint)).predict_labels(inputs)

@@ -643,9 +643,9 @@ def test_predict_refuses_outputs_it_cannot_write_before_any_work(trained, photos
     monkeypatch.setattr(predict.Predictor, "from_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a-file").write_text("x")
     for extra, message in ((["--out-dir", str(tmp_path / "a-file")], "--out-dir .*a-file is not a folder"),
-                           (["--out-dir", str(tmp_path / "o"), "--rle-csv", str(tmp_path / "no" / "s.csv")],
-                            "--rle-csv .*no is not an existing folder"),
-                           (["--out-dir", str(tmp_path / "o"), "--rle-csv", str(tmp_path)], "--rle-csv .* is a folder")):
+                           (["--out-dir", str(tmp_path / "o"), "--submission", str(tmp_path / "no" / "s.csv")],
+                            "--submission .*no is not an existing folder"),
+                           (["--out-dir", str(tmp_path / "o"), "--submission", str(tmp_path)], "--submission .* is a folder")):
         with pytest.raises(SystemExit, match=message):
             predict.main([str(photos), "--checkpoint", str(run / "best.pt"), "--device", "cpu", *extra])
     assert not (tmp_path / "o").exists()  # a refused run creates nothing
@@ -660,15 +660,38 @@ def test_predict_refuses_two_inputs_with_one_output_name(trained, photos, tmp_pa
         predict.predict_files(cfg)
 
 
-def test_predict_rle_csv_decodes_to_the_written_masks(trained, photos, tmp_path):
+@pytest.mark.parametrize("name", ["submission.csv", "submission.csv.gz"])
+def test_predict_submission_decodes_to_the_written_masks(trained, photos, tmp_path, name):
+    import gzip
+
     from dataset import rle_decode
     _, _, run = trained
-    out, csv_path = tmp_path / "out", tmp_path / "submission.csv"
+    out, csv_path = tmp_path / "out", tmp_path / name
     cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=str(run / "best.pt"), device="cpu",
-                        rle_csv=str(csv_path))
+                        submission=str(csv_path), batch_size=2)
     predict.predict_files(cfg)
-    rows = list(csv.DictReader(csv_path.open()))
+    text = gzip.decompress(csv_path.read_bytes()).decode() if name.endswith(".gz") else csv_path.read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the streamed file was renamed into place
     assert [r["img"] for r in rows] == sorted(p.name for p in photos.iterdir())
     for row in rows:
         mask = np.array(Image.open(out / f"{Path(row['img']).stem}_mask.png")) // 255
         assert np.array_equal(rle_decode(row["rle_mask"], mask.shape), mask), row["img"]
+
+
+def test_an_interrupted_submission_leaves_no_file_and_no_temporary(trained, photos, tmp_path, monkeypatch):
+    _, _, run = trained
+    calls, real_write = [], predict.write_outputs
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while the third mask is written
+        return real_write(*args)
+
+    monkeypatch.setattr(predict, "write_outputs", interrupted)
+    cfg = PredictConfig(inputs=[str(photos)], out_dir=str(tmp_path / "out"), checkpoint=str(run / "best.pt"),
+                        device="cpu", submission=str(tmp_path / "sub.csv"), batch_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict_files(cfg)
+    assert not [p.name for p in tmp_path.iterdir() if "sub.csv" in p.name]  # no sub.csv, no .sub.csv.<pid>.tmp
