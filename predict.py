@@ -278,8 +278,8 @@ def submission_rows(path):
     when it ends in .gz) that replaces `path` when the run ends cleanly (atomic.atomic_write); None
     without a path.
 
-    Rows go to disk as masks are made: holding them all until the end cost about 3 kB per full-size
-    mask (0.3 GB for the 100,064 photos of Kaggle's test set).
+    Rows go to disk as masks are made: holding them all until the end cost 8.7 kB per full-size
+    Carvana mask on average (measured on 2,000), about 0.9 GB for the 100,064 photos of Kaggle's test set.
     """
     if not path:
         yield None
