@@ -199,6 +199,8 @@ class PredictConfig:
     submission: str = _opt("", "also write Kaggle's submission: one img,rle_mask row per mask, in input order, "
                                "streamed while predicting (FILE.csv, or FILE.csv.gz compressed)")
     recursive: bool = _opt(False, "search folders recursively")
+    skip_existing: bool = _opt(False, "skip photos whose outputs are all in --out-dir already (resume a killed run; "
+                                      "their submission rows are read back from the masks)")
     batch_size: int = _opt(8, "images per forward pass")
     precision: str = _opt("auto", "inference precision; auto = bf16 where the device runs it natively (same "
                                   "Dice, docs/deployment.md), else fp32", choices=PRECISIONS)

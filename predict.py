@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = ("_mask.png", "_parts.png", "_overlay.jpg", "_cutout.png")
 LEGEND_WIDTHS = (128, 640)  # photo widths between which the overlay's legend is drawn at its own size
 LEGEND_MIN_SHARE = 1e-4  # a class on a smaller share of the photo's pixels is left out of the legend
+DONE = object()  # --skip-existing: a photo whose outputs are all on disk already
 CLASSES_FILE = "classes.txt"  # a multi-class run's class names, one per line: what _parts.png values mean
 
 
@@ -198,18 +199,20 @@ def write_cutout(path: Path, mask_path: Path, image: np.ndarray, alpha: np.ndarr
     atomic.write_bytes(mask_path.with_name(f"{path.stem}_cutout.png"), cutout.encode(rgba, "png"))
 
 
-def _read(predictor, path):
+def _read(predictor, path, done):
+    if path in done:
+        return DONE  # --skip-existing: its outputs are on disk already, nothing to decode
     try:
         return predictor.read(path)
     except (ValueError, OSError) as err:
         return err
 
 
-def _prefetch(paths, predictor, pool, depth):
-    """Decode ahead in `pool`, keeping at most `depth` images in flight (bounded memory)."""
+def _prefetch(paths, predictor, pool, depth, done=frozenset()):
+    """Decode ahead in `pool`, keeping at most `depth` images in flight (bounded memory); DONE for `done` paths."""
     queue = deque()
     for path in paths:
-        queue.append((path, pool.submit(_read, predictor, path)))
+        queue.append((path, pool.submit(_read, predictor, path, done)))
         if len(queue) >= depth:
             path, future = queue.popleft()
             yield path, future.result()
@@ -238,13 +241,21 @@ def predict_files(cfg: PredictConfig):
     log.info("backend %s, %s on %s", predictor.backend, predictor.precision, predictor.device)
     multiclass = predictor.spec.multiclass
     write = _writer(predictor, cfg)
+    done = finished(paths, outputs, cfg, multiclass) if cfg.skip_existing else frozenset()
+    if done:
+        log.info("--skip-existing: %d of %d photo(s) have all their outputs already; predicting the other %d",
+                 len(done), len(paths), len(paths) - len(done))
     written = []
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
             submission_rows(cfg.submission) as rows, \
             tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
-        decoded = _prefetch(paths, predictor, readers, 2 * cfg.batch_size)
+        decoded = _prefetch(paths, predictor, readers, 2 * cfg.batch_size, done)
         pending = deque()
         for batch in _batches(decoded, cfg.batch_size, failures, bar):
+            if batch[0][1] is DONE:  # in input order with the others, so submission rows stay in input order
+                path = batch[0][0]
+                pending.append((path, writers.submit(reuse_outputs, outputs[path], cfg)))
+                continue
             images = predictor.preprocess([image for _, (image, _) in batch])
             full_sizes = [full_size for _, (_, full_size) in batch]
             # Multi-class: the class maps; each writer derives its car mask from its map (car_mask).
@@ -334,12 +345,37 @@ def _batches(decoded, batch_size, failures, bar):
             failures[path] = str(item)
             bar.update(1)
             continue
+        if item is DONE:
+            if batch:
+                yield batch
+                batch = []
+            yield [(path, DONE)]
+            continue
         batch.append((path, item))
         if len(batch) == batch_size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+def finished(paths, outputs, cfg: PredictConfig, multiclass: bool) -> frozenset:
+    """The inputs whose every output this run would write exists already (--skip-existing): a run over
+    100,000 photos that was killed resumes where it stopped. Outputs are written atomically, so an
+    existing file is a whole one."""
+    suffixes = ["_mask.png"] + ["_parts.png"] * multiclass + ["_overlay.jpg"] * cfg.overlay + ["_cutout.png"] * cfg.cutout
+    return frozenset(path for path in paths
+                     if all(outputs[path].with_name(outputs[path].name.replace("_mask.png", s)).is_file() for s in suffixes))
+
+
+def reuse_outputs(mask_path: Path, cfg: PredictConfig):
+    """(mask path, its RLE read back from the mask PNG if a submission is written) for a skipped photo."""
+    if not cfg.submission:
+        return mask_path, None
+    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ValueError(f"cannot read {mask_path} back for the submission")
+    return mask_path, rle_encode(mask)
 
 
 def _collect(entry, written, rows, failures, bar):

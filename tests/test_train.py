@@ -695,3 +695,23 @@ def test_an_interrupted_submission_leaves_no_file_and_no_temporary(trained, phot
     with pytest.raises(KeyboardInterrupt):
         predict.predict_files(cfg)
     assert not [p.name for p in tmp_path.iterdir() if "sub.csv" in p.name]  # no sub.csv, no .sub.csv.<pid>.tmp
+
+
+def test_skip_existing_resumes_a_run_and_rebuilds_the_whole_submission(trained, photos, tmp_path, monkeypatch):
+    _, _, run = trained
+    out = tmp_path / "out"
+
+    def run_predict(name, **extra):
+        cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=str(run / "best.pt"), device="cpu",
+                            cutout=True, submission=str(tmp_path / name), batch_size=2, **extra)
+        return predict.predict_files(cfg)
+
+    run_predict("full.csv")
+    masks = sorted(out.glob("*_mask.png"))
+    masks[1].unlink()  # as if the run had been killed before this photo's mask was written
+    (out / masks[2].name.replace("_mask.png", "_cutout.png")).unlink()  # ...or before this one's cutout
+    predicted, real_predict = [], predict._predict
+    monkeypatch.setattr(predict, "_predict", lambda p, images, *a: predicted.append(len(images)) or real_predict(p, images, *a))
+    written, failures = run_predict("resumed.csv", skip_existing=True)
+    assert failures == {} and len(written) == len(masks) and sum(predicted) == 2  # only the two unfinished photos
+    assert (tmp_path / "resumed.csv").read_text() == (tmp_path / "full.csv").read_text()  # every row, input order
