@@ -48,6 +48,32 @@ def _fsync_folder(folder: Path):
         os.close(fd)
 
 
+def remove_stale_temporaries(path) -> int:
+    """Delete the temporaries of `path` that killed writers left (SIGKILL skips atomic_write's cleanup):
+    `.<name>.<pid>.tmp` whose process no longer runs. Returns how many were removed.
+
+    For the files a long run streams for minutes (predict.py's submission): a killed run's partial
+    copy is otherwise left beside the target for good.
+    """
+    removed = 0
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        pid = stale.name[len(Path(path).name) + 2:-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            stale.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user's
+    return True
+
+
 def folder_problem(folder) -> str | None:
     """Why files could not be written in `folder` (or in the folders that would be created for it); None if they can.
 

@@ -295,6 +295,7 @@ def submission_rows(path):
     if not path:
         yield None
         return
+    atomic.remove_stale_temporaries(path)  # a killed run's partial rows; --skip-existing rebuilds them
     with atomic.atomic_write(path, "wb") as raw:
         stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if str(path).endswith(".gz") else raw
         text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
