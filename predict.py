@@ -25,7 +25,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 import atomic
@@ -114,16 +113,6 @@ def encode(ext: str, array: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
-def encode_parts(labels: np.ndarray, colours: np.ndarray) -> bytes:
-    """A class-index map uint8 (H, W) -> palette PNG bytes: the pixel values stay the class indices
-    (np.asarray(Image.open(...)) reads them back) and `colours` (C, 3) shows them in colour."""
-    image = Image.fromarray(labels)
-    image.putpalette(colours.tobytes())  # an "L" image given a palette becomes "P", values untouched
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # fast, as for the masks; label maps compress well anyway
-    return buffer.getvalue()
-
-
 def write_outputs(path: Path, mask_path: Path, prediction, cfg: PredictConfig):
     """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout; returns (mask path, RLE).
 
@@ -148,7 +137,7 @@ def write_part_outputs(path: Path, mask_path: Path, labels: np.ndarray, cfg: Pre
     colours = palette(len(class_names))
     pred_mask = car_mask(labels)  # what Predictor.masks gives, without running the model a second time
     atomic.write_bytes(mask_path, encode(".png", pred_mask))
-    atomic.write_bytes(mask_path.with_name(f"{path.stem}_parts.png"), encode_parts(labels, colours))
+    atomic.write_bytes(mask_path.with_name(f"{path.stem}_parts.png"), cutout.encode(labels, "png", colours))
     rle = rle_encode(pred_mask) if cfg.submission else None
     if cfg.overlay or cfg.cutout:
         image, _ = load_image(path)  # full resolution, upright RGB
