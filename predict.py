@@ -10,12 +10,18 @@ the mask is the whole car (the parts' union, holes filled); --overlay then colou
 adds a legend of the classes present under the photo.
 A file that cannot be read is reported with its reason and the rest are still processed; the exit
 status is 1 if any input failed. Outputs are written atomically and never over an input.
+
+    torchrun --standalone --nproc_per_node=4 predict.py test/ --out-dir masks/ --submission sub.csv.gz
+
+splits the inputs between the processes (one per GPU); the submission is the one a single process writes.
 """
 import csv
 import glob
 import gzip
+import hashlib
 import io
 import logging
+import shutil
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +35,7 @@ from tqdm import tqdm
 
 import atomic
 import cutout
+import distributed
 from config import PredictConfig, parse_config, resolve_checkpoint
 from dataset import IMAGE_EXTENSIONS, load_image, rle_encode
 from inference import Predictor, car_mask
@@ -41,6 +48,8 @@ LEGEND_WIDTHS = (128, 640)  # photo widths between which the overlay's legend is
 LEGEND_MIN_SHARE = 1e-4  # a class on a smaller share of the photo's pixels is left out of the legend
 DONE = object()  # --skip-existing: a photo whose outputs are all on disk already
 CLASSES_FILE = "classes.txt"  # a multi-class run's class names, one per line: what _parts.png values mean
+SUBMISSION_HEADER = ("img", "rle_mask")  # Kaggle's columns
+SHARD_LEVEL = 1  # gzip level of a .gz submission's shards: read back once by the merge, which recompresses at 9
 
 
 def collect_inputs(inputs, recursive=False):
@@ -217,27 +226,45 @@ def predict_files(cfg: PredictConfig):
     as it is made, in input order (submission_rows): memory stays bounded however many photos there are.
     A multi-class checkpoint also writes each photo's <stem>_parts.png and OUT_DIR/classes.txt.
     Raises ValueError (OSError) before loading the model when the outputs cannot be written.
+
+    Under torchrun each process predicts one contiguous block of the sorted inputs (distributed.shard)
+    and streams its rows into its own shard file (shard_path); rank 0 then merges the shards into the
+    file one process writes (merge_submission). Every rank returns the whole run's result.
     """
     checkpoint_path = resolve_checkpoint(cfg.checkpoint)
     log.info("predicting with %s", checkpoint_path)
     paths, problems = collect_inputs(cfg.inputs, cfg.recursive)
-    failures = {p: p for p in problems}
-    out_dir = Path(cfg.out_dir)
-    outputs = output_paths(paths, out_dir)
+    outputs = output_paths(paths, Path(cfg.out_dir))
     prepare_outputs(cfg)  # before any work: a folder that cannot be written fails now, not after every image
-    predictor = Predictor.from_checkpoint(checkpoint_path, cfg.device, cfg.precision, cfg.tta, cfg.threshold,
-                                          cfg.backend)
+    device = distributed.device_for(cfg.device, distributed.world_from_environment())
+    predictor = Predictor.from_checkpoint(checkpoint_path, device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
     log.info("backend %s, %s on %s", predictor.backend, predictor.precision, predictor.device)
     multiclass = predictor.spec.multiclass
     write = _writer(predictor, cfg)
-    done = finished(paths, outputs, cfg, multiclass) if cfg.skip_existing else frozenset()
-    if done:
-        log.info("--skip-existing: %d of %d photo(s) have all their outputs already; predicting the other %d",
-                 len(done), len(paths), len(paths) - len(done))
-    written = []
+    # Joined only now: every check above fails alike on every rank, so a bad option ends each process
+    # at once rather than leaving the others waiting for it in a collective.
+    world = distributed.start(predictor.device)
+    share = distributed.shard(len(paths), world)
+    block = paths[share.start:share.stop]
+    done = _start_block(paths, block, outputs, cfg, multiclass, world)
+    with submission_rows(cfg.submission, world) as rows:
+        written, failures = _predict_block(block, outputs, done, predictor, write, cfg, rows, world.main)
+    written, failures = _gather_results(written, failures, problems, world)  # also waits for every shard
+    if world.main:
+        if cfg.submission and world.distributed:
+            merge_submission(cfg.submission, world.size)
+        _report(cfg, multiclass, written, failures)
+    distributed.stop(world)
+    return written, failures
+
+
+def _predict_block(paths, outputs, done, predictor, write, cfg: PredictConfig, rows, show_progress: bool):
+    """Predict `paths` in order, writing each photo's outputs and, with `rows`, its submission row;
+    returns (written mask paths, {input: error message}). `done`: the photos to reuse (--skip-existing)."""
+    written, failures = [], {}
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
-            submission_rows(cfg.submission) as rows, \
-            tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
+            tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True,
+                 disable=None if show_progress else True) as bar:
         decoded = _prefetch(paths, predictor, readers, 2 * cfg.batch_size, done)
         pending = deque()
         for batch in _batches(decoded, cfg.batch_size, failures, bar):
@@ -255,9 +282,42 @@ def predict_files(cfg: PredictConfig):
                 _collect(pending.popleft(), written, rows, failures, bar)
         while pending:
             _collect(pending.popleft(), written, rows, failures, bar)
-    failures = {str(k): v for k, v in failures.items()}
-    _report(cfg, multiclass, written, failures)
-    return written, failures
+    return written, {str(k): v for k, v in failures.items()}
+
+
+def _start_block(paths, block, outputs, cfg: PredictConfig, multiclass: bool, world) -> frozenset:
+    """Before any rank writes: rank 0 removes what a killed run left (remove_leftovers), each rank finds
+    the photos of its block that are finished already (--skip-existing), and all check that they
+    collected the same inputs. Returns this rank's finished photos."""
+    if world.main:
+        remove_leftovers(cfg)
+    done = finished(block, outputs, cfg, multiclass) if cfg.skip_existing else frozenset()
+    # The gather is also the barrier after rank 0's clean-up: no rank writes before every rank is here.
+    views = distributed.gather((_names_digest(paths), len(done)), world)
+    if len({digest for digest, _ in views}) > 1:
+        raise ValueError("the processes found different inputs: every machine must see the same files "
+                         "at the same paths")
+    skipped = sum(count for _, count in views)
+    if skipped:
+        log.info("--skip-existing: %d of %d photo(s) have all their outputs already; predicting the other %d",
+                 skipped, len(paths), len(paths) - skipped)
+    return done
+
+
+def _names_digest(paths) -> str:
+    """What the ranks compare to be sure they split one list: its file names, in order."""
+    return hashlib.sha256("\n".join(path.name for path in paths).encode("utf-8")).hexdigest()
+
+
+def _gather_results(written, failures: dict, problems, world):
+    """The whole run's (written, failures) on every rank: the input problems, then each rank's, in rank
+    order (so in input order), as one process lists them."""
+    gathered = distributed.gather((written, failures), world)
+    written = [path for part, _ in gathered for path in part]
+    merged = {problem: problem for problem in problems}
+    for _, part in gathered:
+        merged.update(part)
+    return written, merged
 
 
 def _predict(predictor, images, full_sizes, cfg: PredictConfig) -> list:
@@ -273,10 +333,10 @@ def _predict(predictor, images, full_sizes, cfg: PredictConfig) -> list:
 
 
 @contextmanager
-def submission_rows(path):
-    """A csv writer for Kaggle's img,rle_mask rows, streamed into a temporary file beside `path` (gzip
-    when it ends in .gz) that replaces `path` when the run ends cleanly (atomic.atomic_write); None
-    without a path.
+def submission_rows(path, world=distributed.World()):
+    """A csv writer for Kaggle's img,rle_mask rows, streamed to `path` through _text_file (gzip when it
+    ends in .gz); None without a path. Under torchrun, to this rank's shard of `path` (shard_path),
+    without the header line: rank 0 merges the shards (merge_submission).
 
     Rows go to disk as masks are made: holding them all until the end cost 8.7 kB per full-size
     Carvana mask on average (measured on 2,000), about 0.9 GB for the 100,064 photos of Kaggle's test set.
@@ -284,17 +344,63 @@ def submission_rows(path):
     if not path:
         yield None
         return
+    compressed = _compressed(path)
+    if world.distributed:
+        path, level = shard_path(path, world.rank, world.size), SHARD_LEVEL
+    else:
+        level = 9  # GzipFile's default, what one process has always written
+    with _text_file(path, compressed, level) as text:
+        rows = csv.writer(text, lineterminator="\n")
+        if not world.distributed:
+            rows.writerow(SUBMISSION_HEADER)
+        yield rows
+
+
+@contextmanager
+def _text_file(path, compressed: bool, level: int = 9):
+    """UTF-8 text streamed into a temporary file beside `path` (gzip at `level` if `compressed`) that
+    replaces `path` when the block ends cleanly (atomic.atomic_write): a killed run leaves no `path`."""
     atomic.remove_stale_temporaries(path)  # a killed run's partial rows; --skip-existing rebuilds them
     with atomic.atomic_write(path, "wb") as raw:
-        stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if str(path).endswith(".gz") else raw
+        # The gzip header names the target, not the temporary: the bytes do not depend on the process id.
+        stream = gzip.GzipFile(Path(path).name, "wb", level, raw, mtime=0) if compressed else raw
         text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
-        rows = csv.writer(text, lineterminator="\n")
-        rows.writerow(("img", "rle_mask"))
-        yield rows
+        yield text
         text.flush()
         text.detach()  # flushed, and `raw` left open for atomic_write to fsync and rename
         if stream is not raw:
             stream.close()  # the gzip trailer; GzipFile does not close the file it was given
+
+
+def _compressed(submission) -> bool:
+    return str(submission).endswith(".gz")
+
+
+def shard_path(submission, rank: int, size: int) -> Path:
+    """Where rank `rank` of `size` streams its rows of `submission`: hidden, beside it, e.g.
+    .sub.csv.gz.rank1-of-4 (gzip, without the header, when the submission is .gz)."""
+    submission = Path(submission)
+    return submission.with_name(f".{submission.name}.rank{rank}-of-{size}")
+
+
+def merge_submission(submission, size: int):
+    """Write `submission` from the shards of its `size` ranks: the header, then each shard's rows in rank
+    order, the bytes one process writes for the same inputs; then delete the shards.
+
+    Raises FileNotFoundError naming a missing shard, before writing anything.
+    """
+    shards = [shard_path(submission, rank, size) for rank in range(size)]
+    missing = [str(shard) for shard in shards if not shard.is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot merge {submission}: no shard {', '.join(missing)}")
+    compressed = _compressed(submission)
+    with _text_file(submission, compressed) as text:
+        csv.writer(text, lineterminator="\n").writerow(SUBMISSION_HEADER)
+        for shard in shards:
+            with (gzip.open if compressed else open)(shard, "rt", encoding="utf-8", newline="") as part:
+                shutil.copyfileobj(part, text, 1 << 20)
+    for shard in shards:
+        shard.unlink()
 
 
 def _writer(predictor, cfg: PredictConfig):
@@ -368,6 +474,32 @@ def reuse_outputs(mask_path: Path, cfg: PredictConfig):
     return mask_path, rle_encode(mask)
 
 
+def remove_leftovers(cfg: PredictConfig):
+    """Delete what a killed run left behind (SIGKILL skips atomic_write's clean-up): the temporaries of
+    --out-dir's outputs whose writers are gone, and --submission's shard files and their temporaries, of
+    any number of processes (_text_file removes the submission's own). Rank 0 calls it before any rank
+    writes, so none of them is this run's."""
+    out_dir = Path(cfg.out_dir)
+    targets = {_temporary_target(tmp) for tmp in out_dir.glob(".*.tmp")}
+    for target in targets:
+        if target.endswith(OUTPUT_SUFFIXES) or target == CLASSES_FILE:
+            atomic.remove_stale_temporaries(out_dir / target)
+    if not cfg.submission:
+        return
+    submission = Path(cfg.submission)
+    pattern = f"{glob.escape(submission.name)}.rank*-of-*"
+    shards = set(submission.parent.glob("." + pattern))
+    shards |= {submission.with_name(_temporary_target(tmp)) for tmp in submission.parent.glob(f"..{pattern}.tmp")}
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+        atomic.remove_stale_temporaries(shard)
+
+
+def _temporary_target(tmp: Path) -> str:
+    """The name of the file an atomic_write temporary, .<name>.<pid>.tmp, was to become."""
+    return tmp.name[1:].rsplit(".", 2)[0]
+
+
 def _collect(entry, written, rows, failures, bar):
     path, future = entry
     try:
@@ -384,8 +516,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = parse_config(PredictConfig, argv, description=__doc__.splitlines()[0])
     try:
+        if not distributed.world_from_environment().main:
+            logging.getLogger().setLevel(logging.WARNING)  # under torchrun rank 0 speaks for the run
         written, failures = predict_files(cfg)
     except (OSError, ValueError) as err:  # FileNotFoundError, an output folder that cannot be written...
+        # Without distributed.stop: its barrier would wait for ranks that did not fail; this process's
+        # exit makes torchrun stop them.
         raise SystemExit(f"error: {err}")
     if failures:
         sys.exit(1)
