@@ -64,12 +64,6 @@ def current() -> World:
     return launch_world() if launched() else World()
 
 
-def world_from_environment() -> World:
-    """This process's World as torchrun's environment describes it, before start() joins the group
-    (device_for and per-rank logging need it first); World() without torchrun."""
-    return launch_world() if launched() else World()
-
-
 def device_for(name: str, world: World) -> str:
     """The --device a rank uses: under torchrun 'auto'/'cuda' become this rank's own GPU, cuda:LOCAL_RANK.
 

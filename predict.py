@@ -236,7 +236,7 @@ def predict_files(cfg: PredictConfig):
     paths, problems = collect_inputs(cfg.inputs, cfg.recursive)
     outputs = output_paths(paths, Path(cfg.out_dir))
     prepare_outputs(cfg)  # before any work: a folder that cannot be written fails now, not after every image
-    device = distributed.device_for(cfg.device, distributed.world_from_environment())
+    device = distributed.device_for(cfg.device, distributed.current())
     predictor = Predictor.from_checkpoint(checkpoint_path, device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
     log.info("backend %s, %s on %s", predictor.backend, predictor.precision, predictor.device)
     multiclass = predictor.spec.multiclass
@@ -516,7 +516,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = parse_config(PredictConfig, argv, description=__doc__.splitlines()[0])
     try:
-        if not distributed.world_from_environment().main:
+        if not distributed.current().main:
             logging.getLogger().setLevel(logging.WARNING)  # under torchrun rank 0 speaks for the run
         written, failures = predict_files(cfg)
     except (OSError, ValueError) as err:  # FileNotFoundError, an output folder that cannot be written...
