@@ -1,12 +1,16 @@
 """Finding image/mask pairs on disk, checking them, the car-id split, preprocessing and augmentation.
 
 Preprocessing is plain functions (`load_image`, `image_to_tensor`, `load_mask`, `shrink_mask`) so
-that predict.py runs exactly the code training ran. Decoding a full-size Carvana JPEG costs more than
-a training step of a small U-Net, so every sample is decoded once into a `SampleStore` (RAM, and
-optionally a disk cache keyed by file identity and size) and later epochs never touch the files.
+that predict.py runs exactly the code training ran. Masks come from files, from the rows of Kaggle's
+train_masks.csv (run-length encoded, see `read_mask_csv`) or from COCO shapes. Decoding a full-size
+Carvana JPEG costs more than a training step of a small U-Net, so every sample is decoded once into a
+`SampleStore` (RAM, and optionally a disk cache keyed by file identity and size) and later epochs
+never touch the files.
 """
+import argparse
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -32,6 +36,8 @@ MASK_DIRS = {"train": "train_masks", "train_hq": "train_masks", "images": "masks
 COCO_FILE = "annotations.json"
 COCO_IMAGE_DIRS = ("JPEGImages", "images")  # the Car Parts Dataset's layout, then the plain one
 CLASSES_FILE = "classes.txt"  # beside images/ + masks/: the masks hold indices into this list
+MASK_CSV = "train_masks.csv"  # Kaggle's run-length encoded masks, beside train/ in place of train_masks/
+MASK_CSV_HEADER = "img,rle_mask"
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs; a Carvana photo is 2.5 M pixels
 CACHE_VERSION = 2
@@ -42,7 +48,8 @@ HOW_TO_GET_DATA = """Get the Carvana training data (a Kaggle account that has ac
   kaggle competitions download -c carvana-image-masking-challenge -f train.zip -p data/carvana
   kaggle competitions download -c carvana-image-masking-challenge -f train_masks.zip -p data/carvana
   (cd data/carvana && unzip -q train.zip && unzip -q train_masks.zip)
-or point --data-dir (or $CARVANA_DIR) at a folder holding train/ + train_masks/ or images/ + masks/."""
+(Kaggle's train_masks.csv, the same masks run-length encoded, can stand in for train_masks.zip), or point
+--data-dir (or $CARVANA_DIR) at a folder holding train/ + train_masks/ (or train_masks.csv) or images/ + masks/."""
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
@@ -60,9 +67,46 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class RleRow:
+    """Where one image's row of a train_masks.csv is (a Sample's mask source), not what it says.
+
+    The full CSV is 5,088 rows of ~8.5 kB: as text that would be ~45 MB of RAM for the whole run,
+    as offsets it is a few hundred bytes a row. `digest` (SHA-1 of the rle_mask field's bytes) is the
+    row's identity in the sample cache, and is checked again when the row is read back.
+    """
+    source: Path  # the CSV file
+    line: int     # 1-based line number, for messages
+    img: str      # the row's img field: the image's file name
+    offset: int   # byte offset of the rle_mask field in the file
+    length: int   # its length in bytes
+    digest: str
+
+    def __str__(self):
+        return f"{self.source} line {self.line}"
+
+    def read(self) -> str:
+        """The row's rle_mask text, as indexed; ValueError if the file has changed there since."""
+        with open(self.source, "rb") as f:
+            f.seek(self.offset)
+            raw = f.read(self.length)
+        if hashlib.sha1(raw).hexdigest() != self.digest:
+            raise ValueError(f"{self}: the row of {self.img} has changed since {self.source.name} was read; "
+                             "run again to read the new file")
+        return raw.strip().strip(b'"').decode("ascii", errors="replace")
+
+    def decode(self, size) -> np.ndarray:
+        """The row's mask for an image of size (width, height): uint8 {0,1} (height, width)."""
+        rle = self.read()
+        try:
+            return rle_decode(rle, (size[1], size[0]))
+        except ValueError as err:
+            raise ValueError(f"{self}: rle_mask of {self.img} (a {size[0]}x{size[1]} image): {err}") from None
+
+
+@dataclass(frozen=True)
 class Sample:
     image: Path
-    mask: Path | Shapes  # a mask file, or the annotated shapes of a COCO data set
+    mask: Path | Shapes | RleRow  # a mask file, a train_masks.csv row, or the shapes of a COCO data set
     name: str     # the image's stem, e.g. 0cdf5b5d0ce1_01
     car_id: str   # the stem without its _NN view suffix, e.g. 0cdf5b5d0ce1
 
@@ -98,8 +142,14 @@ def _coco_image_dir(data_dir: Path) -> Path:
 
 
 def find_samples(data_dir) -> tuple[list, list]:
-    """Pair every image with its mask (a file, or its shapes in a COCO annotations.json);
-    returns (samples, problems) with every pairing or annotation problem found."""
+    """Pair every image with its mask (a file, a train_masks.csv row, or its shapes in a COCO annotations.json);
+    returns (samples, problems) with every pairing or annotation problem found.
+
+    Kaggle's layout is train/ (or train_hq/) with train_masks/ GIFs, or with train_masks.csv in their place.
+    When both hold masks the GIFs are used and the CSV is not read: the GIFs are Kaggle's originals
+    (the CSV is encoded from them), and reading one source keeps what a run trained on unambiguous;
+    `python dataset.py compare-csv` checks that the two agree.
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"dataset folder {data_dir} does not exist.\n{HOW_TO_GET_DATA}")
@@ -110,26 +160,96 @@ def find_samples(data_dir) -> tuple[list, list]:
     if image_dir is None:
         raise FileNotFoundError(f"{data_dir} has neither train/ + train_masks/ (Kaggle layout) "
                                 f"nor images/ + masks/.\n{HOW_TO_GET_DATA}")
-    mask_dir = data_dir / MASK_DIRS[image_dir.name]
+    mask_dir, csv_path = data_dir / MASK_DIRS[image_dir.name], data_dir / MASK_CSV
+    mask_files = _image_files(mask_dir) if mask_dir.is_dir() else []
+    if image_dir.name != "images" and csv_path.is_file():
+        if not mask_files:
+            return _pair_with_rows(image_dir, csv_path)
+        log.info("masks from %s; %s beside it is not read (the GIFs are the originals it was encoded from)",
+                 mask_dir, csv_path.name)
     if not mask_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir} has no mask folder beside it: expected {mask_dir}")
-    problems, images, masks = [], {}, {}
-    for path in _image_files(image_dir):
-        if path.stem in images:
-            problems.append(f"{path}: duplicate image id '{path.stem}' (also {images[path.stem].name})")
-        images.setdefault(path.stem, path)
-    for path in _image_files(mask_dir):
+        also = f" (or {csv_path.name}, Kaggle's run-length encoded masks)" if image_dir.name != "images" else ""
+        raise FileNotFoundError(f"{image_dir} has no mask folder beside it: expected {mask_dir}{also}")
+    problems, masks = [], {}
+    images = _images_by_name(image_dir, problems)
+    for path in mask_files:
         name = path.stem[:-5] if path.stem.endswith("_mask") else path.stem
         if name in masks:
             problems.append(f"{path}: duplicate mask for '{name}' (also {masks[name].name})")
         masks.setdefault(name, path)
-    if not images:
-        problems.append(f"{image_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     problems += [f"{images[n]}: no mask (expected {mask_dir / (n + '_mask.gif')} or similar)"
                  for n in sorted(images.keys() - masks.keys())]
     problems += [f"{masks[n]}: mask without an image in {image_dir}" for n in sorted(masks.keys() - images.keys())]
     samples = [Sample(images[n], masks[n], n, car_id_of(n)) for n in sorted(images.keys() & masks.keys())]
     return samples, problems
+
+
+def _images_by_name(image_dir: Path, problems: list) -> dict:
+    """{stem: path} of the images in image_dir; duplicate stems and an empty folder go to `problems`."""
+    images = {}
+    for path in _image_files(image_dir):
+        if path.stem in images:
+            problems.append(f"{path}: duplicate image id '{path.stem}' (also {images[path.stem].name})")
+        images.setdefault(path.stem, path)
+    if not images:
+        problems.append(f"{image_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return images
+
+
+def _pair_with_rows(image_dir: Path, csv_path: Path) -> tuple[list, list]:
+    """find_samples for train/ + train_masks.csv: each image pairs with the row naming its file name."""
+    problems = []
+    images = _images_by_name(image_dir, problems)
+    rows, row_problems = read_mask_csv(csv_path)
+    problems += row_problems
+    names = {path.name for path in images.values()}
+    problems += [f"{images[n]}: no mask (no row for {images[n].name} in {csv_path})"
+                 for n in sorted(images) if images[n].name not in rows]
+    problems += [f"{row}: row for {img}, which is not an image in {image_dir}"
+                 for img, row in rows.items() if row is not None and img not in names]
+    samples = [Sample(images[n], rows[images[n].name], n, car_id_of(n))
+               for n in sorted(images) if rows.get(images[n].name) is not None]
+    return samples, problems
+
+
+def read_mask_csv(path) -> tuple[dict, list]:
+    """Index Kaggle's train_masks.csv: ({img: RleRow, or None where img has several rows}, problems).
+
+    The header must be `img,rle_mask`; a wrong one is a ValueError, since no row can then be read
+    safely. Every other problem (a row without two fields, an empty img, a second row for an image)
+    is listed with its line and the file is read to the end. An empty rle_mask is an empty mask.
+    The RLE itself is checked when a row is decoded, at its image's size (RleRow.decode).
+    """
+    path = Path(path)
+    rows, first_line, problems = {}, {}, []
+    with open(path, "rb") as f:
+        header = f.readline()
+        found = header.decode("utf-8-sig", errors="replace").strip()
+        if [c.strip().strip('"').lower() for c in found.split(",")] != MASK_CSV_HEADER.split(","):
+            raise ValueError(f"{path} line 1: expected the header '{MASK_CSV_HEADER}' (Kaggle's train_masks.csv), "
+                             f"found {found[:60]!r}" + (" (an empty file)" if not header else ""))
+        offset = len(header)
+        for number, line in enumerate(f, start=2):
+            start, offset = offset, offset + len(line)
+            text = line.rstrip(b"\r\n")
+            if not text.strip():
+                continue  # blank lines (a trailing newline, an editor's extra one) hold no row
+            fields = text.split(b",")
+            img = fields[0].strip().strip(b'"').decode("utf-8", errors="replace")
+            if len(fields) != 2 or not img:
+                what = f"{len(fields)} field(s)" if len(fields) != 2 else "an empty img"
+                problems.append(f"{path} line {number}: expected 'image name,rle_mask', found {what}: "
+                                f"{text[:60].decode('utf-8', errors='replace')!r}")
+                continue
+            row = RleRow(path, number, img, start + len(fields[0]) + 1, len(fields[1]),
+                         hashlib.sha1(fields[1]).hexdigest())
+            if img in first_line:
+                problems.append(f"{path} line {number}: another row for {img} (first on line "
+                                f"{first_line[img]}); none of its rows is used")
+                rows[img] = None
+                continue
+            rows[img], first_line[img] = row, number
+    return rows, problems
 
 
 def group_of(name: str, group_by: str = "car-id") -> str:
@@ -426,15 +546,69 @@ def rle_decode(rle: str, shape) -> np.ndarray:
     except (ValueError, OverflowError):
         raise ValueError(f"RLE must be whitespace-separated integers, got {rle[:40]!r}")
     if len(numbers) % 2:
-        raise ValueError("RLE must hold 'start length' pairs, got an odd count of numbers")
+        raise ValueError(f"RLE must hold 'start length' pairs, got an odd count of numbers ({len(numbers)})")
     starts, lengths = numbers[::2] - 1, numbers[1::2]
-    if len(numbers) and (starts.min() < 0 or lengths.min() < 1 or (starts + lengths).max() > h * w
-                         or np.any(starts[1:] < starts[:-1] + lengths[:-1])):
-        raise ValueError(f"RLE runs must be increasing, non-overlapping and inside {w}x{h}")
-    flat = np.zeros(h * w + 1, np.int8)
-    np.add.at(flat, starts, 1)
-    np.add.at(flat, starts + lengths, -1)
-    return np.cumsum(flat[:-1]).astype(np.uint8).reshape(h, w)
+    ends = starts + lengths
+    bad = np.flatnonzero((starts < 0) | (lengths < 1) | (ends > h * w) | np.r_[False, starts[1:] < ends[:-1]])
+    if len(bad):
+        i = bad[0]
+        why = ("starts before pixel 1" if starts[i] < 0 else "has a length below 1" if lengths[i] < 1 else
+               f"ends past the last pixel, {h * w}" if ends[i] > h * w else f"starts before run {i} ends")
+        raise ValueError(f"RLE run {i + 1} ('{starts[i] + 1} {lengths[i]}') {why}: runs must be increasing, "
+                         f"non-overlapping and inside {w}x{h}")
+    # background, run, background, run, ..., background: one np.repeat, 1 ms for a Carvana mask (a
+    # cumulative sum over all 2.5 M pixels took 13 ms)
+    gaps = np.diff(np.column_stack([starts, ends]).ravel(), prepend=0, append=h * w)
+    values = np.zeros(len(gaps), np.uint8)
+    values[1::2] = 1
+    return np.repeat(values, gaps).reshape(h, w)
+
+
+# ---------------------------------------------------------------- Kaggle's train_masks.csv from and against mask files
+
+def write_mask_csv(samples, path) -> Path:
+    """Write the samples' mask files as Kaggle's train_masks.csv: header img,rle_mask, one row per image
+    (its file name), sorted by it."""
+    path = Path(path)
+    with atomic_write(path) as f:
+        f.write(f"{MASK_CSV_HEADER}\n".encode())
+        for sample in tqdm(sorted(samples, key=lambda s: s.image.name), desc="encoding", unit="mask", leave=False,
+                           disable=None):
+            if not isinstance(sample.mask, (str, os.PathLike)):
+                raise ValueError(f"{sample.name}: its mask is {type(sample.mask).__name__}, not a mask file")
+            f.write(f"{sample.image.name},{rle_encode(load_mask(sample.mask))}\n".encode())
+    return path
+
+
+def compare_mask_csv(csv_path, data_dir, limit: int = 20) -> dict:
+    """Check a train_masks.csv against data_dir's mask files (train_masks/): for every image with both,
+    our rle_encode of the mask must be the row, number for number, and the row must decode to the mask.
+
+    Returns counts (rows, compared, same_text, same_pixels), up to `limit` rows that differ (img,
+    line, differing pixels or why the row does not decode), the CSV's own problems, and how many rows
+    have no mask file and mask files no row. FileNotFoundError if data_dir has no mask files.
+    """
+    rows, problems = read_mask_csv(csv_path)
+    files = {s.image.name: s.mask for s in find_samples(data_dir)[0] if isinstance(s.mask, Path)}
+    if not files:
+        raise FileNotFoundError(f"{data_dir} has no mask files (train_masks/) to compare {csv_path} with")
+    found = sorted((row for row in rows.values() if row is not None), key=lambda row: row.line)
+    report = {"csv": str(csv_path), "rows": len(found), "compared": 0, "same_text": 0, "same_pixels": 0,
+              "differ": [], "csv_problems": problems, "rows_without_mask": sum(r.img not in files for r in found),
+              "masks_without_row": len(files.keys() - rows.keys())}
+    for row in tqdm([r for r in found if r.img in files], desc="comparing", unit="mask", leave=False, disable=None):
+        mask, theirs = load_mask(files[row.img]), row.read()
+        same_text = rle_encode(mask).split() == theirs.split()
+        try:
+            wrong = int(np.count_nonzero(rle_decode(theirs, mask.shape) != mask))
+        except ValueError as err:
+            wrong = str(err)
+        report["compared"] += 1
+        report["same_text"] += same_text
+        report["same_pixels"] += wrong == 0
+        if (not same_text or wrong != 0) and len(report["differ"]) < limit:
+            report["differ"].append({"img": row.img, "line": row.line, "same_text": same_text, "pixels_differ": wrong})
+    return report
 
 
 # ---------------------------------------------------------------- the decoded-sample store
@@ -478,7 +652,9 @@ class SampleStore:
 def decode_sample(sample: Sample, size, num_classes=2):
     """Decode and check one pair; returns (image, small mask, full mask as stored, full size) (see SampleStore)."""
     image, full_size = load_image(sample.image, size)
-    if isinstance(sample.mask, Shapes):
+    if isinstance(sample.mask, RleRow):  # decoded at the image's own size, as the file states it
+        mask = sample.mask.decode(full_size)
+    elif isinstance(sample.mask, Shapes):
         mask = sample.mask.rasterize()
     elif num_classes > 2:
         mask = load_class_mask(sample.mask, num_classes)
@@ -499,6 +675,9 @@ def _cache_path(cache_dir: Path, sample: Sample, size):
     for path in (sample.image, sample.mask):
         if isinstance(path, Shapes):  # the shapes themselves are the mask's identity
             ident.append(hashlib.sha1(repr(path.shapes).encode()).hexdigest())
+            continue
+        if isinstance(path, RleRow):  # so is the row's text: an edited row misses, a touched or moved CSV hits
+            ident.append(path.digest)
             continue
         st = os.stat(path)
         ident += [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
@@ -563,7 +742,8 @@ def load_samples(samples, size, cache_dir="", desc="decoding", num_classes=2) ->
         if item[1].max() == 0 or (item[1].min() == 255 and num_classes == 2):  # cheap pre-check on the small mask
             full = store.full_mask(len(store) - 1)
             if full.min() == full.max():
-                log.warning("%s: mask of %s is all %s", getattr(sample.mask, "source", sample.mask), sample.name,
+                where = sample.mask if isinstance(sample.mask, RleRow) else getattr(sample.mask, "source", sample.mask)
+                log.warning("%s: mask of %s is all %s", where, sample.name,
                             "background" if full.min() == 0 else "car" if num_classes == 2 else f"class {full.min()}")
     return store, problems
 
@@ -607,3 +787,36 @@ class CarvanaDataset(torch.utils.data.Dataset):
         masks = torch.from_numpy(np.ascontiguousarray(mask))
         masks = masks.long() if self.store.num_classes > 2 else masks.float().div_(255.0).unsqueeze(0)
         return image_to_tensor(np.ascontiguousarray(image), self.normalization), masks, index
+
+
+def main(argv=None):
+    """python dataset.py write-csv DATA_DIR OUT.csv | compare-csv CSV DATA_DIR (Kaggle's train_masks.csv)."""
+    parser = argparse.ArgumentParser(description="Kaggle's train_masks.csv: write one from a data folder's mask "
+                                                 "files, or check one against them.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write-csv", help="encode DATA_DIR's mask files (train_masks/) into OUT.csv")
+    write.add_argument("data_dir")
+    write.add_argument("out")
+    compare = commands.add_parser("compare-csv", help="compare CSV's rows with the RLE of DATA_DIR's mask files; "
+                                                      "exit status 1 unless every row with a mask file agrees")
+    compare.add_argument("csv")
+    compare.add_argument("data_dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        if args.command == "write-csv":
+            samples, problems = find_samples(args.data_dir)
+            if problems:
+                raise DatasetError(problems, args.data_dir)
+            print(write_mask_csv(samples, args.out))
+            return
+        report = compare_mask_csv(args.csv, args.data_dir)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    print(json.dumps(report, indent=1))
+    agreed = report["compared"] and report["same_pixels"] == report["same_text"] == report["compared"]
+    raise SystemExit(0 if agreed and not report["csv_problems"] else 1)
+
+
+if __name__ == "__main__":
+    main()
