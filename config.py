@@ -71,7 +71,8 @@ class TrainConfig:
     bilinear: bool = _opt(True, "unet: bilinear upsampling + conv instead of transposed convolutions")
     # optimisation
     epochs: int = _opt(70, "number of passes over the training images")
-    batch_size: int = _opt(8, "images per optimisation step")
+    batch_size: int = _opt(8, "images per optimisation step and process (under torchrun the global batch is "
+                              "this times the number of processes)")
     lr: float = _opt(3e-3, "peak learning rate")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay to zero")
@@ -86,6 +87,8 @@ class TrainConfig:
                                   "(fp16 + GradScaler on older GPUs, fp32 elsewhere)", choices=PRECISIONS)
     channels_last: bool = _opt(True, "use the channels_last memory format (faster convolutions)")
     compile: bool = _opt(False, "torch.compile the model (slow start, faster steps)")
+    sync_bn: bool = _opt(False, "under torchrun: each BatchNorm normalises over the global batch instead of its "
+                                "process's share (SyncBatchNorm on GPUs, batchnorm.GlooSyncBatchNorm on CPUs)")
     # evaluation during training
     threshold: float = _opt(0.5, "binary: probability above which a pixel is car (stored in the checkpoint); "
                                  "multi-class models take each pixel's most probable class")

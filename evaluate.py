@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 import atomic
+import distributed
 import plots
 from backends import load_source
 from config import EvaluateConfig, parse_config, resolve_checkpoint, resolve_data_dir
@@ -45,26 +46,30 @@ from labels import palette
 from metrics import ConfusionMeter, SegmentationMeter
 
 log = logging.getLogger(__name__)
+SOLO = distributed.World()  # one process: what evaluate.py and the tests run in
 SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8)
 
 
-def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None) -> dict:
+def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None, world=SOLO) -> dict:
     """Score `predictor` on a loader of CarvanaDataset items; returns metrics and per-image records.
 
-    Multi-class models are scored by evaluate_parts (the sweep does not apply to them).
+    Multi-class models are scored by evaluate_parts (the sweep does not apply to them). Under torchrun
+    (`world` of several processes) each process's loader holds its own share of the images and every
+    process returns the scores of all of them: the meters are merged, so each image counts once, and
+    the records come in rank order.
 
     The loader's dataset must be preprocessed with the predictor's normalisation. Returns
     {"threshold", "model_res": scores, "full_res": scores (if full_res), "loss" (if loss_fn),
     "sweep" (full-res scores per threshold in `sweep`), "records": one dict per image}.
     """
     if predictor.spec.multiclass:
-        return evaluate_parts(predictor, loader, full_res, loss_fn)
+        return evaluate_parts(predictor, loader, full_res, loss_fn, world)
     store = loader.dataset.store
     threshold = predictor.threshold
     model_res, full = SegmentationMeter(), SegmentationMeter()
     sweeps = {t: SegmentationMeter() for t in sweep}
     records, loss_sum = [], 0.0
-    for images, masks, indices in tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True, disable=None):
+    for images, masks, indices in _progress(loader, world):
         logits = predictor.logits(images)
         probs, masks = torch.sigmoid(logits), masks.to(predictor.device)
         if loss_fn is not None:
@@ -81,6 +86,8 @@ def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None
                 for t, meter in sweeps.items():
                     meter.update(prob[None] > t, target)
             records.append(record)
+    meters, records, loss_sum = _all_ranks(world, {"model_res": model_res, "full": full, **sweeps}, records, loss_sum)
+    model_res, full, sweeps = meters.pop("model_res"), meters.pop("full"), meters
     result = {"threshold": threshold, "model_res": model_res.compute(), "records": records}
     if full_res:
         result["full_res"] = full.compute()
@@ -91,7 +98,7 @@ def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None
     return result
 
 
-def evaluate_parts(predictor: Predictor, loader, full_res=True, loss_fn=None) -> dict:
+def evaluate_parts(predictor: Predictor, loader, full_res=True, loss_fn=None, world=SOLO) -> dict:
     """Score a multi-class `predictor`: confusion matrices over all pixels of all images (the usual
     semantic-segmentation mIoU) at the model's input size and at each photo's own size.
 
@@ -102,7 +109,7 @@ def evaluate_parts(predictor: Predictor, loader, full_res=True, loss_fn=None) ->
     store, names = loader.dataset.store, list(predictor.spec.class_names)
     model_res, full = ConfusionMeter(len(names)), ConfusionMeter(len(names))
     records, loss_sum = [], 0.0
-    for images, masks, indices in tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True, disable=None):
+    for images, masks, indices in _progress(loader, world):
         logits = predictor.logits(images)
         probs, masks = logits.softmax(1), masks.to(predictor.device)
         if loss_fn is not None:
@@ -118,12 +125,28 @@ def evaluate_parts(predictor: Predictor, loader, full_res=True, loss_fn=None) ->
                 full.confusion += own.confusion  # the image's counts, not a second pass over its pixels
                 record["miou_full_res"] = own.compute(names)["miou"]
             records.append(record)
+    meters, records, loss_sum = _all_ranks(world, {"model_res": model_res, "full": full}, records, loss_sum)
+    model_res, full = meters["model_res"], meters["full"]
     result = {"model_res": model_res.compute(names), "records": records}
     if full_res:
         result["full_res"] = full.compute(names)
     if loss_fn is not None:
         result["loss"] = loss_sum / len(records)
     return result
+
+
+def _progress(loader, world):
+    """The loader behind a progress bar, drawn by the first process only."""
+    return tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True, disable=None if world.main else True)
+
+
+def _all_ranks(world, meters: dict, records: list, loss_sum: float):
+    """The meters, records and loss sum of every process merged, on every process; as given in a world of one."""
+    if not world.distributed:
+        return meters, records, loss_sum
+    parts = distributed.gather((meters, records, loss_sum), world)
+    merged = {key: type(meter).merged(part[0][key] for part in parts) for key, meter in meters.items()}
+    return merged, [record for part in parts for record in part[1]], sum(part[2] for part in parts)
 
 
 # ---------------------------------------------------------------- evaluate.py on a checkpoint

@@ -65,6 +65,17 @@ class SegmentationMeter:
         self.pixels += n * len(i)
         return dice
 
+    @classmethod
+    def merged(cls, meters) -> "SegmentationMeter":
+        """One meter holding the images of all `meters` (e.g. one per process), in their order."""
+        total = cls()
+        for meter in meters:
+            total.dice += meter.dice
+            total.iou += meter.iou
+            for name in ("intersection", "pred_sum", "target_sum", "correct", "pixels"):
+                setattr(total, name, getattr(total, name) + getattr(meter, name))
+        return total
+
     def compute(self) -> dict:
         """Mean per-image Dice/IoU (the Kaggle metric), pooled Dice/IoU and pixel accuracy."""
         if not self.dice:
@@ -136,6 +147,15 @@ class ConfusionMeter:
             raise ValueError(f"num_classes must be at least 2 (background and one part), got {num_classes}")
         self.num_classes = num_classes
         self.confusion = np.zeros((num_classes, num_classes), np.int64)
+
+    @classmethod
+    def merged(cls, meters) -> "ConfusionMeter":
+        """One meter holding the pixels of all `meters` (of one class count)."""
+        meters = list(meters)
+        total = cls(meters[0].num_classes)
+        for meter in meters:
+            total.confusion += meter.confusion
+        return total
 
     def update(self, pred, target):
         """Add class-index maps (torch or numpy, same shape, any dims); every pixel counts, none is ignored."""

@@ -3,6 +3,7 @@
     python train.py                                   # defaults: the 2-core CPU recipe
     python train.py --config configs/cpu-quick.json   # a few minutes on a laptop CPU
     python train.py --resume checkpoints/<run>/last.pt
+    torchrun --standalone --nproc_per_node=4 train.py --sync-bn   # DDP, one process per GPU (docs/distributed.md)
 
 Writes checkpoints/<run>/: config.json, last.pt (every epoch, atomically), best.pt (best validation
 Dice), metrics.jsonl (one line per epoch) and curves.png.
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -20,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import atomic
+import distributed
 import plots
 import runtime
 from backends import TorchRunner
-from batchnorm import recompute_batchnorm
+from batchnorm import recompute_batchnorm, synchronise
 from config import TrainConfig, parse_config, resolve_data_dir
 from augment import build_transform
 from dataset import (CarvanaDataset, describe_split, find_class_names, find_samples, prepare_store,
@@ -63,13 +68,15 @@ class TrainState:
     best_val_dice: float = -1.0  # best selection_score so far: Dice, or mean IoU over the parts for multi-class
     history: list = field(default_factory=list)  # one record per epoch, as in metrics.jsonl
     pending: dict | None = None  # the last epoch's training figures while it is not yet validated
+    world_size: int = 1         # processes training (torchrun), recorded so a resume can say what changed
 
     def checkpoint(self, cfg: TrainConfig, resumable: bool = True) -> dict:
         """last.pt (resumable: with optimizer, scheduler and scaler) or best.pt / interrupted.pt (without)."""
         extra = {"class_names": self.class_names, "val_cars": self.val_cars, "train_cars": self.train_cars,
                  "epoch": self.epoch,
                  "global_step": self.global_step, "best_val_dice": self.best_val_dice,
-                 "metrics": self.history[-1] if self.history else {}, "history": self.history}
+                 "metrics": self.history[-1] if self.history else {}, "history": self.history,
+                 "world_size": self.world_size}
         if resumable:
             extra.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                          scaler=self.scaler.state_dict(), pending=self.pending)
@@ -94,6 +101,22 @@ class Run:
     device: torch.device
     precision: str
     loss_fn: torch.nn.Module
+    world: distributed.World = distributed.World()  # this process's place under torchrun
+    val_images: int = 0         # validation images over all processes: each is scored exactly once
+
+    def save(self, name: str, state: "TrainState", resumable: bool = True):
+        """Write <run>/name from the first process only (every process holds the same weights)."""
+        if self.world.main:
+            save_checkpoint(self.dir / name, state.checkpoint(self.cfg, resumable))
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of an epoch's shuffling and augmentation on one process.
+
+    Rank 0 keeps the one-process value, so a torchrun run's first process replays a plain run's
+    augmentation; the rank term (a prime above any epoch count) gives each process its own stream.
+    """
+    return seed * 100_003 + epoch + rank * 1_000_003
 
 
 def seed_everything(seed: int):
@@ -174,33 +197,47 @@ def training_transform(cfg, class_names):
     return build_transform(cfg.augment, (cfg.crop_width, cfg.crop_height) if cfg.crop_width else None, class_names)
 
 
-def build_loaders(cfg, train_store, val_store, device, normalization, class_names):
+def build_loaders(cfg, train_store, val_store, device, normalization, class_names, world=distributed.World()):
+    """(training loader, validation loader) of this process.
+
+    The training loader draws through a DistributedSampler, in one process too: one permutation per
+    epoch, seeded by (seed, epoch), dealt to the processes in turn, so that a step's global batch holds
+    the images a one-process step of batch_size x processes takes. The validation loader holds
+    this process's contiguous block of the validation images, unpadded (DistributedSampler would repeat
+    some to even the blocks, and a repeated image would count twice in the mean Dice).
+    """
     pin = device.type == "cuda"
     train_set = CarvanaDataset(train_store, training_transform(cfg, class_names), normalization)
+    sampler = DistributedSampler(train_set, world.size, world.rank, seed=cfg.seed * 100_003)
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
-        num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator(),
-        worker_init_fn=_worker_init if cfg.num_workers else None)
-    val_loader = torch.utils.data.DataLoader(CarvanaDataset(val_store, normalization=normalization),
+        train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(sampler) > cfg.batch_size,
+        num_workers=cfg.num_workers, pin_memory=pin,
+        generator=torch.Generator(), worker_init_fn=_worker_init if cfg.num_workers else None)
+    val_part = val_store.subset(distributed.shard(len(val_store), world)) if world.distributed else val_store
+    val_loader = torch.utils.data.DataLoader(CarvanaDataset(val_part, normalization=normalization),
                                              batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
     return train_loader, val_loader
 
 
-def batchnorm_batches(cfg, train_set: CarvanaDataset, class_names):
+def batchnorm_batches(cfg, train_set: CarvanaDataset, class_names, world=distributed.World()):
     """Batches for recompute_batchnorm: a fixed, seeded draw of augmented training samples (crops too).
 
     They must look like training batches: statistics of whole images, when the model trained on crops,
     cost 0.011 Dice here. The same draw every time, so a resumed run recomputes the same statistics.
+    Under torchrun the batches are global batches (batch_size x processes) and each process yields its
+    share of each, so that with --sync-bn the statistics are exactly those of one process.
     """
     dataset = CarvanaDataset(train_set.store, training_transform(cfg, class_names), train_set.normalization)
     dataset.reseed(cfg.seed)
-    count = min(cfg.precise_bn, len(dataset))
+    count, size = min(cfg.precise_bn, len(dataset)), cfg.batch_size * world.size  # a global batch
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:count].tolist()
-    starts = list(range(0, count, cfg.batch_size))
-    if len(starts) > 1 and count - starts[-1] == 1:  # never a batch of one: the last image joins the batch before
+    starts = list(range(0, count, size))
+    # Never a batch of one (per process): a short last batch joins the batch before.
+    if len(starts) > 1 and count - starts[-1] < 2 * world.size:
         starts.pop()
     for start, end in zip(starts, starts[1:] + [count]):
-        yield torch.stack([dataset[i][0] for i in chosen[start:end]])
+        batch = chosen[start:end]
+        yield torch.stack([dataset[batch[i]][0] for i in distributed.shard(len(batch), world)])
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -224,7 +261,8 @@ def train_one_epoch(run: Run, model, loader, state: TrainState, epoch: int):
     cfg = run.cfg
     model.train()
     total, count, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True,
+               disable=None if run.world.main else True)
     for images, masks, _ in bar:
         images = images.to(run.device, non_blocking=True)
         masks = masks.to(run.device, non_blocking=True)
@@ -248,6 +286,9 @@ def train_one_epoch(run: Run, model, loader, state: TrainState, epoch: int):
         total += loss.item() * len(images)
         count += len(images)
         bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
+    # Under torchrun: the mean over every process's images, and all processes' images per second.
+    total, count = distributed.all_sum(torch.tensor([total, count], dtype=torch.float64, device=run.device),
+                                       run.world).tolist()
     return total / count, count / (time.perf_counter() - start)
 
 
@@ -255,31 +296,36 @@ def validate(run: Run, predictor: Predictor, state: TrainState, loaders) -> dict
     """Recompute BatchNorm statistics (--precise-bn), then score the validation cars: evaluate()'s result."""
     cfg, (train_loader, val_loader) = run.cfg, loaders
     if cfg.precise_bn:
-        recompute_batchnorm(state.model, batchnorm_batches(cfg, train_loader.dataset, state.class_names), run.device,
-                            run.precision, cfg.channels_last)
+        recompute_batchnorm(state.model, batchnorm_batches(cfg, train_loader.dataset, state.class_names, run.world),
+                            run.device, run.precision, cfg.channels_last, run.world)
     state.model.eval()  # (the compiled model shares the module) the next train_one_epoch switches it back
-    return evaluate(predictor, val_loader, cfg.full_res_val, loss_fn=run.loss_fn)
+    result = evaluate(predictor, val_loader, cfg.full_res_val, loss_fn=run.loss_fn, world=run.world)
+    names = [record["name"] for record in result["records"]]
+    if len(names) != run.val_images or len(set(names)) != len(names):
+        raise RuntimeError(f"validation scored {len(names)} images ({len(set(names))} distinct) of {run.val_images}")
+    return result
 
 
-def run_epochs(run: Run, model, state: TrainState, loaders):
-    """The epoch loop: train, validate, checkpoint, log."""
-    cfg, (train_loader, _) = run.cfg, loaders
+def run_epochs(run: Run, models, state: TrainState, loaders):
+    """The epoch loop: train, validate, checkpoint, log. models = (the training model, the validation one)."""
+    (cfg, (train_loader, _)), (model, eval_model) = (run.cfg, loaders), models
     # Validation runs the model being trained (compiled, if it is) through the one inference path.
-    predictor = Predictor(TorchRunner(model, run.device, run.precision, cfg.channels_last),
+    predictor = Predictor(TorchRunner(eval_model, run.device, run.precision, cfg.channels_last),
                           InferenceSpec.from_config(dataclasses.asdict(cfg), state.model.normalization, state.class_names))
     if state.pending is not None:  # resumed between an epoch's training and its validation
         finish_epoch(run, predictor, state, loaders)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         start = time.perf_counter()
         # Everything random in an epoch derives from (seed, epoch), so a resumed run replays it exactly.
-        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        train_loader.dataset.reseed(cfg.seed * 100_003 + epoch)
+        train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch, run.world.rank))
+        train_loader.dataset.reseed(epoch_seed(cfg.seed, epoch, run.world.rank))
+        train_loader.sampler.set_epoch(epoch)
         train_loss, speed = train_one_epoch(run, model, train_loader, state, epoch)
         state.epoch, state.pending = epoch, {"epoch": epoch, "step": state.global_step, "train_loss": train_loss,
                                              "images_per_s": speed, "train_seconds": time.perf_counter() - start}
         # The trained epoch is saved before validation, so a failure or a kill there never loses it:
         # a resume validates it first (recomputed BatchNorm statistics and all, so exactly as here).
-        save_checkpoint(run.dir / "last.pt", state.checkpoint(cfg))
+        run.save("last.pt", state)
         finish_epoch(run, predictor, state, loaders)
 
 
@@ -289,7 +335,7 @@ def finish_epoch(run: Run, predictor: Predictor, state: TrainState, loaders):
     start, pending = time.perf_counter(), state.pending
     result = validate(run, predictor, state, loaders)
     record = {"epoch": pending["epoch"], "step": pending["step"], "train_loss": pending["train_loss"],
-              "val_loss": result["loss"]}
+              "val_loss": result["loss"], "val_images": len(result["records"])}
     # Binary: mean per-image Dice and IoU. Multi-class: mean IoU and Dice over the parts, pixel accuracy.
     names = ("miou", "mdice", "pixel_accuracy") if len(state.class_names) > 2 else ("dice", "iou")
     for res in ("full_res", "model_res") if run.cfg.full_res_val else ("model_res",):
@@ -301,11 +347,12 @@ def finish_epoch(run: Run, predictor: Predictor, state: TrainState, loaders):
     score = selection_score(record)
     improved = score > state.best_val_dice
     state.best_val_dice = max(state.best_val_dice, score)
-    save_checkpoint(run.dir / "last.pt", state.checkpoint(run.cfg))
+    run.save("last.pt", state)
     if improved:
-        save_checkpoint(run.dir / "best.pt", state.checkpoint(run.cfg, resumable=False))
-    write_history(run.dir, state.history)
-    log_epoch(run.cfg, record)
+        run.save("best.pt", state, resumable=False)
+    if run.world.main:
+        write_history(run.dir, state.history)
+        log_epoch(run.cfg, record)
 
 
 def selection_score(record: dict) -> float:
@@ -391,11 +438,14 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     """Train to cfg.epochs, continuing cfg.resume if given; returns the last epoch's record, run_dir and best_val_dice.
 
     `resumed` is cfg.resume's checkpoint when the caller has loaded it already (main does, for its options).
+    Under torchrun this runs in every process (DDP); see docs/distributed.md.
     """
-    device = runtime.resolve_device(cfg.device)
+    device = runtime.resolve_device(distributed.device_for(cfg.device, distributed.current()))
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device)
-    run_dir = run_dir_for(cfg)
+    world = distributed.start(device)
+    # Every process checks the folder (and fails alike); the name is the first process's clock.
+    run_dir = distributed.broadcast(run_dir_for(cfg), world)
     problem = atomic.folder_problem(run_dir)
     if problem is not None:  # before any work, not after decoding the whole data set
         raise ValueError(f"{'--resume' if cfg.resume else '--out-dir'} {cfg.resume or cfg.out_dir}: the run folder "
@@ -405,35 +455,70 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     train_store, val_store, class_names = build_stores(cfg)
     seed_everything(cfg.seed)
     raw_model = build_model_for(cfg, class_names).to(device)
+    if cfg.sync_bn and world.distributed:
+        raw_model = synchronise(raw_model, device)
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
-    loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization, class_names)
+    loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization, class_names, world)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(loaders[0]))
     state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),
                        val_cars=sorted({s.car_id for s in val_store.samples}),
-                       train_cars=sorted({s.car_id for s in train_store.samples}), class_names=class_names)
+                       train_cars=sorted({s.car_id for s in train_store.samples}), class_names=class_names,
+                       world_size=world.size)
     if resumed is not None:
         check_same_cars(cfg, resumed, state)
         state.restore(resumed)
-    # Static shapes: training crops and whole validation images get a graph each. Dynamic-shape
-    # graphs of this model failed to compile in bf16 with torch 2.14 (an inductor TypeError).
-    model = torch.compile(raw_model, dynamic=False) if cfg.compile else raw_model
-    run = Run(cfg, run_dir, device, precision, build_loss(cfg, class_names))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # The options as given, minus --resume: replaying the file with --config starts a new run.
-    replay = dataclasses.asdict(dataclasses.replace(cfg, resume=""))
-    atomic.write_text(run_dir / "config.json", json.dumps(replay, indent=2) + "\n")
-    log.info("run %s: %s, %s", run_dir, device, precision)
+        follow_schedule(cfg, state, resumed.get("world_size", 1), len(loaders[0]))
+    run = Run(cfg, run_dir, device, precision, build_loss(cfg, class_names), world, len(val_store))
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # The options as given, minus --resume: replaying the file with --config starts a new run.
+        replay = dataclasses.asdict(dataclasses.replace(cfg, resume=""))
+        atomic.write_text(run_dir / "config.json", json.dumps(replay, indent=2) + "\n")
+    log.info("run %s: %s, %s%s", run_dir, device, precision,
+             f", {world.size} processes, global batch {cfg.batch_size * world.size}" if world.distributed else "")
     try:
-        run_epochs(run, model, state, loaders)
+        run_epochs(run, training_models(cfg, raw_model, world, device), state, loaders)
     except KeyboardInterrupt:
         # last.pt (the last whole epoch) stays the resume point: resuming from mid-epoch weights
         # could not replay the epoch exactly. The weights of the moment go to interrupted.pt.
-        save_checkpoint(run_dir / "interrupted.pt", state.checkpoint(cfg, resumable=False))
+        run.save("interrupted.pt", state, resumable=False)
         log.warning("interrupted during epoch %d: weights of this moment in %s; resume from %s",
                     state.epoch + (state.pending is None), run_dir / "interrupted.pt", run_dir / "last.pt")
         raise
+    distributed.stop(world)
     return {"run_dir": str(run_dir), "best_val_dice": state.best_val_dice, **state.history[-1]}
+
+
+def training_models(cfg: TrainConfig, raw_model, world, device):
+    """(the model training steps run, the model validation runs): compiled if asked, DDP under torchrun.
+
+    Validation cannot go through DDP: its forward syncs buffers across processes, and the processes
+    validate different numbers of images. It runs the bare module, which shares DDP's weights.
+    """
+    # Static shapes: training crops and whole validation images get a graph each. Dynamic-shape
+    # graphs of this model failed to compile in bf16 with torch 2.14 (an inductor TypeError).
+    compiled = (lambda m: torch.compile(m, dynamic=False)) if cfg.compile else (lambda m: m)
+    if not world.distributed:
+        model = compiled(raw_model)
+        return model, model
+    ddp = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return compiled(ddp), compiled(raw_model)
+
+
+def follow_schedule(cfg: TrainConfig, state: TrainState, world_size_before: int, steps_per_epoch: int):
+    """After a resume under another number of processes, put the learning rate where this run's
+    schedule has it at the end of the epochs done; the steps per epoch (and global batch) differ."""
+    if state.epoch == 0 or state.global_step == state.epoch * steps_per_epoch:
+        return
+    log.warning("resuming a run of %d process(es) with %d: %d steps per epoch instead of %d, global batch %d; "
+                "the learning-rate schedule continues from the end of epoch %d, and the epochs from here draw "
+                "their batches differently than the original run would have", world_size_before, state.world_size,
+                steps_per_epoch, state.global_step // state.epoch, cfg.batch_size * state.world_size, state.epoch)
+    schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+    # last_epoch = position - 1: the constructor takes one step, to the position (optimizer keeps initial_lr).
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, schedule,
+                                                        last_epoch=state.epoch * steps_per_epoch - 1)
 
 
 def local_options(config_json: Path) -> dict:
@@ -465,7 +550,9 @@ def resume_defaults(argv):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Under torchrun only the first process logs progress; the others say only what goes wrong.
+    first = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if first else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     try:
         base, resumed = resume_defaults(argv)
         cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], base=base)
