@@ -16,7 +16,7 @@ import evaluate
 import train
 from batchnorm import GlooSyncBatchNorm, recompute_batchnorm, synchronise
 from config import EvaluateConfig, TrainConfig
-from conftest import tiny_config, write_kaggle_dataset
+from conftest import tiny_config, write_coco_dataset, write_kaggle_dataset
 from launcher import launch
 
 CARS = [f"cccccccccc{i:02d}" for i in range(1, 9)]  # 6 train cars x 3 views = 18 images, 2 validation cars = 6
@@ -244,3 +244,21 @@ def test_two_processes_without_sync_bn_train_and_validate_every_image_once(setup
                                                           cache_dir="", device="cpu", out_dir=str(work / "eval-local"),
                                                           worst_k=1, num_samples=1))
     assert summary["full_res"]["dice"] == pytest.approx(record["val_dice_full_res"], abs=1e-6)
+
+
+def test_car_parts_under_two_processes_merge_one_confusion_matrix(tmp_path):
+    """Multi-class validation: each process counts its images' pixels, and the merged confusion
+    matrix gives the mIoU one process computes on the same weights (evaluate.py on best.pt)."""
+    data = write_coco_dataset(tmp_path / "parts", count=14)
+    cfg = tiny_config(data, tmp_path, epochs=1, batch_size=2, lr=1e-2, augment="none", val_fraction=0.25,
+                      group_by="none")
+    config = tmp_path / "parts.json"
+    config.write_text(json.dumps(vars(cfg)))
+    run_dir = torchrun_train(tmp_path, config, "parts", 1)
+    record = history(run_dir)[0]
+    summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(run_dir / "best.pt"), data_dir=str(data),
+                                                          cache_dir="", device="cpu", out_dir=str(tmp_path / "eval"),
+                                                          worst_k=1, num_samples=1))
+    assert record["val_images"] == summary["images"] == 4  # round(14 * 0.25) = 4 images, split 2 + 2
+    assert summary["full_res"]["miou"] == pytest.approx(record["val_miou_full_res"], abs=1e-9)
+    assert summary["full_res"]["pixel_accuracy"] == pytest.approx(record["val_pixel_accuracy_full_res"], abs=1e-12)
