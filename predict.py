@@ -333,7 +333,7 @@ def _predict(predictor, images, full_sizes, cfg: PredictConfig) -> list:
 
 
 @contextmanager
-def submission_rows(path, world=distributed.World()):
+def submission_rows(path, world: distributed.World | None = None):
     """A csv writer for Kaggle's img,rle_mask rows, streamed to `path` through _text_file (gzip when it
     ends in .gz); None without a path. Under torchrun, to this rank's shard of `path` (shard_path),
     without the header line: rank 0 merges the shards (merge_submission).
@@ -344,6 +344,7 @@ def submission_rows(path, world=distributed.World()):
     if not path:
         yield None
         return
+    world = world or distributed.World()
     compressed = _compressed(path)
     if world.distributed:
         path, level = shard_path(path, world.rank, world.size), SHARD_LEVEL
