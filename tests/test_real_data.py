@@ -99,8 +99,11 @@ def test_short_run_on_real_cars_then_evaluate_and_predict(carvana_dir, real_samp
     assert 0 <= summary["val_dice_full_res"] <= 1
 
     out = tmp_path / "eval"
-    result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(run / "best.pt"), cache_dir=cfg.cache_dir,
-                                                         out_dir=str(out), device="cpu", worst_k=2, num_samples=1))
+    # The data folder is named: a checkpoint stores no machine paths, and without $CARVANA_DIR evaluate.py
+    # would look in data/carvana, not in the ../shared/carvana this test found.
+    result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(run / "best.pt"), data_dir=str(carvana_dir),
+                                                         cache_dir=cfg.cache_dir, out_dir=str(out), device="cpu",
+                                                         worst_k=2, num_samples=1))
     assert result["cars"] == 1 and result["full_res"]["images"] == 16
     assert all((out / name).is_file() for name in ("per_image.csv", "summary.json", "worst.png", "samples.png"))
 
