@@ -286,9 +286,9 @@ def train_one_epoch(run: Run, model, loader, state: TrainState, epoch: int):
         total += loss.item() * len(images)
         count += len(images)
         bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
-    # Under torchrun: the mean over every process's images, and all processes' images per second.
-    total, count = distributed.all_sum(torch.tensor([total, count], dtype=torch.float64, device=run.device),
-                                       run.world).tolist()
+    if run.world.distributed:  # the mean over every process's images, and all processes' images per second
+        total, count = distributed.all_sum(torch.tensor([total, count], dtype=torch.float64, device=run.device),
+                                           run.world).tolist()
     return total / count, count / (time.perf_counter() - start)
 
 
