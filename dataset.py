@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+import distributed
 from atomic import atomic_write, folder_problem
 from labels import BINARY_CLASSES, Shapes, load_class_mask, read_class_names, read_coco, read_coco_class_names
 
@@ -727,7 +728,9 @@ def load_samples(samples, size, cache_dir="", desc="decoding", num_classes=2) ->
     """Decode (or read from the cache) every sample; returns (store, problems), checking them all."""
     store, problems = SampleStore(size, num_classes), []
     cache = _usable_cache(cache_dir)
-    for sample in tqdm(samples, desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=None):
+    # Under torchrun every process decodes; the first one alone draws the bar.
+    for sample in tqdm(samples, desc=desc, unit="img", leave=False, dynamic_ncols=True,
+                       disable=None if distributed.current().main else True):
         try:
             path = _cache_path(cache, sample, size) if cache is not None else None
             item = _load_cached(path) if path is not None and path.exists() else None
