@@ -91,6 +91,10 @@ def tiny_config(data_dir, tmp, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one; scripts/gpu_check.sh runs them")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _export_cache(tmp_path_factory):
     """ONNX exports and OpenVINO blobs of the tests go to a temporary folder, never the user's ~/.cache."""
