@@ -12,7 +12,7 @@ and every collective below is a no-op, so the scripts have a single code path.
 import datetime
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = field(default=False, compare=False)  # started by torchrun, whatever the size
 
     @property
     def main(self) -> bool:
@@ -35,7 +36,9 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """True in a process group: several processes, or torchrun's one. One process under torchrun
+        takes the distributed path too (DDP, NCCL), so a single GPU can check it."""
+        return self.launched or self.size > 1
 
 
 def launched() -> bool:
@@ -56,7 +59,7 @@ def launch_world() -> World:
                          + ", ".join(f"{n}={os.environ[n]!r}" for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK")))
     if not (size >= 1 and 0 <= rank < size and 0 <= local <= rank):
         raise ValueError(f"inconsistent launch: RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={size}")
-    return World(rank, size, local)
+    return World(rank, size, local, launched=True)
 
 
 def current() -> World:
@@ -96,7 +99,7 @@ def start(device: torch.device, timeout_minutes: float = 30) -> World:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
         if world.main:
-            log.info("distributed: %d processes, %s backend", world.size, backend)
+            log.info("distributed: %d process(es), %s backend", world.size, backend)
     return world
 
 

@@ -49,7 +49,9 @@ LEGEND_MIN_SHARE = 1e-4  # a class on a smaller share of the photo's pixels is l
 DONE = object()  # --skip-existing: a photo whose outputs are all on disk already
 CLASSES_FILE = "classes.txt"  # a multi-class run's class names, one per line: what _parts.png values mean
 SUBMISSION_HEADER = ("img", "rle_mask")  # Kaggle's columns
-SHARD_LEVEL = 1  # gzip level of a .gz submission's shards: read back once by the merge, which recompresses at 9
+# gzip levels of a .gz submission: zlib's default 6, which on 150 Carvana rows compressed to 42.53 % against
+# level 9's 42.48 % at 12.0 MB/s against 7.6; its shards under torchrun at 1, as the merge reads them once.
+SUBMISSION_LEVEL, SHARD_LEVEL = 6, 1
 
 
 def collect_inputs(inputs, recursive=False):
@@ -349,7 +351,7 @@ def submission_rows(path, world: distributed.World | None = None):
     if world.distributed:
         path, level = shard_path(path, world.rank, world.size), SHARD_LEVEL
     else:
-        level = 9  # GzipFile's default, what one process has always written
+        level = SUBMISSION_LEVEL
     with _text_file(path, compressed, level) as text:
         rows = csv.writer(text, lineterminator="\n")
         if not world.distributed:
@@ -358,7 +360,7 @@ def submission_rows(path, world: distributed.World | None = None):
 
 
 @contextmanager
-def _text_file(path, compressed: bool, level: int = 9):
+def _text_file(path, compressed: bool, level: int = SUBMISSION_LEVEL):
     """UTF-8 text streamed into a temporary file beside `path` (gzip at `level` if `compressed`) that
     replaces `path` when the block ends cleanly (atomic.atomic_write): a killed run leaves no `path`."""
     atomic.remove_stale_temporaries(path)  # a killed run's partial rows; --skip-existing rebuilds them

@@ -476,7 +476,7 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
         replay = dataclasses.asdict(dataclasses.replace(cfg, resume=""))
         atomic.write_text(run_dir / "config.json", json.dumps(replay, indent=2) + "\n")
     log.info("run %s: %s, %s%s", run_dir, device, precision,
-             f", {world.size} processes, global batch {cfg.batch_size * world.size}" if world.distributed else "")
+             f", {world.size} process(es), global batch {cfg.batch_size * world.size}" if world.distributed else "")
     try:
         run_epochs(run, training_models(cfg, raw_model, world, device), state, loaders)
     except KeyboardInterrupt:
