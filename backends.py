@@ -108,6 +108,8 @@ class TorchRunner:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool = True):
         self.model, self.device, self.precision, self.channels_last = model, device, precision, channels_last
+        if device.type == "cuda":  # cuDNN autotuning and TF32 for evaluate.py, predict.py and serve.py too
+            runtime.configure_backends(device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)

@@ -195,6 +195,7 @@ def test_numpy_and_torch_inputs_give_the_same_confusion(convert):
     assert confusion_from(convert(PRED_3), convert(TRUE_3), 3).tolist() == CONFUSION_3
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_confusion_of_cuda_tensors():
     assert confusion_from(torch.tensor(PRED_3).cuda(), torch.tensor(TRUE_3).cuda(), 3).tolist() == CONFUSION_3
