@@ -4,7 +4,7 @@
 #   b. a short AMP training of the configs/gpu.json preset (bf16 or fp16, torch.compile) on gpu_data/carvana
 #   c. evaluate.py on its best.pt: full-resolution Dice
 #   d. predict.py's throughput (images/s, end to end) with the bundled model and the one just trained
-#   e. train.py under torchrun (--nproc_per_node=1 by default), with --sync-bn where train.py has it
+#   e. train.py under torchrun (--nproc_per_node=1 by default: NCCL, DDP and SyncBatchNorm layers), --sync-bn
 #
 #   python scripts/make_gpu_subset.py     # once, here: gpu_data/ = 24 Carvana cars + the missing wheels
 #   bash scripts/gpu_check.sh [RESULTS]   # there, from the repo root; RESULTS default: $OUT, else checkpoints/gpu-check

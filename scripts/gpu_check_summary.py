@@ -75,12 +75,11 @@ def evaluate_facts(work: Path):
 
 def ddp_facts(work: Path, log: str, warnings: list):
     facts = run_facts(work / "runs" / "ddp", log)
-    match = re.search(r"distributed: (\d+) processes, (\w+) backend", log)
+    match = re.search(r"distributed: (\d+) process\(es\), (\w+) backend", log)
     facts["process_group"] = {"processes": int(match.group(1)), "backend": match.group(2)} if match else None
     if match is None and facts["epochs_done"]:
-        warnings.append("ddp: train.py ran under torchrun without joining a process group (a world of one process "
-                        "runs as plain training), so NCCL, DistributedDataParallel and SyncBatchNorm were not "
-                        "exercised")
+        warnings.append("ddp: train.py ran under torchrun without joining a process group, so NCCL and "
+                        "DistributedDataParallel were not exercised")
     return facts
 
 
