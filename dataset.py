@@ -2,7 +2,7 @@
 
 Preprocessing is plain functions (`load_image`, `image_to_tensor`, `load_mask`, `shrink_mask`) so
 that predict.py runs exactly the code training ran. Masks come from files, from the rows of Kaggle's
-train_masks.csv (run-length encoded, see `read_mask_csv`) or from COCO shapes. Decoding a full-size
+train_masks.csv (run-length encoded, read by rle.py) or from COCO shapes. Decoding a full-size
 Carvana JPEG costs more than a training step of a small U-Net, so every sample is decoded once into a
 `SampleStore` (RAM, and optionally a disk cache keyed by file identity and size) and later epochs
 never touch the files.
@@ -28,6 +28,7 @@ from tqdm import tqdm
 import distributed
 from atomic import atomic_write, folder_problem
 from labels import BINARY_CLASSES, Shapes, load_class_mask, read_class_names, read_coco, read_coco_class_names
+from rle import RleRow, compare_mask_csv, read_mask_csv, write_mask_csv
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ COCO_FILE = "annotations.json"
 COCO_IMAGE_DIRS = ("JPEGImages", "images")  # the Car Parts Dataset's layout, then the plain one
 CLASSES_FILE = "classes.txt"  # beside images/ + masks/: the masks hold indices into this list
 MASK_CSV = "train_masks.csv"  # Kaggle's run-length encoded masks, beside train/ in place of train_masks/
-MASK_CSV_HEADER = "img,rle_mask"
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs; a Carvana photo is 2.5 M pixels
 CACHE_VERSION = 2
@@ -65,43 +65,6 @@ class DatasetError(ValueError):
         self.problems = list(problems)
         head = f"{len(self.problems)} problem(s) with the dataset{' in ' + str(where) if where else ''}:"
         super().__init__("\n  ".join([head] + self.problems))
-
-
-@dataclass(frozen=True)
-class RleRow:
-    """Where one image's row of a train_masks.csv is (a Sample's mask source), not what it says.
-
-    The full CSV is 5,088 rows of ~8.5 kB: as text that would be ~45 MB of RAM for the whole run,
-    as offsets it is a few hundred bytes a row. `digest` (SHA-1 of the rle_mask field's bytes) is the
-    row's identity in the sample cache, and is checked again when the row is read back.
-    """
-    source: Path  # the CSV file
-    line: int     # 1-based line number, for messages
-    img: str      # the row's img field: the image's file name
-    offset: int   # byte offset of the rle_mask field in the file
-    length: int   # its length in bytes
-    digest: str
-
-    def __str__(self):
-        return f"{self.source} line {self.line}"
-
-    def read(self) -> str:
-        """The row's rle_mask text, as indexed; ValueError if the file has changed there since."""
-        with open(self.source, "rb") as f:
-            f.seek(self.offset)
-            raw = f.read(self.length)
-        if hashlib.sha1(raw).hexdigest() != self.digest:
-            raise ValueError(f"{self}: the row of {self.img} has changed since {self.source.name} was read; "
-                             "run again to read the new file")
-        return raw.strip().strip(b'"').decode("ascii", errors="replace")
-
-    def decode(self, size) -> np.ndarray:
-        """The row's mask for an image of size (width, height): uint8 {0,1} (height, width)."""
-        rle = self.read()
-        try:
-            return rle_decode(rle, (size[1], size[0]))
-        except ValueError as err:
-            raise ValueError(f"{self}: rle_mask of {self.img} (a {size[0]}x{size[1]} image): {err}") from None
 
 
 @dataclass(frozen=True)
@@ -211,46 +174,6 @@ def _pair_with_rows(image_dir: Path, csv_path: Path) -> tuple[list, list]:
     samples = [Sample(images[n], rows[images[n].name], n, car_id_of(n))
                for n in sorted(images) if rows.get(images[n].name) is not None]
     return samples, problems
-
-
-def read_mask_csv(path) -> tuple[dict, list]:
-    """Index Kaggle's train_masks.csv: ({img: RleRow, or None where img has several rows}, problems).
-
-    The header must be `img,rle_mask`; a wrong one is a ValueError, since no row can then be read
-    safely. Every other problem (a row without two fields, an empty img, a second row for an image)
-    is listed with its line and the file is read to the end. An empty rle_mask is an empty mask.
-    The RLE itself is checked when a row is decoded, at its image's size (RleRow.decode).
-    """
-    path = Path(path)
-    rows, first_line, problems = {}, {}, []
-    with open(path, "rb") as f:
-        header = f.readline()
-        found = header.decode("utf-8-sig", errors="replace").strip()
-        if [c.strip().strip('"').lower() for c in found.split(",")] != MASK_CSV_HEADER.split(","):
-            raise ValueError(f"{path} line 1: expected the header '{MASK_CSV_HEADER}' (Kaggle's train_masks.csv), "
-                             f"found {found[:60]!r}" + (" (an empty file)" if not header else ""))
-        offset = len(header)
-        for number, line in enumerate(f, start=2):
-            start, offset = offset, offset + len(line)
-            text = line.rstrip(b"\r\n")
-            if not text.strip():
-                continue  # blank lines (a trailing newline, an editor's extra one) hold no row
-            fields = text.split(b",")
-            img = fields[0].strip().strip(b'"').decode("utf-8", errors="replace")
-            if len(fields) != 2 or not img:
-                what = f"{len(fields)} field(s)" if len(fields) != 2 else "an empty img"
-                problems.append(f"{path} line {number}: expected 'image name,rle_mask', found {what}: "
-                                f"{text[:60].decode('utf-8', errors='replace')!r}")
-                continue
-            row = RleRow(path, number, img, start + len(fields[0]) + 1, len(fields[1]),
-                         hashlib.sha1(fields[1]).hexdigest())
-            if img in first_line:
-                problems.append(f"{path} line {number}: another row for {img} (first on line "
-                                f"{first_line[img]}); none of its rows is used")
-                rows[img] = None
-                continue
-            rows[img], first_line[img] = row, number
-    return rows, problems
 
 
 def group_of(name: str, group_by: str = "car-id") -> str:
@@ -528,90 +451,6 @@ def shrink_mask(mask: np.ndarray, size) -> np.ndarray:
     return np.rint(small * 255.0).astype(np.uint8)
 
 
-def rle_encode(mask: np.ndarray) -> str:
-    """Kaggle's run-length encoding: 1-indexed 'start length' pairs over the row-major flattened mask."""
-    flat = np.asarray(mask).ravel() > 0
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # 0-indexed positions where a run starts or ends
-    edges = np.concatenate([[0] if flat[:1].any() else [], edges, [flat.size] if flat[-1:].any() else []])
-    edges = edges.astype(np.int64)
-    starts, ends = edges[::2], edges[1::2]
-    pairs = np.stack([starts + 1, ends - starts], axis=1).ravel()
-    return " ".join(map(str, pairs.tolist()))
-
-
-def rle_decode(rle: str, shape) -> np.ndarray:
-    """Inverse of rle_encode: a uint8 {0,1} mask of shape (H, W); malformed input is a ValueError."""
-    h, w = shape
-    try:
-        numbers = np.array(rle.split(), dtype=np.int64)
-    except (ValueError, OverflowError):
-        raise ValueError(f"RLE must be whitespace-separated integers, got {rle[:40]!r}")
-    if len(numbers) % 2:
-        raise ValueError(f"RLE must hold 'start length' pairs, got an odd count of numbers ({len(numbers)})")
-    starts, lengths = numbers[::2] - 1, numbers[1::2]
-    ends = starts + lengths
-    bad = np.flatnonzero((starts < 0) | (lengths < 1) | (ends > h * w) | np.r_[False, starts[1:] < ends[:-1]])
-    if len(bad):
-        i = bad[0]
-        why = ("starts before pixel 1" if starts[i] < 0 else "has a length below 1" if lengths[i] < 1 else
-               f"ends past the last pixel, {h * w}" if ends[i] > h * w else f"starts before run {i} ends")
-        raise ValueError(f"RLE run {i + 1} ('{starts[i] + 1} {lengths[i]}') {why}: runs must be increasing, "
-                         f"non-overlapping and inside {w}x{h}")
-    # background, run, background, run, ..., background: one np.repeat, 1 ms for a Carvana mask (a
-    # cumulative sum over all 2.5 M pixels took 13 ms)
-    gaps = np.diff(np.column_stack([starts, ends]).ravel(), prepend=0, append=h * w)
-    values = np.zeros(len(gaps), np.uint8)
-    values[1::2] = 1
-    return np.repeat(values, gaps).reshape(h, w)
-
-
-# ---------------------------------------------------------------- Kaggle's train_masks.csv from and against mask files
-
-def write_mask_csv(samples, path) -> Path:
-    """Write the samples' mask files as Kaggle's train_masks.csv: header img,rle_mask, one row per image
-    (its file name), sorted by it."""
-    path = Path(path)
-    with atomic_write(path) as f:
-        f.write(f"{MASK_CSV_HEADER}\n".encode())
-        for sample in tqdm(sorted(samples, key=lambda s: s.image.name), desc="encoding", unit="mask", leave=False,
-                           disable=None):
-            if not isinstance(sample.mask, (str, os.PathLike)):
-                raise ValueError(f"{sample.name}: its mask is {type(sample.mask).__name__}, not a mask file")
-            f.write(f"{sample.image.name},{rle_encode(load_mask(sample.mask))}\n".encode())
-    return path
-
-
-def compare_mask_csv(csv_path, data_dir, limit: int = 20) -> dict:
-    """Check a train_masks.csv against data_dir's mask files (train_masks/): for every image with both,
-    our rle_encode of the mask must be the row, number for number, and the row must decode to the mask.
-
-    Returns counts (rows, compared, same_text, same_pixels), up to `limit` rows that differ (img,
-    line, differing pixels or why the row does not decode), the CSV's own problems, and how many rows
-    have no mask file and mask files no row. FileNotFoundError if data_dir has no mask files.
-    """
-    rows, problems = read_mask_csv(csv_path)
-    files = {s.image.name: s.mask for s in find_samples(data_dir)[0] if isinstance(s.mask, Path)}
-    if not files:
-        raise FileNotFoundError(f"{data_dir} has no mask files (train_masks/) to compare {csv_path} with")
-    found = sorted((row for row in rows.values() if row is not None), key=lambda row: row.line)
-    report = {"csv": str(csv_path), "rows": len(found), "compared": 0, "same_text": 0, "same_pixels": 0,
-              "differ": [], "csv_problems": problems, "rows_without_mask": sum(r.img not in files for r in found),
-              "masks_without_row": len(files.keys() - rows.keys())}
-    for row in tqdm([r for r in found if r.img in files], desc="comparing", unit="mask", leave=False, disable=None):
-        mask, theirs = load_mask(files[row.img]), row.read()
-        same_text = rle_encode(mask).split() == theirs.split()
-        try:
-            wrong = int(np.count_nonzero(rle_decode(theirs, mask.shape) != mask))
-        except ValueError as err:
-            wrong = str(err)
-        report["compared"] += 1
-        report["same_text"] += same_text
-        report["same_pixels"] += wrong == 0
-        if (not same_text or wrong != 0) and len(report["differ"]) < limit:
-            report["differ"].append({"img": row.img, "line": row.line, "same_text": same_text, "pixels_differ": wrong})
-    return report
-
-
 # ---------------------------------------------------------------- the decoded-sample store
 
 class SampleStore:
@@ -792,8 +631,32 @@ class CarvanaDataset(torch.utils.data.Dataset):
         return image_to_tensor(np.ascontiguousarray(image), self.normalization), masks, index
 
 
+# ---------------------------------------------------------------- Kaggle's train_masks.csv from and against mask files
+
+def mask_files(samples) -> dict:
+    """{image file name: mask file} of samples, as rle.write_mask_csv takes them (with load=load_mask);
+    ValueError naming a sample whose mask is not a file (a train_masks.csv row, COCO shapes)."""
+    for sample in samples:
+        if not isinstance(sample.mask, (str, os.PathLike)):
+            raise ValueError(f"{sample.name}: its mask is {type(sample.mask).__name__}, not a mask file")
+    return {sample.image.name: sample.mask for sample in samples}
+
+
+def compare_csv_with_folder(csv_path, data_dir) -> dict:
+    """rle.compare_mask_csv of csv_path against data_dir's mask files (train_masks/); FileNotFoundError if it
+    has none."""
+    files = {s.image.name: s.mask for s in find_samples(data_dir)[0] if isinstance(s.mask, Path)}
+    if not files:
+        raise FileNotFoundError(f"{data_dir} has no mask files (train_masks/) to compare {csv_path} with")
+    return compare_mask_csv(csv_path, files, load=load_mask)
+
+
 def main(argv=None):
-    """python dataset.py write-csv DATA_DIR OUT.csv | compare-csv CSV DATA_DIR (Kaggle's train_masks.csv)."""
+    """python dataset.py write-csv DATA_DIR OUT.csv | compare-csv CSV DATA_DIR (Kaggle's train_masks.csv).
+
+    The encoding and the CSV are rle.py's; these commands live here because they read a data folder's
+    pairs (find_samples, load_mask), and rle.py sits below dataset.py in the import order.
+    """
     parser = argparse.ArgumentParser(description="Kaggle's train_masks.csv: write one from a data folder's mask "
                                                  "files, or check one against them.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -811,9 +674,9 @@ def main(argv=None):
             samples, problems = find_samples(args.data_dir)
             if problems:
                 raise DatasetError(problems, args.data_dir)
-            print(write_mask_csv(samples, args.out))
+            print(write_mask_csv(mask_files(samples), args.out, load=load_mask))
             return
-        report = compare_mask_csv(args.csv, args.data_dir)
+        report = compare_csv_with_folder(args.csv, args.data_dir)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     print(json.dumps(report, indent=1))

@@ -37,10 +37,11 @@ import atomic
 import cutout
 import distributed
 from config import PredictConfig, parse_config, resolve_checkpoint
-from dataset import IMAGE_EXTENSIONS, load_image, rle_encode
+from dataset import IMAGE_EXTENSIONS, load_image
 from inference import Predictor, car_mask
 from labels import palette
 from plots import parts_overlay, with_legend
+from rle import rle_encode
 
 log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = ("_mask.png", "_parts.png", "_overlay.jpg", "_cutout.png")

@@ -110,7 +110,7 @@ def test_the_runner_uses_the_memory_format_it_is_given(channels_last):
 
 
 # The project's modules, lowest layer first: each may import only modules listed before it.
-LAYERS = ["config", "runtime", "distributed", "atomic", "metrics", "losses", "labels", "augment", "plots", "cutout", "encoders", "model", "dataset",
+LAYERS = ["config", "runtime", "distributed", "atomic", "metrics", "losses", "labels", "rle", "augment", "plots", "cutout", "encoders", "model", "dataset",
           "batchnorm", "backends", "inference", "evaluate", "train", "predict", "export", "bench", "segmenter", "serve", "loadtest"]
 
 

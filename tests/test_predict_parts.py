@@ -13,10 +13,11 @@ import predict
 import train
 from conftest import parts_picture, tiny_config, write_coco_dataset
 from config import PredictConfig
-from dataset import load_image, rle_decode
+from dataset import load_image
 from inference import Predictor, car_mask
 from labels import palette
 from plots import with_legend
+from rle import rle_decode
 
 CLASS_NAMES = ["background", "left_door", "right_door", "wheel"]  # conftest's PART_CATEGORIES
 

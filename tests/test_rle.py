@@ -1,11 +1,11 @@
-"""Protects Kaggle's run-length encoding: hand-computed cases, round trips, malformed input, predict's CSV."""
+"""Protects Kaggle's run-length encoding: hand-computed cases, round trips, malformed input, the CSV on bare arrays."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dataset import rle_decode, rle_encode
+from rle import compare_mask_csv, read_mask_csv, rle_decode, rle_encode, write_mask_csv
 
 
 @pytest.mark.parametrize("mask, expected", [
@@ -40,3 +40,17 @@ def test_rle_decode_never_crashes_otherwise(rle):
     except ValueError:
         return
     assert mask.shape == (3, 4) and set(np.unique(mask)) <= {0, 1}
+
+
+def test_train_masks_csv_written_and_compared_from_arrays(tmp_path):
+    # rle.py needs no data folder: {img: mask} in, Kaggle's CSV out, rows sorted by img.
+    masks = {"b_01.jpg": np.array([[0, 1], [1, 1]]), "a_01.jpg": np.zeros((2, 2), np.uint8)}
+    path = write_mask_csv(masks, tmp_path / "train_masks.csv")
+    assert path.read_text() == "img,rle_mask\na_01.jpg,\nb_01.jpg,2 3\n"
+    rows, problems = read_mask_csv(path)
+    assert problems == [] and rows["b_01.jpg"].line == 3 and rows["b_01.jpg"].read() == "2 3"
+    report = compare_mask_csv(path, masks | {"c_01.jpg": np.ones((2, 2))})
+    assert (report["rows"], report["compared"], report["same_text"], report["same_pixels"]) == (2, 2, 2, 2)
+    assert report["masks_without_row"] == 1 and report["rows_without_mask"] == 0 and report["differ"] == []
+    report = compare_mask_csv(path, {"b_01.jpg": np.array([[1, 1], [1, 1]])})
+    assert report["differ"] == [{"img": "b_01.jpg", "line": 3, "same_text": False, "pixels_differ": 1}]

@@ -664,7 +664,7 @@ def test_predict_refuses_two_inputs_with_one_output_name(trained, photos, tmp_pa
 def test_predict_submission_decodes_to_the_written_masks(trained, photos, tmp_path, name):
     import gzip
 
-    from dataset import rle_decode
+    from rle import rle_decode
     _, _, run = trained
     out, csv_path = tmp_path / "out", tmp_path / name
     cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=str(run / "best.pt"), device="cpu",

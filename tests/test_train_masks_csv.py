@@ -13,16 +13,22 @@ import evaluate
 import train
 from config import EvaluateConfig
 from conftest import FAKE_CARS, IMAGE_SIZE, MODEL_SIZE, VIEWS, car_picture, tiny_config, write_kaggle_dataset
-from dataset import (DatasetError, RleRow, compare_mask_csv, find_samples, load_mask, load_samples, prepare_store,
-                     read_mask_csv, rle_decode, rle_encode, write_mask_csv)
+from dataset import (DatasetError, compare_csv_with_folder, find_samples, load_mask, load_samples, mask_files,
+                     prepare_store)
+from rle import RleRow, read_mask_csv, rle_decode, rle_encode, write_mask_csv
 
 FIRST = f"{FAKE_CARS[0]}_01.jpg"
+
+
+def write_csv(samples, path) -> Path:
+    """The samples' mask files written as a train_masks.csv at path (what `python dataset.py write-csv` does)."""
+    return write_mask_csv(mask_files(samples), path, load=load_mask)
 
 
 @pytest.fixture
 def csv_dir(kaggle_dir) -> Path:
     """The Kaggle-layout fixture with its GIFs encoded into train_masks.csv and train_masks/ removed."""
-    write_mask_csv(find_samples(kaggle_dir)[0], kaggle_dir / "train_masks.csv")
+    write_csv(find_samples(kaggle_dir)[0], kaggle_dir / "train_masks.csv")
     shutil.rmtree(kaggle_dir / "train_masks")
     return kaggle_dir
 
@@ -48,7 +54,7 @@ def test_images_pair_with_their_rows_and_decode_to_the_gif_masks(kaggle_dir, tmp
     gif_store = prepare_store(gif_samples, MODEL_SIZE)
     csv_root = tmp_path / "csv"
     shutil.copytree(kaggle_dir / "train", csv_root / "train")
-    write_mask_csv(gif_samples, csv_root / "train_masks.csv")
+    write_csv(gif_samples, csv_root / "train_masks.csv")
     samples, problems = find_samples(csv_root)
     assert problems == []
     assert [s.name for s in samples] == [s.name for s in gif_samples]
@@ -262,7 +268,7 @@ def test_the_cache_is_keyed_by_the_rows_content(csv_dir, tmp_path, monkeypatch):
 def test_gif_and_csv_masks_of_one_image_are_different_cache_entries(kaggle_dir, tmp_path):
     cache = tmp_path / "cache"
     gif_samples, _ = find_samples(kaggle_dir)
-    write_mask_csv(gif_samples, kaggle_dir / "train_masks.csv")
+    write_csv(gif_samples, kaggle_dir / "train_masks.csv")
     load_samples(gif_samples, MODEL_SIZE, cache)
     shutil.rmtree(kaggle_dir / "train_masks")
     load_samples(find_samples(kaggle_dir)[0], MODEL_SIZE, cache)
@@ -286,8 +292,8 @@ def test_rows_are_held_as_offsets_not_text(csv_dir):
 # ---------------------------------------------------------------- the tool: write and compare
 
 def test_compare_finds_agreement_and_each_disagreement(kaggle_dir, tmp_path):
-    csv_path = write_mask_csv(find_samples(kaggle_dir)[0], tmp_path / "kaggle.csv")
-    report = compare_mask_csv(csv_path, kaggle_dir)
+    csv_path = write_csv(find_samples(kaggle_dir)[0], tmp_path / "kaggle.csv")
+    report = compare_csv_with_folder(csv_path, kaggle_dir)
     n = len(FAKE_CARS) * VIEWS
     assert report | {"differ": [], "csv_problems": []} == {
         "csv": str(csv_path), "rows": n, "compared": n, "same_text": n, "same_pixels": n, "differ": [],
@@ -303,7 +309,7 @@ def test_compare_finds_agreement_and_each_disagreement(kaggle_dir, tmp_path):
     lines[3] = lines[3].split(",")[0] + ",1 2 3"                # does not decode
     lines.append("dddddddddd01_01.jpg,1 1")                     # Kaggle's other cars: no mask file here
     csv_path.write_text("\n".join(lines) + "\n")
-    report = compare_mask_csv(csv_path, kaggle_dir)
+    report = compare_csv_with_folder(csv_path, kaggle_dir)
     assert (report["rows"], report["compared"], report["same_text"], report["same_pixels"]) == (n + 1, n, n - 2, n - 2)
     assert report["rows_without_mask"] == 1 and report["masks_without_row"] == 0
     assert report["differ"][0] == {"img": img, "line": 3, "same_text": False, "pixels_differ": 2}
@@ -327,7 +333,7 @@ def test_the_command_line_writes_and_compares(kaggle_dir, tmp_path, capsys):
 
 def test_write_refuses_a_sample_without_a_mask_file(csv_dir, tmp_path):
     with pytest.raises(ValueError, match="not a mask file"):
-        write_mask_csv(find_samples(csv_dir)[0], tmp_path / "again.csv")
+        write_csv(find_samples(csv_dir)[0], tmp_path / "again.csv")
     assert not (tmp_path / "again.csv").exists()
 
 
@@ -337,7 +343,7 @@ def test_training_on_the_csv_is_training_on_the_gifs(tmp_path):
     gif_dir = write_kaggle_dataset(tmp_path / "gif")
     csv_dir = tmp_path / "csv"
     shutil.copytree(gif_dir / "train", csv_dir / "train")
-    write_mask_csv(find_samples(gif_dir)[0], csv_dir / "train_masks.csv")
+    write_csv(find_samples(gif_dir)[0], csv_dir / "train_masks.csv")
     results = {}
     for name, data_dir in (("gif", gif_dir), ("csv", csv_dir)):
         cfg = tiny_config(data_dir, tmp_path / name, epochs=3, batch_size=2, lr=3e-2, warmup_epochs=0.5)
@@ -367,7 +373,7 @@ def real_csv_dir(carvana_dir, tmp_path_factory):
     (root / "train").mkdir()
     for sample in chosen:
         (root / "train" / sample.image.name).symlink_to(sample.image.resolve())
-    write_mask_csv(chosen, root / "train_masks.csv")
+    write_csv(chosen, root / "train_masks.csv")
     return root, chosen
 
 
@@ -392,7 +398,7 @@ def test_real_masks_from_the_csv_equal_the_gifs_pixel_for_pixel(real_csv_dir, ca
     for i, sample in enumerate(chosen):
         assert store.full_sizes[i] == REAL_SIZE  # read from each photo, not assumed
         assert np.array_equal(store.full_mask(i), load_mask(sample.mask)), sample.name
-    report = compare_mask_csv(root / "train_masks.csv", carvana_dir)  # the checker's tool, on the real GIFs
+    report = compare_csv_with_folder(root / "train_masks.csv", carvana_dir)  # the checker's tool, on the real GIFs
     assert (report["compared"], report["same_text"], report["same_pixels"]) == (len(chosen),) * 3, report["differ"]
 
 
