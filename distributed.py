@@ -78,9 +78,9 @@ def device_for(name: str, world: World) -> str:
     if name.startswith("cuda:"):
         raise ValueError(f"--device {name} under torchrun: each process takes the GPU of its LOCAL_RANK; "
                          "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+    if name in ("cuda", "auto") and torch.cuda.is_available():
         return f"cuda:{world.local_rank}"
-    return name
+    return name  # 'cuda' without CUDA: resolve_device then names the option as given
 
 
 def start(device: torch.device, timeout_minutes: float = 30) -> World:
@@ -97,6 +97,8 @@ def start(device: torch.device, timeout_minutes: float = 30) -> World:
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if world.main:  # torchrun's processes meet at once; a hand-set environment may wait for the others
+            log.info("joining %d process(es) at %s:%s", world.size, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
         if world.main:
             log.info("distributed: %d process(es), %s backend", world.size, backend)

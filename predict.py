@@ -519,14 +519,20 @@ def _collect(entry, written, rows, failures, bar):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = parse_config(PredictConfig, argv, description=__doc__.splitlines()[0])
+    first = distributed.current().main
     try:
-        if not distributed.current().main:
-            logging.getLogger().setLevel(logging.WARNING)  # under torchrun rank 0 speaks for the run
+        if not first:  # under torchrun rank 0 speaks for the run; the others log only their own errors
+            logging.getLogger().setLevel(logging.ERROR)
         written, failures = predict_files(cfg)
     except (OSError, ValueError) as err:  # FileNotFoundError, an output folder that cannot be written...
         # Without distributed.stop: its barrier would wait for ranks that did not fail; this process's
         # exit makes torchrun stop them.
         raise SystemExit(f"error: {err}")
+    except KeyboardInterrupt:
+        if first:
+            print("interrupted: the masks written are complete and kept, the submission is not written; run the "
+                  "same command with --skip-existing to finish", file=sys.stderr)
+        raise SystemExit(130)
     if failures:
         sys.exit(1)
     return written

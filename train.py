@@ -69,6 +69,7 @@ class TrainState:
     history: list = field(default_factory=list)  # one record per epoch, as in metrics.jsonl
     pending: dict | None = None  # the last epoch's training figures while it is not yet validated
     world_size: int = 1         # processes training (torchrun), recorded so a resume can say what changed
+    steps_per_epoch: int = 0    # optimisation steps in each epoch of this run's last stretch
 
     def checkpoint(self, cfg: TrainConfig, resumable: bool = True) -> dict:
         """last.pt (resumable: with optimizer, scheduler and scaler) or best.pt / interrupted.pt (without)."""
@@ -76,7 +77,7 @@ class TrainState:
                  "epoch": self.epoch,
                  "global_step": self.global_step, "best_val_dice": self.best_val_dice,
                  "metrics": self.history[-1] if self.history else {}, "history": self.history,
-                 "world_size": self.world_size}
+                 "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch}
         if resumable:
             extra.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                          scaler=self.scaler.state_dict(), pending=self.pending)
@@ -464,11 +465,15 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),
                        val_cars=sorted({s.car_id for s in val_store.samples}),
                        train_cars=sorted({s.car_id for s in train_store.samples}), class_names=class_names,
-                       world_size=world.size)
+                       world_size=world.size, steps_per_epoch=len(loaders[0]))
     if resumed is not None:
         check_same_cars(cfg, resumed, state)
         state.restore(resumed)
-        follow_schedule(cfg, state, resumed.get("world_size", 1), len(loaders[0]))
+        follow_schedule(cfg, state, resumed)
+    if cfg.precise_bn and min(cfg.precise_bn, len(train_store)) < world.size:  # before any training, on every rank
+        raise ValueError(f"--precise-bn {cfg.precise_bn}: each of the {world.size} processes needs at least one of the "
+                         f"{min(cfg.precise_bn, len(train_store))} images BatchNorm statistics are recomputed on; use "
+                         f"--precise-bn {world.size} or more, or 0")
     run = Run(cfg, run_dir, device, precision, build_loss(cfg, class_names), world, len(val_store))
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -506,19 +511,27 @@ def training_models(cfg: TrainConfig, raw_model, world, device):
     return compiled(ddp), compiled(raw_model)
 
 
-def follow_schedule(cfg: TrainConfig, state: TrainState, world_size_before: int, steps_per_epoch: int):
-    """After a resume under another number of processes, put the learning rate where this run's
-    schedule has it at the end of the epochs done; the steps per epoch (and global batch) differ."""
-    if state.epoch == 0 or state.global_step == state.epoch * steps_per_epoch:
+def follow_schedule(cfg: TrainConfig, state: TrainState, resumed: dict):
+    """After a resume with another number of processes or batch size, say what changed and, if the
+    steps per epoch did, put the learning rate where this run's schedule has it after the epochs done."""
+    before = {"processes": resumed.get("world_size", 1), "batch per process": resumed["config"]["batch_size"],
+              # checkpoints before torchrun support: every epoch had the same steps
+              "steps per epoch": resumed.get("steps_per_epoch") or state.global_step // max(1, state.epoch),
+              "sync_bn": resumed["config"].get("sync_bn", False)}
+    now = {"processes": state.world_size, "batch per process": cfg.batch_size,
+           "steps per epoch": state.steps_per_epoch, "sync_bn": cfg.sync_bn}
+    changed = [f"{key} {before[key]} -> {now[key]}" for key in before if before[key] != now[key]]
+    if not changed:
         return
-    log.warning("resuming a run of %d process(es) with %d: %d steps per epoch instead of %d, global batch %d; "
-                "the learning-rate schedule continues from the end of epoch %d, and the epochs from here draw "
-                "their batches differently than the original run would have", world_size_before, state.world_size,
-                steps_per_epoch, state.global_step // state.epoch, cfg.batch_size * state.world_size, state.epoch)
-    schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
-    # last_epoch = position - 1: the constructor takes one step, to the position (optimizer keeps initial_lr).
-    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, schedule,
-                                                        last_epoch=state.epoch * steps_per_epoch - 1)
+    log.warning("resuming with %s: the epochs from here draw their batches differently than the run would have "
+                "(docs/distributed.md#resume)", ", ".join(changed))
+    if before["steps per epoch"] != now["steps per epoch"] and state.epoch:
+        steps = state.steps_per_epoch
+        schedule = warmup_cosine(round(cfg.warmup_epochs * steps), cfg.epochs * steps)
+        # last_epoch = position - 1: the constructor takes one step, to the position (optimizer keeps initial_lr).
+        state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, schedule,
+                                                            last_epoch=state.epoch * steps - 1)
+        log.warning("the learning-rate schedule continues from the end of epoch %d", state.epoch)
 
 
 def local_options(config_json: Path) -> dict:
@@ -544,15 +557,18 @@ def resume_defaults(argv):
     if not resume:
         return None, None
     path = resume_path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path} (give a run's last.pt or its folder)")
     checkpoint = load_checkpoint(path)
     return BEFORE_OPTION | checkpoint["config"] | local_options(path.parent / "config.json") | {"resume": str(path)}, \
         checkpoint
 
 
 def main(argv=None):
-    # Under torchrun only the first process logs progress; the others say only what goes wrong.
+    # Under torchrun the first process speaks for the run; the others log only their own errors (their
+    # warnings would repeat the first's, which sees the same data and options).
     first = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if first else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO if first else logging.ERROR, format="%(asctime)s %(levelname)s %(message)s")
     try:
         base, resumed = resume_defaults(argv)
         cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], base=base)
@@ -560,8 +576,9 @@ def main(argv=None):
     except (OSError, ValueError, FloatingPointError) as err:  # OSError: a missing file, a full disk...
         raise SystemExit(f"error: {err}")
     except KeyboardInterrupt:
-        print("interrupted: last.pt holds the last completed epoch; continue with --resume <run>/last.pt",
-              file=sys.stderr)
+        if first:
+            print("interrupted: last.pt holds the last completed epoch; continue with --resume <run>/last.pt",
+                  file=sys.stderr)
         raise SystemExit(130)
     best = Path(summary["run_dir"]) / "best.pt"
     log.info("done: best validation %s %.5f; next:\n  python evaluate.py --checkpoint %s"

@@ -260,7 +260,8 @@ def test_loaders_pin_memory_for_a_gpu_only(tmp_path, monkeypatch, device, pinned
 
 # ---------------------------------------------------------------- distributed.device_for and start
 
-@pytest.mark.parametrize("name, gpus, expected", [("auto", 4, "cuda:3"), ("cuda", 4, "cuda:3"), ("cuda", 0, "cuda:3"),
+# ("cuda", 0 GPUs) stays "cuda", so that resolve_device's error names the option as given.
+@pytest.mark.parametrize("name, gpus, expected", [("auto", 4, "cuda:3"), ("cuda", 4, "cuda:3"), ("cuda", 0, "cuda"),
                                                   ("auto", 0, "auto"), ("cpu", 4, "cpu")])
 def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(machine, name, gpus, expected):
     machine(gpus)

@@ -226,13 +226,23 @@ def test_a_resume_in_one_process_follows_the_schedule_and_says_what_changed(setu
     assert ckpt["epoch"] == 3 and ckpt["global_step"] == 12
     caplog.set_level("WARNING")
     summary = train.main(["--resume", str(copy / "last.pt"), "--epochs", "5"])
-    assert "resuming a run of 2 process(es) with 1: 9 steps per epoch instead of 4" in caplog.text
+    assert "resuming with processes 2 -> 1, steps per epoch 4 -> 9:" in caplog.text
     records = history(copy)
     assert [r["step"] for r in records] == [4, 8, 12, 21, 30] and summary["epoch"] == 5
     cfg = json.loads(config.read_text())
     schedule = train.warmup_cosine(round(cfg["warmup_epochs"] * 9), 5 * 9)
     assert records[3]["lr"] == pytest.approx(cfg["lr"] * schedule(4 * 9), rel=1e-9)
     assert torch.load(copy / "last.pt", weights_only=True)["world_size"] == 1
+    caplog.clear()  # resumed again as it ran last (1 process, 9 steps an epoch): nothing changed, nothing said
+    train.main(["--resume", str(copy / "last.pt"), "--epochs", "6"])
+    assert "resuming with" not in caplog.text and [r["step"] for r in history(copy)][-1] == 39
+
+
+def test_too_few_precise_bn_images_for_the_processes_is_refused_before_training(setup):
+    data, work, config = setup
+    with pytest.raises(AssertionError, match=r"error: --precise-bn 1: each of the 2 processes needs at least one"):
+        torchrun_train(work, config, "too-few", 1, "--precise-bn", "1")
+    assert not (work / "runs" / "too-few" / "last.pt").exists()
 
 
 def test_two_processes_without_sync_bn_train_and_validate_every_image_once(setup):

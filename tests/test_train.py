@@ -697,6 +697,15 @@ def test_an_interrupted_submission_leaves_no_file_and_no_temporary(trained, phot
     assert not [p.name for p in tmp_path.iterdir() if "sub.csv" in p.name]  # no sub.csv, no .sub.csv.<pid>.tmp
 
 
+def test_ctrl_c_in_predict_py_says_how_to_finish_instead_of_a_traceback(trained, photos, tmp_path, monkeypatch,
+                                                                        capsys):
+    _, _, run = trained
+    monkeypatch.setattr(predict, "predict_files", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(photos), "--out-dir", str(tmp_path / "out"), "--checkpoint", str(run / "best.pt")])
+    assert exit_info.value.code == 130 and "--skip-existing" in capsys.readouterr().err
+
+
 def test_skip_existing_resumes_a_run_and_rebuilds_the_whole_submission(trained, photos, tmp_path, monkeypatch):
     _, _, run = trained
     out = tmp_path / "out"
