@@ -246,6 +246,11 @@ def assert_same_training(run, reference):
     assert without_timing(read_jsonl(run / "metrics.jsonl")) == without_timing(read_jsonl(reference / "metrics.jsonl"))
 
 
+def test_resume_of_a_missing_checkpoint_names_the_option(tmp_path):
+    with pytest.raises(SystemExit, match=r"--resume .*nope: no checkpoint at .*nope"):
+        train.main(["--resume", str(tmp_path / "nope")])
+
+
 def test_resume_refuses_a_different_architecture(straight, tmp_path):
     _, _, straight_run = straight
     run = shutil.copytree(straight_run, tmp_path / "copy")
