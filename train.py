@@ -470,10 +470,7 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
         check_same_cars(cfg, resumed, state)
         state.restore(resumed)
         follow_schedule(cfg, state, resumed)
-    if cfg.precise_bn and min(cfg.precise_bn, len(train_store)) < world.size:  # before any training, on every rank
-        raise ValueError(f"--precise-bn {cfg.precise_bn}: each of the {world.size} processes needs at least one of the "
-                         f"{min(cfg.precise_bn, len(train_store))} images BatchNorm statistics are recomputed on; use "
-                         f"--precise-bn {world.size} or more, or 0")
+    check_batchnorm_share(cfg, len(train_store), world)
     run = Run(cfg, run_dir, device, precision, build_loss(cfg, class_names), world, len(val_store))
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -493,6 +490,15 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
         raise
     distributed.stop(world)
     return {"run_dir": str(run_dir), "best_val_dice": state.best_val_dice, **state.history[-1]}
+
+
+def check_batchnorm_share(cfg: TrainConfig, train_images: int, world):
+    """Every process must get at least one of the --precise-bn images; ValueError before any training if not."""
+    count = min(cfg.precise_bn, train_images)
+    if cfg.precise_bn and count < world.size:
+        raise ValueError(f"--precise-bn {cfg.precise_bn}: each of the {world.size} processes needs at least one of the "
+                         f"{count} images BatchNorm statistics are recomputed on; use --precise-bn {world.size} or "
+                         "more, or 0")
 
 
 def training_models(cfg: TrainConfig, raw_model, world, device):
@@ -523,8 +529,8 @@ def follow_schedule(cfg: TrainConfig, state: TrainState, resumed: dict):
     changed = [f"{key} {before[key]} -> {now[key]}" for key in before if before[key] != now[key]]
     if not changed:
         return
-    log.warning("resuming with %s: the epochs from here draw their batches differently than the run would have "
-                "(docs/distributed.md#resume)", ", ".join(changed))
+    log.warning("resuming with %s: from here the run differs from an uninterrupted one (docs/distributed.md#resume)",
+                ", ".join(changed))
     if before["steps per epoch"] != now["steps per epoch"] and state.epoch:
         steps = state.steps_per_epoch
         schedule = warmup_cosine(round(cfg.warmup_epochs * steps), cfg.epochs * steps)
