@@ -6,6 +6,7 @@ hidden temporary file beside the target, is flushed to the disk (fsync), and is 
 the target in one step (`os.replace`, atomic on POSIX and Windows). A reader sees the old file or
 the new one, never half of one.
 """
+import glob
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,12 +57,18 @@ def remove_stale_temporaries(path) -> int:
     copy is otherwise left beside the target for good.
     """
     removed = 0
-    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+    for stale in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*.tmp"):
         pid = stale.name[len(Path(path).name) + 2:-len(".tmp")]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
             stale.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def temporary_target(tmp) -> Path:
+    """The file an atomic_write temporary (`.<name>.<pid>.tmp`) was to become, beside it."""
+    tmp = Path(tmp)
+    return tmp.with_name(tmp.name[1:].rsplit(".", 2)[0])
 
 
 def _running(pid: int) -> bool:

@@ -484,24 +484,18 @@ def remove_leftovers(cfg: PredictConfig):
     any number of processes (_text_file removes the submission's own). Rank 0 calls it before any rank
     writes, so none of them is this run's."""
     out_dir = Path(cfg.out_dir)
-    targets = {_temporary_target(tmp) for tmp in out_dir.glob(".*.tmp")}
-    for target in targets:
-        if target.endswith(OUTPUT_SUFFIXES) or target == CLASSES_FILE:
-            atomic.remove_stale_temporaries(out_dir / target)
+    for target in {atomic.temporary_target(tmp) for tmp in out_dir.glob(".*.tmp")}:
+        if target.name.endswith(OUTPUT_SUFFIXES) or target.name == CLASSES_FILE:
+            atomic.remove_stale_temporaries(target)
     if not cfg.submission:
         return
     submission = Path(cfg.submission)
     pattern = f"{glob.escape(submission.name)}.rank*-of-*"
     shards = set(submission.parent.glob("." + pattern))
-    shards |= {submission.with_name(_temporary_target(tmp)) for tmp in submission.parent.glob(f"..{pattern}.tmp")}
+    shards |= {atomic.temporary_target(tmp) for tmp in submission.parent.glob(f"..{pattern}.tmp")}
     for shard in shards:
         shard.unlink(missing_ok=True)
         atomic.remove_stale_temporaries(shard)
-
-
-def _temporary_target(tmp: Path) -> str:
-    """The name of the file an atomic_write temporary, .<name>.<pid>.tmp, was to become."""
-    return tmp.name[1:].rsplit(".", 2)[0]
 
 
 def _collect(entry, written, rows, failures, bar):
