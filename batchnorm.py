@@ -12,11 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import distributed
 import runtime
 
-SOLO = distributed.World()
-
 
 @torch.no_grad()
-def recompute_batchnorm(model: torch.nn.Module, batches, device, precision, channels_last=True, world=SOLO) -> int:
+def recompute_batchnorm(model: torch.nn.Module, batches, device, precision, channels_last=True, world=distributed.SOLO) -> int:
     """Replace every BatchNorm's running mean/var by their exact average over `batches` of images.
 
     Under torchrun each process may pass its own share of the batches: the statistics are then

@@ -569,7 +569,7 @@ def load_samples(samples, size, cache_dir="", desc="decoding", num_classes=2) ->
     cache = _usable_cache(cache_dir)
     # Under torchrun every process decodes; the first one alone draws the bar.
     for sample in tqdm(samples, desc=desc, unit="img", leave=False, dynamic_ncols=True,
-                       disable=None if distributed.current().main else True):
+                       disable=distributed.current().bars):
         try:
             path = _cache_path(cache, sample, size) if cache is not None else None
             item = _load_cached(path) if path is not None and path.exists() else None

@@ -40,6 +40,27 @@ class World:
         takes the distributed path too (DDP, NCCL), so a single GPU can check it."""
         return self.launched or self.size > 1
 
+    @property
+    def bars(self):
+        """tqdm's `disable` for this process: the first draws progress bars (None: where a terminal
+        shows them), the others none, so that N processes do not draw N bars."""
+        return None if self.main else True
+
+
+SOLO = World()  # one process, outside torchrun: the default of every function that takes a World
+
+
+def first_process() -> bool:
+    """True in the process that speaks for the run: rank 0, or the only one. Read from RANK alone, so
+    that it works before the launch environment is checked."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def log_level() -> int:
+    """The logging level of a script's process: INFO for the first (or only) one, ERROR for the other
+    ranks, whose warnings would repeat the first's (they see the same data and options)."""
+    return logging.INFO if first_process() else logging.ERROR
+
 
 def launched() -> bool:
     """True when torchrun (or another launcher following its protocol) started this process."""

@@ -46,11 +46,10 @@ from labels import palette
 from metrics import ConfusionMeter, SegmentationMeter
 
 log = logging.getLogger(__name__)
-SOLO = distributed.World()  # one process: what evaluate.py and the tests run in
 SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8)
 
 
-def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None, world=SOLO) -> dict:
+def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None, world=distributed.SOLO) -> dict:
     """Score `predictor` on a loader of CarvanaDataset items; returns metrics and per-image records.
 
     Multi-class models are scored by evaluate_parts (the sweep does not apply to them). Under torchrun
@@ -98,7 +97,7 @@ def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None
     return result
 
 
-def evaluate_parts(predictor: Predictor, loader, full_res=True, loss_fn=None, world=SOLO) -> dict:
+def evaluate_parts(predictor: Predictor, loader, full_res=True, loss_fn=None, world=distributed.SOLO) -> dict:
     """Score a multi-class `predictor`: confusion matrices over all pixels of all images (the usual
     semantic-segmentation mIoU) at the model's input size and at each photo's own size.
 
@@ -137,7 +136,7 @@ def evaluate_parts(predictor: Predictor, loader, full_res=True, loss_fn=None, wo
 
 def _progress(loader, world):
     """The loader behind a progress bar, drawn by the first process only."""
-    return tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True, disable=None if world.main else True)
+    return tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True, disable=world.bars)
 
 
 def _all_ranks(world, meters: dict, records: list, loss_sum: float):

@@ -251,7 +251,7 @@ def predict_files(cfg: PredictConfig):
     block = paths[share.start:share.stop]
     done = _start_block(paths, block, outputs, cfg, multiclass, world)
     with submission_rows(cfg.submission, world) as rows:
-        written, failures = _predict_block(block, outputs, done, predictor, write, cfg, rows, world.main)
+        written, failures = _predict_block(block, outputs, done, predictor, write, cfg, rows, world.bars)
     written, failures = _gather_results(written, failures, problems, world)  # also waits for every shard
     if world.main:
         if cfg.submission and world.distributed:
@@ -261,13 +261,13 @@ def predict_files(cfg: PredictConfig):
     return written, failures
 
 
-def _predict_block(paths, outputs, done, predictor, write, cfg: PredictConfig, rows, show_progress: bool):
+def _predict_block(paths, outputs, done, predictor, write, cfg: PredictConfig, rows, bars):
     """Predict `paths` in order, writing each photo's outputs and, with `rows`, its submission row;
     returns (written mask paths, {input: error message}). `done`: the photos to reuse (--skip-existing)."""
     written, failures = [], {}
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
             tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True,
-                 disable=None if show_progress else True) as bar:
+                 disable=bars) as bar:
         decoded = _prefetch(paths, predictor, readers, 2 * cfg.batch_size, done)
         pending = deque()
         for batch in _batches(decoded, cfg.batch_size, failures, bar):
@@ -347,7 +347,7 @@ def submission_rows(path, world: distributed.World | None = None):
     if not path:
         yield None
         return
-    world = world or distributed.World()
+    world = world or distributed.SOLO
     compressed = _compressed(path)
     if world.distributed:
         path, level = shard_path(path, world.rank, world.size), SHARD_LEVEL
@@ -511,19 +511,16 @@ def _collect(entry, written, rows, failures, bar):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=distributed.log_level(), format="%(asctime)s %(levelname)s %(message)s")
     cfg = parse_config(PredictConfig, argv, description=__doc__.splitlines()[0])
-    first = distributed.current().main
     try:
-        if not first:  # under torchrun rank 0 speaks for the run; the others log only their own errors
-            logging.getLogger().setLevel(logging.ERROR)
         written, failures = predict_files(cfg)
     except (OSError, ValueError) as err:  # FileNotFoundError, an output folder that cannot be written...
         # Without distributed.stop: its barrier would wait for ranks that did not fail; this process's
         # exit makes torchrun stop them.
         raise SystemExit(f"error: {err}")
     except KeyboardInterrupt:
-        if first:
+        if distributed.first_process():
             print("interrupted: the masks written are complete and kept, the submission is not written; run the "
                   "same command with --skip-existing to finish", file=sys.stderr)
         raise SystemExit(130)

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -102,7 +101,7 @@ class Run:
     device: torch.device
     precision: str
     loss_fn: torch.nn.Module
-    world: distributed.World = distributed.World()  # this process's place under torchrun
+    world: distributed.World = distributed.SOLO  # this process's place under torchrun
     val_images: int = 0         # validation images over all processes: each is scored exactly once
 
     def save(self, name: str, state: "TrainState", resumable: bool = True):
@@ -198,7 +197,7 @@ def training_transform(cfg, class_names):
     return build_transform(cfg.augment, (cfg.crop_width, cfg.crop_height) if cfg.crop_width else None, class_names)
 
 
-def build_loaders(cfg, train_store, val_store, device, normalization, class_names, world=distributed.World()):
+def build_loaders(cfg, train_store, val_store, device, normalization, class_names, world=distributed.SOLO):
     """(training loader, validation loader) of this process.
 
     The training loader draws through a DistributedSampler, in one process too: one permutation per
@@ -220,7 +219,7 @@ def build_loaders(cfg, train_store, val_store, device, normalization, class_name
     return train_loader, val_loader
 
 
-def batchnorm_batches(cfg, train_set: CarvanaDataset, class_names, world=distributed.World()):
+def batchnorm_batches(cfg, train_set: CarvanaDataset, class_names, world=distributed.SOLO):
     """Batches for recompute_batchnorm: a fixed, seeded draw of augmented training samples (crops too).
 
     They must look like training batches: statistics of whole images, when the model trained on crops,
@@ -253,8 +252,15 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 def build_optimizer(cfg, model, steps_per_epoch):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, build_scheduler(cfg, optimizer, steps_per_epoch)
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch: int, epochs_done: int = 0):
+    """Warm-up + cosine over cfg.epochs epochs of steps_per_epoch steps, positioned after epochs_done
+    (for a resume whose steps per epoch changed; the optimizer then holds each group's initial_lr)."""
     schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # last_epoch = position - 1: the constructor takes one step, to the position.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=epochs_done * steps_per_epoch - 1)
 
 
 def train_one_epoch(run: Run, model, loader, state: TrainState, epoch: int):
@@ -263,7 +269,7 @@ def train_one_epoch(run: Run, model, loader, state: TrainState, epoch: int):
     model.train()
     total, count, start = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True,
-               disable=None if run.world.main else True)
+               disable=run.world.bars)
     for images, masks, _ in bar:
         images = images.to(run.device, non_blocking=True)
         masks = masks.to(run.device, non_blocking=True)
@@ -532,11 +538,7 @@ def follow_schedule(cfg: TrainConfig, state: TrainState, resumed: dict):
     log.warning("resuming with %s: from here the run differs from an uninterrupted one (docs/distributed.md#resume)",
                 ", ".join(changed))
     if before["steps per epoch"] != now["steps per epoch"] and state.epoch:
-        steps = state.steps_per_epoch
-        schedule = warmup_cosine(round(cfg.warmup_epochs * steps), cfg.epochs * steps)
-        # last_epoch = position - 1: the constructor takes one step, to the position (optimizer keeps initial_lr).
-        state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, schedule,
-                                                            last_epoch=state.epoch * steps - 1)
+        state.scheduler = build_scheduler(cfg, state.optimizer, state.steps_per_epoch, state.epoch)
         log.warning("the learning-rate schedule continues from the end of epoch %d", state.epoch)
 
 
@@ -571,10 +573,7 @@ def resume_defaults(argv):
 
 
 def main(argv=None):
-    # Under torchrun the first process speaks for the run; the others log only their own errors (their
-    # warnings would repeat the first's, which sees the same data and options).
-    first = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if first else logging.ERROR, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=distributed.log_level(), format="%(asctime)s %(levelname)s %(message)s")
     try:
         base, resumed = resume_defaults(argv)
         cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], base=base)
@@ -582,7 +581,7 @@ def main(argv=None):
     except (OSError, ValueError, FloatingPointError) as err:  # OSError: a missing file, a full disk...
         raise SystemExit(f"error: {err}")
     except KeyboardInterrupt:
-        if first:
+        if distributed.first_process():
             print("interrupted: last.pt holds the last completed epoch; continue with --resume <run>/last.pt",
                   file=sys.stderr)
         raise SystemExit(130)
