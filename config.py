@@ -193,7 +193,9 @@ class EvaluateConfig:
 
 @dataclass
 class PredictConfig:
-    inputs: list = _opt(None, "image files, folders or glob patterns", positional=True)
+    inputs: list = _opt(None, "image files, folders or glob patterns; a path that exists is taken as it is, "
+                              "whatever its name holds ([ ] * ?), and only one that does not as a pattern",
+                        positional=True)
     out_dir: str = _opt("predictions", "where <stem>_mask.png (and overlays/cutouts) are written")
     checkpoint: str = _opt("", "checkpoint to predict with; " + CHECKPOINT_HELP)
     threshold: float = _opt(None, THRESHOLD_HELP)

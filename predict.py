@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import io
 import logging
+import os
 import shutil
 import sys
 from collections import deque
@@ -56,25 +57,76 @@ SUBMISSION_LEVEL, SHARD_LEVEL = 6, 1
 
 
 def collect_inputs(inputs, recursive=False):
-    """Expand files, folders and globs into image paths; returns (paths, problems)."""
+    """Expand files, folders and glob patterns into image paths; returns (paths, problems).
+
+    A path that exists is used as given, whatever its name holds (brackets, '*', '?', spaces): a folder
+    "shoot[2024]" or a photo "car[1].png" is that file, not a pattern. Only a path that does not exist
+    is read as a pattern (_matches).
+    """
     paths, problems = [], []
     for item in inputs:
-        matches = [Path(p) for p in sorted(glob.glob(item, recursive=recursive))] if glob.has_magic(item) else [Path(item)]
+        matches = _matches(item, recursive)
         if not matches:
-            problems.append(f"{item}: no file matches this pattern")
+            problems.append(_no_match(item))
         for path in matches:
             if path.is_dir():
-                found = sorted(p for p in (path.rglob("*") if recursive else path.iterdir())
-                               if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+                found = _folder_images(path, recursive)
                 if not found:
                     problems.append(f"{path}: folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
                 paths += found
             elif path.is_file():
                 paths.append(path)
             else:
-                problems.append(f"{path}: no such file or folder")
+                problems.append(f"{path}: {'not a file or folder' if path.exists() else 'does not exist'}")
     unique = list(dict.fromkeys(p.resolve() for p in paths))
     return unique, problems
+
+
+def _matches(item: str, recursive: bool) -> list:
+    """The paths one input names: itself if it exists; else, if it holds glob characters, the pattern's matches.
+
+    "shoot[2024]/*.png", a pattern inside a folder whose own name holds glob characters, matches nothing
+    as a pattern ([2024] is one character of 2, 0 or 4); the user means the folder itself. So a pattern
+    that matches nothing is tried again with its longest existing start taken literally (glob.escape).
+    Why only then: where the pattern matches (a folder shoot2/), the shell would have expanded it the
+    same way, and it passes a word on unchanged, as here, only when it matched nothing.
+    """
+    if os.path.exists(item):
+        return [Path(item)]
+    if not glob.has_magic(item):
+        return []
+    matches = glob.glob(item, recursive=recursive)
+    start, rest = _existing_start(item)
+    if not matches and start:
+        matches = glob.glob(os.path.join(glob.escape(start), *rest), recursive=recursive)
+    return [Path(match) for match in sorted(matches)]
+
+
+def _existing_start(path: str) -> tuple:
+    """(the longest start of `path` that exists on disk, or '', the list of the parts after it)."""
+    start, rest = path, []
+    while start and not os.path.exists(start):
+        parent, part = os.path.split(start)
+        if parent == start:  # a root that does not exist (a missing drive)
+            return "", [path]
+        start, rest = parent, [part, *rest]
+    return start, rest
+
+
+def _no_match(item: str) -> str:
+    """Why an input names no file. "shoot[2024]/gone.png" is a missing file, not a pattern: only the
+    part after what exists can be one."""
+    _, rest = _existing_start(item)
+    if glob.has_magic(os.path.join(*rest)):
+        return f"{item}: no such file, and no file matches it as a pattern"
+    return f"{item}: does not exist"
+
+
+def _folder_images(folder: Path, recursive: bool) -> list:
+    """The images in `folder` (and below, if `recursive`), sorted; hidden files left out. The folder is
+    the base of Path.rglob, not part of its pattern, so glob characters in its name are taken literally."""
+    return sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 def output_paths(paths, out_dir: Path):
@@ -92,10 +144,39 @@ def output_paths(paths, out_dir: Path):
         raise ValueError(f"refusing to write over input {CLASSES_FILE}; choose another --out-dir")
     for mask_path in outputs.values():
         for suffix in OUTPUT_SUFFIXES:
-            if mask_path.with_name(mask_path.name.replace("_mask.png", suffix)) in inputs:
-                raise ValueError(f"refusing to write over input {mask_path.name.replace('_mask.png', suffix)}; "
+            if sibling(mask_path, suffix) in inputs:
+                raise ValueError(f"refusing to write over input {sibling(mask_path, suffix).name}; "
                                  "choose another --out-dir")
     return outputs
+
+
+def sibling(mask_path: Path, suffix: str) -> Path:
+    """The photo's output with `suffix` (one of OUTPUT_SUFFIXES) beside its <stem>_mask.png."""
+    return mask_path.with_name(mask_path.name[:-len("_mask.png")] + suffix)
+
+
+def output_suffixes(cfg: PredictConfig, multiclass: bool) -> list:
+    """The outputs this run writes per photo, as the suffixes of their names."""
+    return ["_mask.png"] + ["_parts.png"] * multiclass + ["_overlay.jpg"] * cfg.overlay + ["_cutout.png"] * cfg.cutout
+
+
+def refuse_long_names(paths, outputs, suffixes, out_dir):
+    """(the inputs whose every output name fits the file system's NAME_MAX, {other input: message}).
+
+    Checked before any photo is predicted, so a photo whose mask name fits and whose cutout name does
+    not (a 245-character stem: 254 and 256 bytes) gets a failure, not half its outputs. The limit is in
+    bytes, not characters: 100 'é' are 200 bytes.
+    """
+    limit, kept, refused = atomic.name_max(out_dir), [], {}
+    for path in paths:
+        names = [sibling(outputs[path], suffix).name for suffix in suffixes]
+        too_long = [name for name in names if len(os.fsencode(name)) > limit]
+        if too_long:
+            refused[str(path)] = (f"{path}: cannot write {too_long[0]}: its name is {len(os.fsencode(too_long[0]))} "
+                                  f"bytes, more than the {limit} the file system of {out_dir} takes; rename the photo")
+        else:
+            kept.append(path)
+    return kept, refused
 
 
 def prepare_outputs(cfg: PredictConfig):
@@ -235,7 +316,7 @@ def predict_files(cfg: PredictConfig):
     file one process writes (merge_submission). Every rank returns the whole run's result.
     """
     checkpoint_path = resolve_checkpoint(cfg.checkpoint)
-    log.info("predicting with %s", checkpoint_path)
+    log.info("predicting with %s", shown(checkpoint_path))
     paths, problems = collect_inputs(cfg.inputs, cfg.recursive)
     outputs = output_paths(paths, Path(cfg.out_dir))
     prepare_outputs(cfg)  # before any work: a folder that cannot be written fails now, not after every image
@@ -243,6 +324,8 @@ def predict_files(cfg: PredictConfig):
     predictor = Predictor.from_checkpoint(checkpoint_path, device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
     log.info("backend %s, %s on %s", predictor.backend, predictor.precision, predictor.device)
     multiclass = predictor.spec.multiclass
+    paths, refused = refuse_long_names(paths, outputs, output_suffixes(cfg, multiclass), cfg.out_dir)
+    problems = {**{problem: problem for problem in problems}, **refused}  # the same on every rank
     write = _writer(predictor, cfg)
     # Joined only now: every check above fails alike on every rank, so a bad option ends each process
     # at once rather than leaving the others waiting for it in a collective.
@@ -308,19 +391,20 @@ def _start_block(paths, block, outputs, cfg: PredictConfig, multiclass: bool, wo
 
 
 def _names_digest(paths) -> str:
-    """What the ranks compare to be sure they split one list: its file names, in order."""
-    return hashlib.sha256("\n".join(path.name for path in paths).encode("utf-8")).hexdigest()
+    """What the ranks compare to be sure they split one list: its file names, in order. As the file
+    system's bytes (os.fsencode): a Latin-1 'café.jpg' is not UTF-8; NUL between them, as no name holds it."""
+    return hashlib.sha256(b"\0".join(os.fsencode(path.name) for path in paths)).hexdigest()
 
 
-def _gather_results(written, failures: dict, problems, world):
-    """The whole run's (written, failures) on every rank: the input problems, then each rank's, in rank
-    order (so in input order), as one process lists them."""
+def _gather_results(written, failures: dict, problems: dict, world):
+    """The whole run's (written, failures) on every rank: the input problems (the same on every rank),
+    then each rank's failures, in rank order (so in input order), as one process lists them."""
     gathered = distributed.gather((written, failures), world)
     written = [path for part, _ in gathered for path in part]
-    merged = {problem: problem for problem in problems}
+    merged = dict(problems)
     for _, part in gathered:
         merged.update(part)
-    return written, merged
+    return written, {key: shown(message) for key, message in merged.items()}  # messages are read; keys are data
 
 
 def _predict(predictor, images, full_sizes, cfg: PredictConfig) -> list:
@@ -427,7 +511,7 @@ def _report(cfg: PredictConfig, multiclass: bool, written, failures):
     for message in failures.values():
         log.error("failed: %s", message)
     log.info("wrote %s for %d photo(s) to %s; %d input(s) failed",
-             describe_outputs(cfg, multiclass), len(written), cfg.out_dir, len(failures))
+             shown(describe_outputs(cfg, multiclass)), len(written), shown(cfg.out_dir), len(failures))
 
 
 def describe_outputs(cfg: PredictConfig, multiclass: bool) -> str:
@@ -463,16 +547,16 @@ def finished(paths, outputs, cfg: PredictConfig, multiclass: bool) -> frozenset:
     """The inputs whose every output this run would write exists already (--skip-existing): a run over
     100,000 photos that was killed resumes where it stopped. Outputs are written atomically, so an
     existing file is a whole one."""
-    suffixes = ["_mask.png"] + ["_parts.png"] * multiclass + ["_overlay.jpg"] * cfg.overlay + ["_cutout.png"] * cfg.cutout
-    return frozenset(path for path in paths
-                     if all(outputs[path].with_name(outputs[path].name.replace("_mask.png", s)).is_file() for s in suffixes))
+    suffixes = output_suffixes(cfg, multiclass)
+    return frozenset(path for path in paths if all(sibling(outputs[path], s).is_file() for s in suffixes))
 
 
 def reuse_outputs(mask_path: Path, cfg: PredictConfig):
     """(mask path, its RLE read back from the mask PNG if a submission is written) for a skipped photo."""
     if not cfg.submission:
         return mask_path, None
-    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+    # Not cv2.imread: given a name that is not UTF-8 (os.fsdecode's lone surrogates) it crashed the process.
+    mask = cv2.imdecode(np.fromfile(mask_path, np.uint8), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise ValueError(f"cannot read {mask_path} back for the submission")
     return mask_path, rle_encode(mask)
@@ -502,12 +586,40 @@ def _collect(entry, written, rows, failures, bar):
     path, future = entry
     try:
         mask_path, rle = future.result()
-        written.append(mask_path)
-        if rows is not None:
-            rows.writerow((path.name, rle))  # csv quotes names with commas
     except (OSError, ValueError) as err:
         failures[path] = f"{path}: cannot write output: {err}"
+    else:
+        written.append(mask_path)
+        if rows is not None:
+            _write_row(rows, path, rle, failures)
     bar.update(1)
+
+
+def _write_row(rows, path: Path, rle: str, failures: dict):
+    """The photo's submission row: its file name as the img column (csv quotes names with commas).
+
+    A name that is not UTF-8 (a Latin-1 'café.jpg' from an old camera card) gets no row, and a failure
+    saying why; its mask is written. The CSV is UTF-8 text: escaped, or with a replacement character,
+    the name would be another name than the file's, matching no image, and Kaggle's test names are ASCII.
+    """
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        failures[path] = (f"{path}: mask written, but no submission row: the file name is not UTF-8, which "
+                          "the CSV's img column cannot hold unchanged; rename the photo")
+        return
+    rows.writerow((path.name, rle))
+
+
+def shown(text) -> str:
+    """`text` (a path, or a message naming one) as it can be printed: the bytes of a file name that are
+    not UTF-8, which Python carries as lone surrogates (os.fsdecode), become U+FFFD, as `ls` shows '?'.
+    Only to show: the names themselves keep their bytes, so every output is named as its photo."""
+    text = str(text)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate no file system byte gives (from a Windows name): replaced too
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def main(argv=None):
@@ -518,7 +630,7 @@ def main(argv=None):
     except (OSError, ValueError) as err:  # FileNotFoundError, an output folder that cannot be written...
         # Without distributed.stop: its barrier would wait for ranks that did not fail; this process's
         # exit makes torchrun stop them.
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {shown(err)}")
     except KeyboardInterrupt:
         if distributed.first_process():
             print("interrupted: the masks written are complete and kept, the submission is not written; run the "
