@@ -13,10 +13,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field
 
 import cutout
 import runtime
@@ -47,13 +49,17 @@ class Cancelled(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """One /api/segment request's checked form fields."""
-    output: str
-    format: str
-    background: str
-    threshold: float | None
-    edges: str
-    crop: bool
+    """One /api/segment request's options, named as on the wire (form fields or query parameters): their
+    types, ranges and defaults, which serve.py validates against (pydantic) and documents in /docs."""
+    output: Annotated[Literal["mask", "cutout", "overlay", "parts"], Field(
+        description="mask (grey alpha), cutout (the car over background), overlay (the photo with the car "
+                    "tinted or its parts coloured), parts (palette PNG of class indices; car-parts models)")] = "cutout"
+    format: Annotated[Literal["png", "webp", "jpeg"], Field(description="the returned file's format")] = "png"
+    background: Annotated[str, Field(description="cutout only: transparent, white, blur or #rrggbb")] = "transparent"
+    threshold: Annotated[float | None, Field(gt=0, lt=1, description="car/background models only: probability "
+                                             "above which a pixel is car; default the model's")] = None
+    edges: Annotated[Literal["soft", "hard"], Field(description="soft (anti-aliased) or hard")] = "soft"
+    crop: Annotated[bool, Field(description="crop to the car plus a small margin")] = False
 
 
 # ---------------------------------------------------------------- decoding uploads
@@ -91,8 +97,8 @@ def decode(data: bytes, size=None) -> tuple:
 
 
 def check_options(options: Options, multiclass: bool) -> Options:
-    """The options, or ServeError 422 naming the one that cannot be honoured (Literal-typed fields
-    are already checked by FastAPI)."""
+    """The options, or ServeError 422 naming the one that cannot be honoured (each one's type and range
+    are already checked by serve.py)."""
     if not BACKGROUND.fullmatch(options.background):
         shown = options.background if len(options.background) <= 40 else options.background[:40] + "..."
         raise ServeError(422, f"background {shown!r}: use transparent, white, blur or a colour #rrggbb")

@@ -11,6 +11,7 @@ after --timeout seconds is answered 504. Answers are at the photo's own, EXIF-up
 """
 import base64
 import dataclasses
+import difflib
 import hashlib
 import inspect
 import json
@@ -21,12 +22,13 @@ import time
 import unicodedata
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Literal
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
+from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import FormData, QueryParams, UploadFile
 
 import cutout
 from backends import load_source
@@ -38,6 +40,10 @@ PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 CONFIG_ENV = "CARSEG_SERVE_CONFIG"  # the ServeConfig as JSON, for worker processes (--workers > 1)
 FORM_ALLOWANCE = 64 * 1024  # bytes of multipart framing and form fields allowed on top of --max-upload-mb
 WORKER_START_S = 300  # seconds a --workers process may take to start (an ONNX export on first use included)
+OPTIONS = TypeAdapter(Options)  # validates /api/segment's options as FastAPI would have (same messages)
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(Options))
+FIELDS = ("image",) + OPTION_NAMES  # everything /api/segment reads; anything else is refused
+NOT_A_FILE = "image: send the photo as a file (multipart form field 'image' with a file name)"
 
 
 def download_name(filename: str | None, output: str, fmt: str) -> str:
@@ -63,15 +69,22 @@ cropped) and Content-Disposition.
 - threshold (0-1, car/background models): probability above which a pixel is car; default the model's.
 - edges: soft (anti-aliased) or hard. crop: crop to the car plus a small margin.
 
+Each option may be given as a form field (`-F output=mask`, as listed below) or as a query parameter
+(`/api/segment?output=mask`), with the same values. An unknown option (names are case-sensitive), one
+given twice, in both places, empty or as a file is refused with 422 naming it, never ignored.
+
 Errors are JSON `{"detail": "..."}`: 413 upload or image too large, 415 not a JPEG/PNG/WebP, 422 bad
 option or corrupt image, 503 busy, 504 timed out, 500 internal error."""
 
 
 def create_app(cfg: ServeConfig, segmenter: Segmenter | None = None) -> FastAPI:
     """The web application; the model (unless `segmenter` is given) is loaded at start-up."""
+    docs = segment_openapi()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.segmenter = segmenter or Segmenter(cfg)
+        document_threshold(docs, app.state.segmenter.info["threshold"])
         log.info("serving %s (%s, %s %s on %s)", *(app.state.segmenter.info[k] for k in
                                                    ("model", "arch", "backend", "precision", "device")))
         yield
@@ -104,27 +117,21 @@ def create_app(cfg: ServeConfig, segmenter: Segmenter | None = None) -> FastAPI:
 
     app.post("/api/segment", summary="Cut the car out of one photo", description=SEGMENT_DOC,
              response_class=Response, responses={200: {"content": {t: {} for t in cutout.MEDIA_TYPES.values()}}},
-             )(_segment_route(cfg))
+             openapi_extra=docs)(_segment_route(cfg))
     return app
 
 
 def _segment_route(cfg: ServeConfig):
     """The /api/segment handler for this configuration."""
-    async def segment(
-            request: Request,
-            image: Annotated[UploadFile | None, File(description="the photo: JPEG, PNG or WebP")] = None,
-            output: Annotated[Literal["mask", "cutout", "overlay", "parts"], Form()] = "cutout",
-            fmt: Annotated[Literal["png", "webp", "jpeg"], Form(alias="format")] = "png",
-            background: Annotated[str, Form(description="transparent, white, blur or #rrggbb")] = "transparent",
-            threshold: Annotated[float | None, Form(gt=0, lt=1, description="car/background models only")] = None,
-            edges: Annotated[Literal["soft", "hard"], Form()] = "soft",
-            crop: Annotated[bool, Form(description="crop to the car plus a small margin")] = False):
+    # The handler reads the form and the query string itself: FastAPI's own parameters would let the
+    # last of a repeated field win, ignore unknown ones and read an option from one place only.
+    async def segment(request: Request):
         started = time.monotonic()
         segmenter = request.app.state.segmenter
-        if len((await request.form()).getlist("image")) > 1:  # else the last one would silently win
-            raise ServeError(422, "image: send one photo per request")
-        data, filename = await read_upload(image)
-        options = check_options(Options(output, fmt, background, threshold, edges, crop), segmenter.multiclass)
+        async with request.form() as form:  # closes every uploaded file on the way out
+            values = option_values(form, request.query_params)
+            options = check_options(validated(values), segmenter.multiclass)
+            data, filename = await read_upload(form.getlist("image"))
         probe(data, cfg.max_pixels)
         try:
             body, (width, height), box = await segmenter.run(data, options, started + cfg.timeout)
@@ -133,27 +140,102 @@ def _segment_route(cfg: ServeConfig):
         except Exception:
             log.exception("segment failed")  # the traceback stays in the server's log
             raise ServeError(500, "internal error") from None
+        name = download_name(filename, options.output, options.format)
         headers = {"X-Process-Time-Ms": str(round(1000 * (time.monotonic() - started))),
                    "X-Image-Width": str(width), "X-Image-Height": str(height),
-                   "Content-Disposition": f'inline; filename="{download_name(filename, output, fmt)}"',
+                   "Content-Disposition": f'inline; filename="{name}"',
                    "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
         if box is not None:
             headers["X-Crop-Box"] = ",".join(map(str, box))
-        return Response(body, media_type=cutout.MEDIA_TYPES[fmt], headers=headers)
+        return Response(body, media_type=cutout.MEDIA_TYPES[options.format], headers=headers)
     return segment
 
 
-async def read_upload(image: UploadFile | None) -> tuple:
-    """(bytes, client file name) of the `image` field; ServeError 422 when it is missing or empty."""
-    if image is None:
-        raise ServeError(422, "image: missing; send the photo as the multipart form field 'image'")
+def option_values(form: FormData, query: QueryParams) -> dict:
+    """{name: text} of the options given as form fields or query parameters; ServeError 422 naming one
+    that is unknown, given twice or in both places, empty, or a file (never a silent choice or default)."""
+    values = {}
+    for place, items in (("the query string", query.multi_items()), ("the form", form.multi_items())):
+        seen = set()
+        for name, value in items:
+            if name == "image" and place == "the form":
+                continue  # the photo: read_upload's
+            check_name(name, place)
+            if name in seen:
+                raise ServeError(422, f"{name}: given more than once in {place}; give each option once")
+            if name in values:
+                raise ServeError(422, f"{name}: given both in the query string and in the form; give it once")
+            if not isinstance(value, str):
+                raise ServeError(422, f"{name}: a file was sent; send the option as text")
+            if not value:
+                raise ServeError(422, f"{name}: empty; give a value or leave {name} out for its default")
+            seen.add(name)
+            values[name] = value
+    return values
+
+
+def check_name(name: str, place: str):
+    """ServeError 422 unless `name` is an option (`image` only as a form field), suggesting the closest one."""
+    if name == "image" and place == "the query string":
+        raise ServeError(422, NOT_A_FILE + ", not in the query string")
+    if name in OPTION_NAMES:
+        return
+    shown = name if re.fullmatch(r"[\w.-]{1,40}", name) else repr(name[:40] + ("..." if len(name) > 40 else ""))
+    # Names are case-sensitive (as form field names are): `Output` is refused, not a second spelling.
+    close = [f for f in FIELDS if f.lower() == name.lower()] or difflib.get_close_matches(name, FIELDS, 1)
+    guess = f"did you mean {close[0]}? " if close else ""
+    raise ServeError(422, f"{shown}: unknown option in {place}; {guess}valid: {', '.join(FIELDS)}")
+
+
+def validated(values: dict) -> Options:
+    """The options' values checked for type and range (in the words of FastAPI's own validation);
+    the ones not given take their defaults."""
     try:
-        data = await image.read()
-    finally:
-        await image.close()
+        return OPTIONS.validate_python(values)
+    except ValidationError as err:
+        raise ServeError(422, "; ".join(_problem(error) for error in err.errors())) from None
+
+
+async def read_upload(images: list) -> tuple:
+    """(bytes, client file name) of the one `image` field; ServeError 422 when it is missing, repeated,
+    not a file or empty."""
+    if not images:
+        raise ServeError(422, "image: missing; send the photo as the multipart form field 'image'")
+    if len(images) > 1:  # else one of them would silently be the photo
+        raise ServeError(422, "image: send one photo per request")
+    image = images[0]
+    if not isinstance(image, UploadFile):  # a text field, or a file part without a file name
+        raise ServeError(422, NOT_A_FILE)
+    data = await image.read()
     if not data:
         raise ServeError(422, "image: the file is empty (0 bytes)")
     return data, image.filename
+
+
+def segment_openapi() -> dict:
+    """/api/segment's fields for /docs, which FastAPI cannot see in a handler that reads them itself.
+    The options are listed once, as form fields: Swagger UI's "Try it out" sends every form field it
+    shows, so options listed as query parameters too would only ever clash (SEGMENT_DOC says both work)."""
+    options = {}
+    for name, schema in OPTIONS.json_schema()["properties"].items():
+        schema = next((s for s in schema.pop("anyOf", []) if s.get("type") != "null"), {}) | schema
+        if schema.get("default", "") is None:  # threshold: absent means the model's (document_threshold)
+            del schema["default"]
+        options[name] = schema
+    form = {"image": {"type": "string", "format": "binary", "description": "the photo: JPEG, PNG or WebP"}, **options}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["image"], "properties": form}}}}}
+
+
+def document_threshold(docs: dict, threshold: float | None):
+    """Show the served model's threshold as the default in /docs, where "Try it out" sends every form
+    field shown, empty ones included (refused): a car/background model's own threshold gives the answer
+    of sending none; a parts model takes none, so the field is not shown."""
+    fields = docs["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    if threshold is None:
+        fields.pop("threshold", None)
+    else:
+        fields["threshold"]["default"] = threshold
 
 
 def _add_error_handlers(app: FastAPI):
@@ -175,11 +257,8 @@ def _add_error_handlers(app: FastAPI):
 
 
 def _problem(error: dict) -> str:
-    """One validation error of FastAPI's in the API's words (not pydantic's class names)."""
-    field = error["loc"][-1]
-    if field == "image":  # a text field, or a file part without a file name, is not an upload
-        return "image: send the photo as a file (multipart form field 'image' with a file name)"
-    return f"{field}: {error['msg']}"
+    """One validation error (FastAPI's, or validated()'s) in the API's words (not pydantic's class names)."""
+    return f"{error['loc'][-1]}: {error['msg']}"
 
 
 def content_security_policy(page: str) -> str:

@@ -1,5 +1,6 @@
 """Protects serve.py and cutout.py: each output at the photo's own size, mode and values (the same masks
-as predict.py's), each refusal with its status and message, safe file names, /api/health, concurrent
+as predict.py's), options read alike from the form and the query string (unknown, repeated, conflicting,
+empty ones refused), each refusal with its status and message, safe file names, /api/health, concurrent
 requests, the busy and timeout answers, and an offline page under a strict Content-Security-Policy."""
 import base64
 import hashlib
@@ -314,6 +315,123 @@ def test_what_is_not_a_usable_photo_is_refused_naming_the_problem(client, data, 
 ])
 def test_bad_options_are_refused_naming_the_option(client, photo_file, fields, words):
     refused(post(client, photo_file.read_bytes(), **fields), 422, *words)
+
+
+# ---------------------------------------------------------------- options from the form or the query string
+
+VALID = "valid: image, output, format, background, threshold, edges, crop"
+
+
+def send(client, data, place, fields, files=()):
+    """POST the photo with `fields` as form fields (place "form") or query parameters (place "query");
+    a list value repeats the field."""
+    files = [("image", ("car.jpg", data, "image/jpeg")), *files]
+    if place == "form":
+        return client.post("/api/segment", files=files, data=fields)
+    return client.post("/api/segment", files=files, params=fields)
+
+
+@pytest.mark.parametrize("fields, mode", [
+    ({"output": "mask"}, "L"), ({"output": "mask", "edges": "hard", "threshold": "0.4"}, "L"),
+    ({"output": "cutout"}, "RGBA"), ({"output": "overlay", "format": "jpeg"}, "RGB"),
+    ({"output": "cutout", "background": "#123456", "format": "webp", "crop": "true"}, "RGB")])
+def test_options_in_the_query_string_give_the_forms_answer(client, photo_file, fields, mode):
+    data = photo_file.read_bytes()
+    by_form, by_query = send(client, data, "form", fields), send(client, data, "query", fields)
+    assert image_of(by_form).mode == image_of(by_query).mode == mode  # ?output=mask is a mask, not the cutout
+    assert by_form.headers["content-type"] == by_query.headers["content-type"] == \
+        cutout.MEDIA_TYPES[fields.get("format", "png")]
+    assert by_query.content == by_form.content
+    names = list(fields)
+    mixed = client.post("/api/segment", files={"image": ("car.jpg", data)},
+                        params={k: fields[k] for k in names[::2]}, data={k: fields[k] for k in names[1::2]})
+    assert image_of(mixed).mode == mode and mixed.content == by_form.content
+
+
+def test_parts_asked_in_the_query_string_are_the_forms(parts_client, photo_file):
+    data = photo_file.read_bytes()
+    by_query = send(parts_client, data, "query", {"output": "parts"})
+    by_form = send(parts_client, data, "form", {"output": "parts"})
+    assert image_of(by_query).mode == "P" and by_query.content == by_form.content
+
+
+@pytest.mark.parametrize("name, in_query, in_form", [
+    ("output", "mask", "cutout"), ("output", "mask", "mask"), ("format", "png", "webp"),
+    ("background", "white", "blur"), ("threshold", "0.3", "0.3"), ("edges", "hard", "soft"), ("crop", "true", "false")])
+def test_an_option_in_both_the_query_string_and_the_form_is_refused(client, photo_file, name, in_query, in_form):
+    response = client.post("/api/segment", files={"image": ("car.jpg", photo_file.read_bytes())},
+                           params={name: in_query}, data={name: in_form})
+    detail = refused(response, 422, "both", "query string", "form")
+    assert detail.startswith(f"{name}: ")  # even when both say the same: one place per option
+
+
+@pytest.mark.parametrize("place", ["form", "query"])
+@pytest.mark.parametrize("name, guess", [
+    ("ouput", "output"), ("bakground", "background"), ("fromat", "format"), ("treshold", "threshold"),
+    ("edge", "edges"), ("Output", "output"), ("CROP", "crop"), ("images", "image"), ("colour", None), ("", None)])
+def test_unknown_options_are_refused_naming_them_and_the_valid_ones(client, photo_file, place, name, guess):
+    detail = refused(send(client, photo_file.read_bytes(), place, {name: "white"}), 422, "unknown option", VALID)
+    assert detail.startswith(f"{name or repr(name)}: ")
+    assert (f"did you mean {guess}?" in detail) if guess else ("did you mean" not in detail)
+
+
+def test_an_unknown_file_field_is_refused_too(client, photo_file):
+    data = photo_file.read_bytes()
+    detail = refused(send(client, data, "form", {}, files=[("photo", ("b.jpg", data))]), 422, "unknown option", VALID)
+    assert detail.startswith("photo: ")
+
+
+@pytest.mark.parametrize("place", ["form", "query"])
+@pytest.mark.parametrize("name, values", [
+    ("output", ["mask", "cutout"]), ("output", ["mask", "mask"]), ("format", ["png", "webp"]),
+    ("background", ["white", "blur"]), ("threshold", ["0.3", "0.7"]), ("edges", ["hard", "soft"]),
+    ("crop", ["true", "false"])])
+def test_a_repeated_option_is_refused(client, photo_file, place, name, values):
+    detail = refused(send(client, photo_file.read_bytes(), place, {name: values}), 422, "more than once")
+    assert detail.startswith(f"{name}: ")
+
+
+@pytest.mark.parametrize("place", ["form", "query"])
+@pytest.mark.parametrize("fields, words", [
+    ({"output": "cutouts"}, ["output"]), ({"format": "gif"}, ["format"]), ({"background": "red"}, ["background"]),
+    ({"threshold": "1.5"}, ["threshold"]), ({"threshold": "abc"}, ["threshold"]), ({"edges": "blurry"}, ["edges"]),
+    ({"crop": "maybe"}, ["crop"]), ({"format": "jpeg"}, ["jpeg has no alpha channel"]),
+    ({"output": ""}, ["output", "empty"]), ({"crop": ""}, ["crop", "empty"]),
+    ({"background": ""}, ["background", "empty"])])
+def test_bad_option_values_get_one_message_wherever_they_are_given(client, photo_file, place, fields, words):
+    detail = refused(send(client, photo_file.read_bytes(), place, fields), 422, *words)
+    assert detail == send(client, photo_file.read_bytes(), "form", fields).json()["detail"]
+
+
+def test_a_file_in_an_option_field_or_the_photo_in_the_query_string_is_refused(client, photo_file):
+    data = photo_file.read_bytes()
+    refused(send(client, data, "form", {}, files=[("output", ("mask.txt", b"mask"))]), 422, "output", "file")
+    refused(send(client, data, "query", {"image": "car.jpg"}), 422, "image", "as a file", "query string")
+    refused(client.post("/api/segment", params={"output": "mask"}), 422, "image: missing")
+
+
+def test_query_parameters_are_harmless_on_the_other_routes(client):
+    # GETs that change nothing: a cache-buster or a tracking parameter must not break them.
+    assert client.get("/api/health", params={"_": "123"}).json()["status"] == "ok"
+    assert client.get("/", params={"utm_source": "mail"}).status_code == 200
+
+
+def test_the_api_documents_both_places_and_the_refusals(client, parts_client):
+    operation = client.get("/openapi.json").json()["paths"]["/api/segment"]["post"]
+    for words in ("form field", "query parameter", "unknown option", "given twice", "in both places", "422"):
+        assert words in operation["description"], words
+    # Listed once, as form fields: Swagger UI's "Try it out" sends each form field, so query parameters
+    # listed too would always clash; it also sends each shown default, so defaults are the server's own.
+    assert "parameters" not in operation
+    form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image"] and form["properties"]["image"]["format"] == "binary"
+    assert ", ".join(form["properties"]) == VALID[len("valid: "):]
+    defaults = {name: field.get("default") for name, field in form["properties"].items()}
+    assert defaults == {"image": None, "output": "cutout", "format": "png", "background": "transparent",
+                        "threshold": 0.5, "edges": "soft", "crop": False}  # 0.5: the tiny checkpoint's
+    assert form["properties"]["output"]["enum"] == ["mask", "cutout", "overlay", "parts"]
+    parts = parts_client.get("/openapi.json").json()["paths"]["/api/segment"]["post"]
+    assert "threshold" not in parts["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
 
 
 def test_a_request_without_the_image_field_is_refused(client):
