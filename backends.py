@@ -144,10 +144,12 @@ class OpenVINORunner:
     """An exported .onnx file (or OpenVINO IR .xml) compiled by OpenVINO for the CPU.
 
     precision 'auto' is OpenVINO's own choice: bf16 on CPUs with native bf16 (AVX-512 BF16, AMX), fp32
-    elsewhere; 'bf16' is refused where it is not native rather than silently run in fp32. The spatial
-    input size is fixed at the model's (only the batch stays dynamic), which lets OpenVINO plan its
-    memory once. Compiled blobs are cached beside the ONNX cache, so a second start skips compilation.
-    One infer request, used under a lock: concurrent callers (serve.py's requests) take turns.
+    elsewhere. `self.precision` is read back from the compiled model, never taken from what was asked:
+    OpenVINO compiles fp32 without a word where a CPU lacks the precision asked for, so an explicit
+    'bf16' that did not take is refused rather than run (and reported) as something it is not. The
+    spatial input size is fixed at the model's (only the batch stays dynamic), which lets OpenVINO plan
+    its memory once. Compiled blobs are cached beside the ONNX cache, so a second start skips
+    compilation. One infer request, used under a lock: concurrent callers (serve.py's requests) take turns.
     """
     backend = "openvino"
     device = torch.device("cpu")
@@ -161,14 +163,43 @@ class OpenVINORunner:
         model.reshape({model.input(0): ov.PartialShape([-1, 3, height, width])})
         config = {"PERFORMANCE_HINT": "LATENCY", **openvino_precision(core, precision)}
         self.compiled = core.compile_model(model, "CPU", config)
-        self.precision = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(
-            str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower(), "fp32")
+        self.precision = compiled_precision(self.compiled)
+        if precision != "auto" and self.precision != precision:
+            raise ValueError(f"--precision {precision}: OpenVINO compiled the model to run {self.precision} on this "
+                             f"CPU ({runtime.cpu_description()}); use --precision auto or {self.precision}")
         self.request, self.lock = self.compiled.create_infer_request(), threading.Lock()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with self.lock:
             logits = self.request.infer({0: images.cpu().numpy()})[0]
             return torch.from_numpy(np.array(logits))  # a copy: the request reuses its output buffer
+
+
+# OpenVINO's element type names (openvino.Type.get_type_name()) in the project's precision words.
+OPENVINO_PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
+
+def compiled_precision(compiled) -> str:
+    """The precision an OpenVINO CompiledModel runs in: 'fp32', 'bf16' or 'fp16'.
+
+    Read from its INFERENCE_PRECISION_HINT property, an openvino.Type (str() of it is "<Type: 'bfloat16'>",
+    so it is looked up by its short name). Raises ValueError for a type this project has no word for,
+    rather than reporting one it does.
+    """
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    if name not in OPENVINO_PRECISIONS:
+        raise ValueError(f"OpenVINO compiled the model to run in {name!r}, a precision this project does not "
+                         f"report ({', '.join(OPENVINO_PRECISIONS)}); use --precision fp32")
+    return OPENVINO_PRECISIONS[name]
+
+
+def openvino_native_bf16(core=None) -> bool:
+    """True where OpenVINO's CPU plugin runs bf16 natively (it lists BF16 among its optimisation capabilities)."""
+    if core is None:
+        import openvino as ov
+        core = ov.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def openvino_precision(core, precision: str) -> dict:
@@ -178,9 +209,9 @@ def openvino_precision(core, precision: str) -> dict:
     if precision == "fp32":
         return {"INFERENCE_PRECISION_HINT": "f32"}
     if precision == "bf16":
-        if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise ValueError("--precision bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX); OpenVINO would "
-                             "run fp32 instead; use --precision auto or fp32")
+        if not openvino_native_bf16(core):
+            raise ValueError(f"--precision bf16: this CPU ({runtime.cpu_name()}) has no native bf16 (AVX-512 BF16 or "
+                             "AMX); OpenVINO would run fp32 instead; use --precision auto or fp32")
         return {"INFERENCE_PRECISION_HINT": "bf16"}
     raise ValueError(f"--precision {precision}: --backend openvino runs fp32 or bf16 on the CPU")
 

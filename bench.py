@@ -137,11 +137,14 @@ def bench_predict(n_images: int, arch: dict, size, precision: str, tta: bool) ->
                                                                class_names=class_names(arch.get("out_channels", 1))))
         cfg = PredictConfig(inputs=[str(p) for p in photos], out_dir=str(Path(tmp) / "out"),
                             checkpoint=str(Path(tmp) / "bench.pt"), precision=precision, device="cpu", tta=tta)
+        # What predict.py will run (its default backend, at `precision`), built the same way; this also
+        # exports the ONNX file once, untimed, as a user's second run finds it cached.
+        ran = Predictor.from_checkpoint(cfg.checkpoint, cfg.device, cfg.precision, backend=cfg.backend)
         start = time.perf_counter()
         written, failures = predict.predict_files(cfg)
         seconds = time.perf_counter() - start
-    return {"images": len(written), "failed": len(failures), "seconds": seconds,
-            "masks_per_s": len(written) / seconds, "precision": precision, "tta": tta, **arch}
+    return {"images": len(written), "failed": len(failures), "seconds": seconds, "masks_per_s": len(written) / seconds,
+            "backend": ran.backend, "precision": ran.precision, "tta": tta, **arch}
 
 
 def bench_backend(checkpoint: str, backend: str, n_images: int, repeats: int) -> dict:
@@ -238,10 +241,10 @@ def main(argv=None):
     # Emulated bf16 (no AVX-512 BF16/AMX) takes minutes for a 2048 matmul and no model runs it: 0 says "not native".
     peaks = {"fp32": matmul_peak(torch.float32, args.peak_size),
              "bf16": matmul_peak(torch.bfloat16, args.peak_size) if runtime.cpu_has_bf16() or not args.deploy else 0.0}
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+    machine = {"platform": platform.platform(), "processor": runtime.cpu_name(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "cpu_bf16_native": runtime.cpu_has_bf16(),
                "matmul_peak_gflops": peaks}
-    print(f"{machine['platform']}, {machine['threads']} threads, torch {torch.__version__}; "
+    print(f"{runtime.cpu_description()}; {machine['platform']}, {machine['threads']} threads, torch {torch.__version__}; "
           f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     if args.deploy:
         result = {"machine": machine, "deploy": bench_deploy(args, peaks)}
@@ -274,7 +277,7 @@ def main(argv=None):
         for p in result["predict"]:
             print(f"predict.py end to end, {describe(p)}: " + (p.get("skipped") or
                   f"{p['images']} photos in {p['seconds']:.1f} s = {p['masks_per_s']:.1f} full-size masks/s "
-                  f"({p['precision']}{', flip TTA' if p['tta'] else ''})"))
+                  f"({p['backend']} {p['precision']}{', flip TTA' if p['tta'] else ''})"))
     atomic.write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return result

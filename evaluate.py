@@ -38,6 +38,7 @@ from tqdm import tqdm
 import atomic
 import distributed
 import plots
+import runtime
 from backends import load_source
 from config import EvaluateConfig, parse_config, resolve_checkpoint, resolve_data_dir
 from dataset import CarvanaDataset, find_class_names, find_samples, load_image, prepare_store, regroup
@@ -226,13 +227,14 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
         raise ValueError(f"--threshold {cfg.threshold}: checkpoint {cfg.checkpoint} is a {classes}-class parts model; "
                          "each pixel takes its most probable class (argmax), which has no threshold to set")
     predictor = Predictor.from_checkpoint(checkpoint, cfg.device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
+    log.info("%s", predictor.describe())
     dataset = load_split(checkpoint, predictor, cfg)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, pin_memory=predictor.device.type == "cuda")
     start = time.perf_counter()
     multiclass = predictor.spec.multiclass
     result = evaluate(predictor, loader, sweep=() if multiclass else SWEEP_THRESHOLDS)
     head = {"checkpoint": str(cfg.checkpoint), "data_dir": str(resolve_data_dir(cfg.data_dir)), "split": cfg.split,
-            "out_dir": cfg.out_dir}
+            "out_dir": cfg.out_dir, "device": str(predictor.device), "cpu": runtime.cpu_description()}
     summarise, write, draw = ((parts_summary, write_parts_reports, draw_parts_examples) if multiclass else
                               (binary_summary, write_reports, draw_examples))
     summary, ranked = summarise(head, result, predictor, dataset.store, cfg, time.perf_counter() - start)

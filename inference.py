@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import runtime
 from backends import load_source, make_runner
 from dataset import image_to_tensor, load_image
 from labels import BINARY_CLASSES, flip_permutation
@@ -96,6 +97,14 @@ class Predictor:
     def backend(self) -> str:
         """What runs the network: torch, onnxruntime or openvino (a runner without the attribute: its class name)."""
         return getattr(self.runner, "backend", type(self.runner).__name__)
+
+    def describe(self) -> str:
+        """What runs the network, for logs: 'backend openvino, bf16 on cpu (<CPU name>, native bf16: yes)'.
+
+        On a CPU, whether bf16 is native decides what --precision auto became, so it is said too.
+        """
+        where = f" ({runtime.cpu_description()})" if self.device.type == "cpu" else ""
+        return f"backend {self.backend}, {self.precision} on {self.device}{where}"
 
     def read(self, path):
         """Decode a photo upright at the model's input size: (uint8 (h, w, 3), full (width, height)).

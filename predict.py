@@ -322,7 +322,7 @@ def predict_files(cfg: PredictConfig):
     prepare_outputs(cfg)  # before any work: a folder that cannot be written fails now, not after every image
     device = distributed.device_for(cfg.device, distributed.current())
     predictor = Predictor.from_checkpoint(checkpoint_path, device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
-    log.info("backend %s, %s on %s", predictor.backend, predictor.precision, predictor.device)
+    log.info("%s", predictor.describe())
     multiclass = predictor.spec.multiclass
     paths, refused = refuse_long_names(paths, outputs, output_suffixes(cfg, multiclass), cfg.out_dir)
     problems = {**{problem: problem for problem in problems}, **refused}  # the same on every rank

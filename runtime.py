@@ -6,6 +6,7 @@ pick a device or an autocast dtype.
 import contextlib
 import ctypes
 import logging
+import platform
 
 import torch
 
@@ -43,6 +44,24 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the OS gives it (e.g. 'AMD EPYC 9R14'), else the architecture."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_description() -> str:
+    """This CPU in a few words for logs and reports: its name and whether it runs bf16 natively, which
+    decides what `--precision auto` means on it (bf16 where native, fp32 elsewhere)."""
+    return f"{cpu_name()}, native bf16: {'yes' if cpu_has_bf16() else 'no'}"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

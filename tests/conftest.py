@@ -214,3 +214,15 @@ def write_coco_dataset(root: Path, count: int = 12, size=IMAGE_SIZE) -> Path:
 def coco_dir(tmp_path) -> Path:
     """A COCO-layout car-parts set: 12 96x64 photos, classes background, left_door, right_door, wheel."""
     return write_coco_dataset(tmp_path / "coco")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name the kind of CPU the suite ran on: `--precision auto` (and OpenVINO's default) is bf16 where
+    the CPU runs it natively and fp32 elsewhere, so a report of a failure needs to say which it was."""
+    import runtime
+    try:
+        from backends import openvino_native_bf16
+        openvino = "yes" if openvino_native_bf16() else "no"
+    except ImportError:
+        openvino = "not installed"
+    terminalreporter.write_line(f"CPU: {runtime.cpu_description()} (PyTorch/oneDNN); OpenVINO native bf16: {openvino}")

@@ -9,6 +9,7 @@ import torch
 
 import backends
 import export
+import runtime
 from conftest import REPO_ROOT, car_picture
 from inference import Predictor
 from model import build_model, checkpoint_for
@@ -141,29 +142,71 @@ def test_refusals_name_the_option_to_change(unet_onnx, tmp_path):
 
 
 def test_openvino_bf16_is_refused_where_the_cpu_does_not_run_it_natively(unet_onnx):
-    import openvino as ov
     _, path = unet_onnx
-    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if backends.openvino_native_bf16():
         assert Predictor.from_checkpoint(str(path), "cpu", "bf16", backend="openvino").precision == "bf16"
     else:
         with pytest.raises(ValueError, match="no native bf16"):
             Predictor.from_checkpoint(str(path), "cpu", "bf16", backend="openvino")
 
 
+def test_openvino_reports_the_precision_it_compiled_on_this_cpu(unet_onnx):
+    import openvino as ov
+    _, path = unet_onnx
+    runner = Predictor.from_checkpoint(str(path), "cpu", "fp32", backend="openvino").runner
+    assert runner.precision == "fp32"
+    assert runner.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    auto = Predictor.from_checkpoint(str(path), "cpu", "auto", backend="openvino")
+    # OpenVINO's own default on x86: bf16 where the CPU runs it natively, fp32 elsewhere.
+    assert auto.precision == ("bf16" if backends.openvino_native_bf16() else "fp32")
+    assert auto.precision == backends.OPENVINO_PRECISIONS[
+        auto.runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()]
+
+
+def write_photos(folder, count=2):
+    from PIL import Image
+    photos = []
+    for i in range(count):
+        photos.append(folder / f"car{i}.png")
+        Image.fromarray(car_picture(i, 1, size=(96, 64))[0]).save(photos[-1])
+    return photos
+
+
 def test_export_keeps_the_file_only_when_every_engine_agrees(tmp_path):
     source = tmp_path / "model.pt"
     torch.save(tiny_checkpoint(), source)
-    photos = []
-    for i in range(2):
-        photos.append(tmp_path / f"car{i}.png")
-        from PIL import Image
-        Image.fromarray(car_picture(i, 1, size=(96, 64))[0]).save(photos[-1])
-    rows = export.export_onnx_checked(source, tmp_path / "model.onnx", photos)
-    assert set(rows) == set(ENGINES) and (tmp_path / "model.onnx").is_file()
-    for row in rows.values():
-        assert row["photos"] == 2 and row["max_abs_logit_diff"] < 1e-4 and row["agreement"] > 0.9999
-        assert row["dice"] == pytest.approx(1.0, abs=1e-4)
+    rows = export.export_onnx_checked(source, tmp_path / "model.onnx", write_photos(tmp_path))
+    assert [(row["backend"], row["precision"]) for row in rows] == list(export.PARITY_RUNS)
+    assert (tmp_path / "model.onnx").is_file()
+    for row in rows:
+        if row["precision"] == "fp32":  # like with like: fp32 engines give PyTorch fp32's logits
+            assert row["photos"] == 2 and row["max_abs_logit_diff"] < 1e-4 and row["agreement"] > 0.9999
+            assert row["dice"] == pytest.approx(1.0, abs=1e-4) and row["passed"]
+        elif backends.openvino_native_bf16():
+            assert row["passed"] and row["agreement"] >= export.PARITY_TOLERANCE["bf16"]
+        else:
+            assert "passed" not in row and "no native bf16" in row["skipped"]
     assert sorted(p.name for p in tmp_path.iterdir() if "onnx" in p.name) == ["model.onnx"]  # no candidate left
+
+
+def test_bf16_is_held_to_bf16s_tolerance_and_fp32_to_fp32s(unet_onnx, tmp_path):
+    # PyTorch's bf16 (native or emulated: it runs on every CPU) stands in for an engine's bf16.
+    checkpoint, _ = unet_onnx
+    photos = write_photos(tmp_path)
+    reference = Predictor.from_checkpoint(checkpoint, "cpu", "fp32")
+    row = export.parity(reference, Predictor.from_checkpoint(checkpoint, "cpu", "bf16"), photos)
+    assert row["precision"] == "bf16" and row["tolerance"] == export.PARITY_TOLERANCE["bf16"] < 0.9999
+    assert row["max_abs_logit_diff"] > 1e-4  # really another precision, not fp32 under a bf16 label
+    assert row["passed"] and row["agreement"] >= row["tolerance"]
+    assert export.parity(reference, reference, photos)["tolerance"] == export.PARITY_TOLERANCE["fp32"]
+
+
+def test_a_row_outside_its_precisions_tolerance_fails(unet_onnx):
+    checkpoint, _ = unet_onnx
+    reference = Predictor.from_checkpoint(checkpoint, "cpu", "fp32")
+    other = Predictor.from_checkpoint(tiny_checkpoint(seed=3), "cpu", "bf16")  # another model's bf16
+    row = export.parity(reference, other, [])
+    assert not row["passed"] and "OUTSIDE bf16's tolerance" in export.format_parity(row)
 
 
 def test_export_refuses_a_graph_that_disagrees_and_leaves_nothing(tmp_path, monkeypatch):
@@ -175,7 +218,7 @@ def test_export_refuses_a_graph_that_disagrees_and_leaves_nothing(tmp_path, monk
         return real_export({**checkpoint, "model": tiny_checkpoint(seed=7)["model"]}, path)
 
     monkeypatch.setattr(export, "export_onnx", sabotaged)
-    with pytest.raises(ValueError, match="disagrees with PyTorch on onnxruntime, openvino"):
+    with pytest.raises(ValueError, match="disagrees with PyTorch on onnxruntime fp32, openvino fp32"):
         export.export_onnx_checked(source, tmp_path / "model.onnx", [])
     assert not [p for p in tmp_path.iterdir() if "onnx" in p.name]
 
@@ -185,9 +228,16 @@ def test_export_main_prints_parity_for_the_bundled_model(tmp_path, capsys):
                  str(tmp_path / "bundled.onnx"), "--data-dir", str(tmp_path / "none")])
     out = capsys.readouterr().out
     assert "parity on 2 random images only" in out
-    for engine in ENGINES:
-        line = next(l for l in out.splitlines() if l.startswith(engine))
-        assert "100.0000" in line and "Dice 1.000000" in line
+    native = "yes" if runtime.cpu_has_bf16() else "no"
+    assert f"CPU: {runtime.cpu_name()}, native bf16: {native}" in out
+    for engine, precision in export.PARITY_RUNS:
+        line = next(l for l in out.splitlines() if l.startswith(f"{engine} ({precision})"))
+        if precision == "fp32":
+            assert "100.0000" in line and "Dice 1.000000" in line and "within fp32's tolerance" in line
+        elif backends.openvino_native_bf16():
+            assert "within bf16's tolerance" in line
+        else:
+            assert "not checked: this CPU" in line and "no native bf16" in line
     assert (tmp_path / "bundled.onnx").stat().st_size > 1e6
 
 

@@ -46,8 +46,10 @@ def photos(tmp_path) -> Path:
 
 
 def predict_parts(checkpoint, photos, out, **options):
+    # PyTorch fp32, as the reference Predictor below: files are compared here, engines in test_backends.py
+    # (predict.py's own default, OpenVINO's auto, runs bf16 on CPUs that have it natively).
     cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=str(checkpoint), device="cpu",
-                        batch_size=3, **options)
+                        batch_size=3, backend="torch", precision="fp32", **options)
     return predict.predict_files(cfg)
 
 
@@ -57,7 +59,7 @@ def test_parts_png_holds_the_predictors_class_indices_with_the_palette(parts_che
                                       submission=str(tmp_path / "rle.csv"))
     inputs = sorted(photos.iterdir())
     assert failures == {} and sorted(written) == sorted(out.resolve() / f"{p.stem}_mask.png" for p in inputs)
-    expected = Predictor.from_checkpoint(str(parts_checkpoint)).predict_labels(inputs)
+    expected = Predictor.from_checkpoint(str(parts_checkpoint), "cpu", "fp32", backend="torch").predict_labels(inputs)
     rles = {row["img"]: row["rle_mask"] for row in csv.DictReader((tmp_path / "rle.csv").open())}
     for path, labels in zip(inputs, expected):
         size = ImageOps.exif_transpose(Image.open(path)).size  # upright (width, height)

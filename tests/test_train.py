@@ -562,8 +562,9 @@ def photos(data_dir, tmp_path) -> Path:
 def test_predict_writes_full_size_masks_overlays_and_cutouts(trained, photos, tmp_path):
     _, _, run = trained
     out = tmp_path / "out"
+    # PyTorch fp32 on both sides, like with like (engines and precisions are compared in test_backends.py).
     cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=str(run / "best.pt"), device="cpu",
-                        overlay=True, cutout=True, batch_size=3)
+                        overlay=True, cutout=True, batch_size=3, backend="torch", precision="fp32")
     written, failures = predict.predict_files(cfg)
     assert failures == {}
     inputs = sorted(photos.iterdir())
