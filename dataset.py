@@ -10,8 +10,10 @@ never touch the files.
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -52,6 +54,14 @@ HOW_TO_GET_DATA = """Get the Carvana training data (a Kaggle account that has ac
 (Kaggle's train_masks.csv, the same masks run-length encoded, can stand in for train_masks.zip), or point
 --data-dir (or $CARVANA_DIR) at a folder holding train/ + train_masks/ (or train_masks.csv) or images/ + masks/."""
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+JPEG_END = b"\xff\xd9"  # the end-of-image marker
+SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (0xC4 is DHT, 0xCC DAC, 0xC8 reserved)
+HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive
+# Two runs of bytes that differ in every bit, neither holding 0xFF (which would start a marker): put before
+# the end marker of a JPEG that lacks it, they change its pixels if its last scan still needs data.
+_JPEG_RUN = np.random.default_rng(0).integers(1, 255, 256, dtype=np.uint8)
+JPEG_RUNS = (_JPEG_RUN.tobytes(), (255 - _JPEG_RUN).tobytes())
+_warned_missing_end = set()  # resolved paths already warned about: a file read twice is warned about once
 
 
 class MaskError(ValueError):
@@ -269,7 +279,7 @@ def open_image(path) -> Image.Image:
     except UnidentifiedImageError:
         raise ValueError(f"{name}: not an image file (or a format Pillow cannot read)")
     except OSError as err:
-        raise ValueError(f"{name}: cannot read: {err}")
+        raise ValueError(f"{name}: cannot read: {err}{_riff_shortfall(path)}")
     except DECODE_ERRORS as err:  # Pillow's parsers raise these too on corrupt headers
         raise ValueError(f"{name}: corrupt image header: {err}")
     # Pillow only warns between 1x and 2x its limit; refuse from 1x, before any pixel is decoded.
@@ -277,6 +287,21 @@ def open_image(path) -> Image.Image:
         raise ValueError(f"{name}: image too large ({img.width}x{img.height} pixels); "
                          f"limit is {MAX_IMAGE_PIXELS} pixels")
     return img
+
+
+def _riff_shortfall(path) -> str:
+    """' (cut short: N of its M bytes)' for a RIFF file (WebP) shorter than its header says, else ''.
+
+    A WebP has no end marker: its last bytes are image data, so any missing byte is missing pixels
+    (libwebp refuses the file; Pillow says only "could not create decoder object").
+    """
+    try:
+        data = _file_bytes(path)
+    except OSError:  # unreadable: open_image's message says why
+        return ""
+    declared = 8 + int.from_bytes(data[4:8], "little")
+    return f" (cut short: {len(data):,} of its {declared:,} bytes)" if data[:4] == b"RIFF" and len(data) < declared \
+        else ""
 
 
 def _oriented_size(img: Image.Image):
@@ -333,29 +358,184 @@ def load_image(path, size=None):
     Returns (array, full_size) where full_size is the upright (width, height) of the file. JPEGs are
     decoded at a reduced DCT scale where that stays at or above `size` and divides the stored size
     exactly (a 1918x1280 Carvana photo decodes at 1/2 scale to 959x640 in a few ms, instead of 25 ms
-    for the full image, and is then area-averaged to `size`).
+    for the full image, and is then area-averaged to `size`). A JPEG that lacks only its end marker
+    is read, with a warning (see _jpeg_lacking_only_its_end); a cut one is refused.
     """
+    name = getattr(path, "name", path)
     img = open_image(path)
     try:
-        full_size = _oriented_size(img)
-        if size is not None and img.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEG of phones and cameras
-            swap = full_size != img.size
-            w, h = (size[1], size[0]) if swap else size
-            # Only a scale that divides the stored size: libjpeg rounds a partial last block up to a
-            # whole pixel, so 1918 columns at 1/4 give 480 pixels covering 1920, and the image would
-            # slide against its area-averaged mask by up to 2 full-size pixels at the far edge.
-            scale = max([s for s in (2, 4, 8) if img.size[0] % s == 0 and img.size[1] % s == 0
-                         and img.size[0] // s >= w and img.size[1] // s >= h], default=1)
-            img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
-        img = _to_rgb(ImageOps.exif_transpose(img))
-        array = np.array(img)  # a writable copy: torch.from_numpy warns on read-only arrays
+        try:
+            array, full_size = _decoded(img, size)
+        except DECODE_ERRORS:
+            whole = _jpeg_lacking_only_its_end(img, path)
+            if whole is None:
+                raise
+            array, full_size = _decoded(whole, size)
     except Image.DecompressionBombError as err:
-        raise ValueError(f"{getattr(path, 'name', path)}: image too large ({err})")
+        raise ValueError(f"{name}: image too large ({err})")
     except DECODE_ERRORS as err:  # truncated or corrupt data shows up only when decoding
-        raise ValueError(f"{getattr(path, 'name', path)}: cannot decode: {err}")
+        raise ValueError(f"{name}: cannot decode: {err}")
     if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
         array = cv2.resize(array, tuple(size), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(array), full_size
+
+
+def _decoded(img: Image.Image, size):
+    """(upright RGB array, upright full size) of an opened image; a JPEG at the DCT scale load_image picks."""
+    full_size = _oriented_size(img)
+    if size is not None and img.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEG of phones and cameras
+        swap = full_size != img.size
+        w, h = (size[1], size[0]) if swap else size
+        # Only a scale that divides the stored size: libjpeg rounds a partial last block up to a
+        # whole pixel, so 1918 columns at 1/4 give 480 pixels covering 1920, and the image would
+        # slide against its area-averaged mask by up to 2 full-size pixels at the far edge.
+        scale = max([s for s in (2, 4, 8) if img.size[0] % s == 0 and img.size[1] % s == 0
+                     and img.size[0] // s >= w and img.size[1] // s >= h], default=1)
+        img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
+    img = _to_rgb(ImageOps.exif_transpose(img))
+    return np.array(img), full_size  # a writable copy: torch.from_numpy warns on read-only arrays
+
+
+# ---------------------------------------------------------------- JPEGs that lack only their end marker
+
+def _jpeg_lacking_only_its_end(img: Image.Image, path):
+    """A JPEG that Pillow refused, reopened with its end marker (FF D9) restored when that marker is all
+    it lacks, with a warning once per file; None for any other file, a really cut one included.
+
+    Such a file holds every pixel (browsers show it; compare python-pillow/Pillow#4215). Pillow's
+    LOAD_TRUNCATED_IMAGES would read it too, but it would also fill a cut photo with grey, so what is
+    missing is checked instead: the file ends inside a scan's data, the scans present code the whole
+    image (_jpeg_scans_complete), and its pixels need no byte past the end (_jpeg_needs_no_more_data).
+    The check decodes at full scale, so a JPEG read small (draft) is accepted or refused alike.
+    """
+    if img.format != "JPEG":
+        return None
+    data = _file_bytes(path)
+    if data.endswith(JPEG_END) or not _jpeg_scans_complete(data) or not _jpeg_needs_no_more_data(data):
+        return None
+    name = getattr(path, "name", path)
+    key = str(Path(path).resolve()) if isinstance(path, (str, os.PathLike)) else None  # uploads: every time
+    if key not in _warned_missing_end:
+        log.warning("%s: the JPEG lacks its end marker (its last 2 bytes, FF D9) but holds every pixel: read as "
+                    "it is (save it again to repair it)", name)
+    if key is not None:
+        _warned_missing_end.add(key)
+    whole = io.BytesIO(data + JPEG_END)
+    whole.name = name  # what load_image's messages call it
+    return open_image(whole)
+
+
+def _file_bytes(path) -> bytes:
+    """The whole content of a path or of a binary file object (from its start)."""
+    if isinstance(path, (str, os.PathLike)):
+        return Path(path).read_bytes()
+    path.seek(0)
+    return path.read()
+
+
+def _jpeg_scans_complete(data: bytes) -> bool:
+    """True when a JPEG's bytes end inside a scan's entropy-coded data, every segment before it is whole, and
+    the scans present code every DCT coefficient of every component to full precision, the last one in its
+    last restart interval: whatever is missing is then the end of the last scan, not a later scan.
+
+    Only Huffman-coded frames (baseline, extended, progressive) qualify: those are what the
+    decoder check (_jpeg_needs_no_more_data) was tried on.
+    """
+    pos, frame, coded, interval = 2, None, {}, 0
+    while True:
+        while data[pos:pos + 2] == b"\xff\xff":  # fill bytes before a marker
+            pos += 1
+        if data[pos:pos + 1] != b"\xff" or pos + 4 > len(data):
+            return False
+        code, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        segment = data[pos + 4:pos + 2 + length]
+        if code in (0xD8, 0xD9) or length < 2 or len(segment) != length - 2:  # a second start, an end, a cut
+            return False
+        if code in SOF_MARKERS:
+            frame = _jpeg_frame(segment) if code in HUFFMAN_FRAMES else None
+            if frame is None:
+                return False
+            coded = {component: set() for component in frame[2]}
+        elif code == 0xDD:  # DRI: a restart marker every `interval` MCUs from here on
+            interval = int.from_bytes(segment[:2], "big")
+        elif code == 0xDA:  # SOS: a scan header, then its entropy-coded data
+            scan = _jpeg_scan(segment)
+            if frame is None or scan is None or not set(scan[0]) <= coded.keys():
+                return False
+            components, first, last, low_bit = scan
+            if low_bit == 0:  # coded to full precision (a progressive scan with low_bit > 0 is refined later)
+                for component in components:
+                    coded[component].update(range(first, last + 1))
+            pos, restarts = _end_of_scan_data(data, pos + 2 + length)
+            if pos is None:
+                whole_image = all(len(coefficients) == 64 for coefficients in coded.values())
+                last_interval = interval == 0 or restarts == math.ceil(_jpeg_mcus(frame, components) / interval) - 1
+                return whole_image and last_interval
+            continue
+        pos += 2 + length
+
+
+def _jpeg_frame(segment: bytes):
+    """(width, height, {component id: (h, v) sampling}) from a frame header; None if it is short or its
+    height comes later (a DNL marker)."""
+    if len(segment) < 6 or len(segment) < 6 + 3 * segment[5]:
+        return None
+    height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
+    sampling = {segment[6 + 3 * i]: (segment[7 + 3 * i] >> 4, segment[7 + 3 * i] & 15) for i in range(segment[5])}
+    return (width, height, sampling) if height and width and all(h and v for h, v in sampling.values()) else None
+
+
+def _jpeg_scan(segment: bytes):
+    """(component ids, first coefficient, last coefficient, successive-approximation low bit) of a scan header;
+    None if it is short."""
+    if not segment or len(segment) < 4 + 2 * segment[0]:
+        return None
+    n = segment[0]
+    return [segment[1 + 2 * i] for i in range(n)], segment[1 + 2 * n], segment[2 + 2 * n], segment[3 + 2 * n] & 15
+
+
+def _end_of_scan_data(data: bytes, pos: int):
+    """(position of the marker after the entropy-coded data starting at pos, restart markers on the way);
+    the position is None when the data runs to the end of the file."""
+    restarts = 0
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return None, restarts
+        follower = data[pos + 1]
+        if follower not in (0x00, 0xFF) and not 0xD0 <= follower <= 0xD7:
+            return pos, restarts
+        restarts += 0xD0 <= follower <= 0xD7
+        pos += 1 if follower == 0xFF else 2  # FF 00 is a data byte 0xFF; FF FF is fill
+
+
+def _jpeg_mcus(frame, components) -> int:
+    """MCUs in a scan: an interleaved one covers the frame in MCUs of the largest sampling factors' blocks,
+    a one-component one covers that component in 8x8 blocks."""
+    width, height, sampling = frame
+    h_max, v_max = max(h for h, _ in sampling.values()), max(v for _, v in sampling.values())
+    if len(components) > 1:
+        return math.ceil(width / (8 * h_max)) * math.ceil(height / (8 * v_max))
+    h, v = sampling[components[0]]
+    return math.ceil(math.ceil(width * h / h_max) / 8) * math.ceil(math.ceil(height * v / v_max) / 8)
+
+
+def _jpeg_needs_no_more_data(data: bytes) -> bool:
+    """True when the pixels decoded from `data` do not depend on what would follow it: decoded with the end
+    marker right after it, and after either of two runs of bytes that differ in every bit (JPEG_RUNS),
+    they come out identical. A scan cut short would decode those runs as its missing data and differ."""
+    try:
+        pixels = _pixels(data + JPEG_END)  # libjpeg pads a short scan with zero bits
+        return all(np.array_equal(pixels, _pixels(data + run + JPEG_END)) for run in JPEG_RUNS)
+    except DECODE_ERRORS:
+        return False
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    """The pixels of an encoded image as decoded, at full size and in its own mode."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return np.array(img)
 
 
 def image_to_tensor(image: np.ndarray, normalization: dict | None = None) -> torch.Tensor:

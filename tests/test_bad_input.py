@@ -1,4 +1,6 @@
-"""Protects the handling of awkward files: oversized images, odd colour modes, unusual paths."""
+"""Protects the handling of awkward files: oversized images, odd colour modes, unusual paths, JPEGs lacking an end."""
+import io
+import logging
 import shutil
 from pathlib import Path
 
@@ -84,3 +86,29 @@ def test_corrupt_headers_are_reported_with_the_file_name(tmp_path, data):
     for loader in (load_image, dataset.load_mask):
         with pytest.raises(ValueError, match="header_mask.png"):
             loader(path)
+
+
+def test_a_dataset_photo_lacking_its_jpeg_end_marker_is_decoded_not_listed_as_a_problem(tmp_path, caplog):
+    root = write_kaggle_dataset(tmp_path / "data")
+    photo = sorted((root / "train").glob("*.jpg"))[0]
+    photo.write_bytes(photo.read_bytes()[:-2])  # FF D9 dropped, as some cameras and upload tools do
+    samples, problems = find_samples(root)
+    with caplog.at_level(logging.WARNING, logger="dataset"):
+        store = prepare_store(samples, MODEL_SIZE)
+    assert problems == [] and len(store) == len(samples)
+    warnings = [r.getMessage() for r in caplog.records if "end marker" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{photo.name}: the JPEG lacks its end marker")
+
+
+def test_an_upload_lacking_its_jpeg_end_marker_is_read_and_each_one_warned_about(caplog):
+    """serve.py decodes uploads as file objects all named "upload": each is another file, so each is warned about."""
+    image, _ = car_picture(0, 1, size=(96, 64))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG")
+    expected = load_image(io.BytesIO(buffer.getvalue()), MODEL_SIZE)[0]
+    with caplog.at_level(logging.WARNING, logger="dataset"):
+        for _ in range(2):
+            upload = io.BytesIO(buffer.getvalue()[:-2])
+            upload.name = "upload"
+            assert np.array_equal(load_image(upload, MODEL_SIZE)[0], expected)
+    assert sum(r.getMessage().startswith("upload: the JPEG lacks its end marker") for r in caplog.records) == 2

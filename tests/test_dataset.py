@@ -1,6 +1,9 @@
 """Protects file pairing, the by-car split, image/mask decoding and checks, the disk cache and the Dataset items."""
+import io
+import logging
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +376,106 @@ def test_unreadable_image_raises_value_error_naming_the_file(tmp_path, kind, siz
     reason = {"truncated": "truncated", "empty": "empty file", "text": "not an image file"}[kind]
     with pytest.raises(ValueError, match=f"broken_{kind}.jpg: .*{reason}"):
         load_image(path, size)
+
+
+# ---------------------------------------------------------------- files that lack only their end, and cut ones
+
+DRAFT_SIZE = (48, 32)  # a 192x128 JPEG read at this size is decoded at 1/4 scale (draft)
+
+
+def jpeg_bytes(**options) -> bytes:
+    """A 192x128 photo encoded as JPEG, ending with its end-of-image marker FF D9."""
+    image, _ = car_picture(0, 1, size=(192, 128))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=90, **options)
+    assert buffer.getvalue().endswith(b"\xff\xd9")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("size", [None, DRAFT_SIZE])
+def test_a_jpeg_lacking_only_its_end_marker_is_read_with_one_warning_naming_it(tmp_path, caplog, progressive, size):
+    data = jpeg_bytes(progressive=progressive)
+    whole, lacking = tmp_path / "whole.jpg", tmp_path / "no_end.jpg"
+    whole.write_bytes(data)
+    lacking.write_bytes(data[:-2])
+    expected, full_size = load_image(whole, size)
+    with caplog.at_level(logging.WARNING, logger="dataset"):
+        for _ in range(2):  # a file read twice (predict.py reads some twice) is warned about once
+            array, read_size = load_image(lacking, size)
+            assert np.array_equal(array, expected) and read_size == full_size
+    warnings = [r.getMessage() for r in caplog.records if "end marker" in r.getMessage()]
+    assert len(warnings) == 1 and "no_end.jpg" in warnings[0] and "holds every pixel" in warnings[0]
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("kept", [0.6, 0.99, -3])
+def test_a_jpeg_cut_short_is_refused_naming_the_file(tmp_path, progressive, kept):
+    data = jpeg_bytes(progressive=progressive)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[:kept] if isinstance(kept, int) else data[:int(len(data) * kept)])
+    for size in (None, DRAFT_SIZE):  # the full and the reduced-size decoding refuse it alike
+        with pytest.raises(ValueError, match=r"cut\.jpg: cannot decode: image file is truncated"):
+            load_image(path, size)
+
+
+def end_of_scan_data(data: bytes, scan: int) -> int:
+    """Where the entropy-coded data of the scan whose SOS marker is at `scan` ends (the next marker)."""
+    start = scan + 2 + int.from_bytes(data[scan + 2:scan + 4], "big")
+    return re.compile(rb"\xff[^\x00\xd0-\xd7\xff]").search(data, start).start()
+
+
+def test_a_progressive_jpeg_missing_its_last_scans_is_refused(tmp_path):
+    """Cut where a scan's data ends, its pixels need no more bytes; the scans after it are missing all the same."""
+    data = jpeg_bytes(progressive=True)
+    scans = [m.start() for m in re.finditer(rb"\xff\xda", data)]
+    assert len(scans) > 2
+    path = tmp_path / "coarse.jpg"
+    for scan in scans[-2:-4:-1]:
+        path.write_bytes(data[:end_of_scan_data(data, scan)])
+        with pytest.raises(ValueError, match=r"coarse\.jpg: cannot decode: image file is truncated"):
+            load_image(path)
+
+
+def test_a_jpeg_cut_where_a_restart_interval_ends_is_refused(tmp_path):
+    """With restart markers, data cut after a whole interval needs no more bytes, yet later intervals are missing."""
+    data = jpeg_bytes(restart_marker_blocks=4)
+    restarts = [m.start() for m in re.finditer(rb"\xff[\xd0-\xd7]", data)]
+    assert len(restarts) > 2
+    path = tmp_path / "intervals.jpg"
+    for restart in (restarts[-1], restarts[len(restarts) // 2]):
+        path.write_bytes(data[:restart])
+        with pytest.raises(ValueError, match=r"intervals\.jpg: cannot decode: image file is truncated"):
+            load_image(path)
+    path.write_bytes(data[:-2])  # lacking only its end marker, it is read
+    assert np.array_equal(load_image(path)[0], load_image(io.BytesIO(data))[0])
+
+
+@pytest.mark.parametrize("fmt, end", [("PNG", 12), ("GIF", 1)])  # the IEND chunk; the trailer byte ';'
+def test_a_png_or_gif_lacking_only_its_end_is_read_and_a_cut_one_refused(tmp_path, fmt, end):
+    """Pillow decodes these until every row is there: a missing end chunk loses no pixel, a cut file does."""
+    image, _ = car_picture(0, 1, size=(96, 64))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, fmt)
+    data, path = buffer.getvalue(), tmp_path / f"photo.{fmt.lower()}"
+    path.write_bytes(data[:-end])
+    assert np.array_equal(load_image(path)[0], load_image(io.BytesIO(data))[0])
+    path.write_bytes(data[:int(len(data) * 0.6)])
+    with pytest.raises(ValueError, match=rf"photo\.{fmt.lower()}: cannot decode: image file is truncated"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("options", [{}, {"lossless": True}])
+def test_a_webp_cut_short_is_refused_saying_so(tmp_path, options):
+    """A WebP has no end marker: its last bytes are pixel data, so any cut loses pixels."""
+    image, _ = car_picture(0, 1, size=(96, 64))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "WEBP", **options)
+    data, path = buffer.getvalue(), tmp_path / "cut.webp"
+    for kept in (len(data) - 1, int(len(data) * 0.6)):
+        path.write_bytes(data[:kept])
+        with pytest.raises(ValueError, match=rf"cut\.webp: .*\(cut short: {kept:,} of its {len(data):,} bytes\)"):
+            load_image(path)
 
 
 # ---------------------------------------------------------------- decoding a whole dataset

@@ -1,4 +1,5 @@
-"""Protects against faults: SIGKILL at random moments then resume, a crash mid-checkpoint, a full disk."""
+"""Protects against faults: SIGKILL at random moments then resume, a crash mid-checkpoint, a checkpoint cut short,
+a full disk."""
 import dataclasses
 import errno
 import io
@@ -96,6 +97,22 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
         save_checkpoint(path, checkpoint_for(model, config, epoch=2))
     assert load_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the torn temporary file is gone
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.99, 100])
+def test_a_checkpoint_cut_short_is_named_as_such(tmp_path, kept):
+    """A copy or download that stopped early is named as a cut checkpoint, not as one that cannot be loaded safely."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, checkpoint_for(UNet(base_channels=2, depth=1), {"image_width": 8, "image_height": 8,
+                                                                          "threshold": 0.5}))
+    data = path.read_bytes()
+    kept = kept if isinstance(kept, int) else int(len(data) * kept)
+    path.write_bytes(data[:kept])
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"{path} is not a complete PyTorch checkpoint: it is cut short or damaged "
+                                     f"({kept:,} bytes")
+    assert "weights_only" not in str(err.value)
 
 
 class DiskFull(io.BytesIO):

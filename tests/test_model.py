@@ -1,11 +1,18 @@
 """Protects the U-Net's shapes for any input size, its gradients, the registry, and safe checkpoint save/load."""
+import argparse
 import os
+import pickle
+import re
 import shlex
+import zipfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from config import BUNDLED_CHECKPOINT
+from conftest import REPO_ROOT
 from model import (ARCHITECTURES, CHECKPOINT_FORMAT, UNet, build_model, checkpoint_for, load_checkpoint, load_model,
                    save_checkpoint)
 
@@ -166,44 +173,105 @@ class Payload:
         return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
+def assert_no_unsafe_advice(message: str):
+    """PyTorch's own refusal advises re-loading with weights_only=False ("will likely succeed"): never pass it on."""
+    assert "weights_only" not in message and "likely succeed" not in message and "trusted source" not in message
+
+
 def test_load_checkpoint_refuses_a_pickle_carrying_code(tmp_path):
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pt"
     model = UNet(base_channels=4, depth=1)
     torch.save({**checkpoint_of(model), "extra": Payload(marker)}, path)
-    with pytest.raises(ValueError, match="cannot be loaded safely"):
+    with pytest.raises(ValueError) as err:
         load_checkpoint(path)
     assert not marker.exists(), "load_checkpoint executed code from the checkpoint"
-    # The payload is real: an unsafe load does run it (so the assertion above means something).
+    message = str(err.value)
+    assert re.fullmatch(rf"checkpoint {re.escape(str(path))} holds Python objects other than tensors and plain data "
+                        r"\((posix|nt|os)\.system\): not a checkpoint this project wrote; nothing in it was run",
+                        message)
+    assert_no_unsafe_advice(message)
+    # The payload is real: an unsafe load does run it (so the assertions above mean something).
     torch.load(path, weights_only=False)
     assert marker.exists()
 
 
-@pytest.mark.parametrize("content", [
-    {"weights": 1},                                                       # not a checkpoint
-    {"format_version": 99, "model_args": {}, "model": {}},                # an unknown format
-    {"format_version": 2, "arch": "unet", "model_args": {}, "model": {}},  # no config or normalisation
-    [1, 2, 3],                                                            # not even a dict
+def test_load_checkpoint_names_the_pickled_object_it_refuses(tmp_path):
+    path = tmp_path / "with_args.pt"  # torchvision's references pickle their argparse.Namespace into checkpoints
+    torch.save({**checkpoint_of(UNet(base_channels=4, depth=1)), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(ValueError, match=r"with_args\.pt holds Python objects other than tensors and plain data "
+                                         r"\(argparse\.Namespace\)") as err:
+        load_checkpoint(path)
+    assert_no_unsafe_advice(str(err.value))
+
+
+def write_zip(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # torch's note on the plain pickle below
+@pytest.mark.parametrize("name, write, found", [
+    ("notes.pt", lambda p: p.write_text("this is not a checkpoint\n"),
+     "a text file beginning 'this is not a checkpoint'"),
+    ("empty.pt", lambda p: p.write_bytes(b""), "an empty file"),
+    ("noise.pt", lambda p: p.write_bytes(bytes(range(1, 128)) * 3), "381 bytes of unrecognised data"),
+    ("photo.pt", lambda p: Image.new("RGB", (8, 8)).save(p, format="JPEG"), "a JPEG image"),
+    ("bundle.pt", write_zip, "a zip archive holding readme.txt"),
+    ("pickled.pt", lambda p: p.write_bytes(pickle.dumps({"model": 1}, protocol=4)),
+     "a Python pickle, not written by torch.save"),
 ])
-def test_load_checkpoint_refuses_non_checkpoints(tmp_path, content):
+def test_files_that_are_no_checkpoint_are_called_that(tmp_path, name, write, found):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == f"{path} is not a PyTorch checkpoint ({found})"
+
+
+def test_random_bytes_are_no_checkpoint(tmp_path):
+    for seed in range(5):
+        path = tmp_path / f"random{seed}.pt"
+        path.write_bytes(np.random.default_rng(seed).bytes(2000))
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not a PyTorch checkpoint \(") as err:
+            load_checkpoint(path)
+        assert_no_unsafe_advice(str(err.value))
+
+
+def test_a_folder_is_no_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))} is not a PyTorch checkpoint: it is a folder"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("content, reason", [
+    ({"weights": 1}, "it has no format_version; its keys: weights"),
+    ({"format_version": 99, "model_args": {}, "model": {}}, "its format_version is 99; this version reads 1 and 2"),
+    ({"format_version": 2, "arch": "unet", "model_args": {}, "model": {}}, "it lacks normalization, config; its keys: "
+                                                                           "format_version, arch, model_args, model"),
+    ({"format_version": 1}, "it lacks arch, model_args, model, normalization, config; its keys: format_version"),
+    ([1, 2, 3], "it holds a list, not a dict"),
+])
+def test_load_checkpoint_refuses_non_checkpoints(tmp_path, content, reason):
     path = tmp_path / "other.pt"
     torch.save(content, path)
-    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+    with pytest.raises(ValueError) as err:
         load_checkpoint(path)
+    assert str(err.value) == f"checkpoint {path} is not a train.py checkpoint (format 2): {reason}"
 
 
 def test_load_checkpoint_refuses_a_bare_state_dict(tmp_path):
     path = tmp_path / "state.pt"
     torch.save(UNet(base_channels=4, depth=1).state_dict(), path)
-    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+    with pytest.raises(ValueError, match=r"state\.pt is not a train.py checkpoint \(format 2\): it is a bare "
+                                         r"state_dict \(\d+ tensors\)"):
         load_checkpoint(path)
 
 
-def test_load_checkpoint_refuses_garbage(tmp_path):
-    path = tmp_path / "garbage.pt"
-    path.write_text("this is not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pt"):
-        load_checkpoint(path)
+def test_no_script_loads_a_user_file_with_torch_load_directly():
+    """Checkpoints given by users go through model.load_checkpoint (backends.load_source calls it), whose refusals
+    say what the file is; encoders.py loads only the ImageNet weights installed with the package."""
+    sources = [p for p in REPO_ROOT.glob("*.py") if "torch.load(" in p.read_text(encoding="utf-8")]
+    assert sorted(p.name for p in sources) == ["encoders.py", "model.py"]
 
 
 def test_load_checkpoint_missing_file(tmp_path):
