@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,15 +279,34 @@ def parse_config(cls, argv=None, description: str = "", base: dict | None = None
     parser = build_parser(cls, description)
     names = {f.name for f in dataclasses.fields(cls)}
     parser.set_defaults(**{k: v for k, v in (base or {}).items() if k in names})
+    argv, after_dashes = split_at_dashes(argv)
     pre, _ = parser.parse_known_args(argv)
     try:
         if pre.config:
             parser.set_defaults(**load_config_file(cls, pre.config))
         args = vars(parser.parse_intermixed_args(argv))  # predict.py a.jpg --out-dir o b.jpg
         args.pop("config")
+        if after_dashes:
+            positional = [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+            if not positional:
+                parser.error(f"unrecognized arguments after --: {' '.join(after_dashes)}")
+            args[positional[0]] = list(args[positional[0]] or []) + after_dashes
         return cls(**args)
     except ValueError as err:
         parser.error(str(err))
+
+
+def split_at_dashes(argv) -> tuple:
+    """(options and inputs, inputs after a `--`): `predict.py -- -rf.png` names a file that starts with a dash.
+
+    argparse's parse_intermixed_args refuses a `--` that comes before every positional argument
+    ("unrecognized arguments"), so what follows it is taken apart here and added to the inputs.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
 
 
 def load_config_file(cls, path) -> dict:

@@ -106,12 +106,24 @@ def test_a_missing_path_is_named_as_missing_and_a_pattern_matching_nothing_as_a_
                         f"{shoot / '*.tif'}: no such file, and no file matches it as a pattern"]
 
 
-def test_a_leading_dash_after_double_dash_is_a_file_on_the_command_line(checkpoint, shoot, tmp_path, monkeypatch):
+@pytest.mark.parametrize("order", ["dashes first", "dashes last"])
+def test_a_leading_dash_after_double_dash_is_a_file_on_the_command_line(order, checkpoint, shoot, tmp_path,
+                                                                        monkeypatch):
     monkeypatch.chdir(shoot)
-    # "car[1].png" first: config.parse_config's parse_intermixed_args refuses a "--" before every input
-    written = predict.main(["--checkpoint", checkpoint, "--device", "cpu", "--backend", "torch",
-                            "--out-dir", str(tmp_path / "out"), "car[1].png", "--", "-rf.png"])
+    options = ["--checkpoint", checkpoint, "--device", "cpu", "--backend", "torch", "--out-dir", str(tmp_path / "out")]
+    # argparse's parse_intermixed_args alone refuses a "--" before every input; config.parse_config takes it apart
+    argv = options + (["--", "-rf.png", "car[1].png"] if order == "dashes first" else ["car[1].png", "--", "-rf.png"])
+    written = predict.main(argv)
     assert sorted(p.name for p in written) == ["-rf_mask.png", "car[1]_mask.png"]
+
+
+def test_after_double_dash_everything_is_an_input_even_what_looks_like_an_option(checkpoint, shoot, tmp_path,
+                                                                                  monkeypatch, caplog):
+    monkeypatch.chdir(shoot)
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", checkpoint, "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+                      "--", "--tta"])
+    assert "failed: --tta: does not exist" in caplog.text
 
 
 # ---------------------------------------------------------------- names that are not UTF-8

@@ -184,3 +184,11 @@ def test_bench_rows_name_the_precision_that_ran(native, auto, checkpoint_path, m
     pretend_cpu(monkeypatch, native)
     row = bench.bench_backend(str(checkpoint_path), "openvino", n_images=0, repeats=1)
     assert (row["backend"], row["precision"]) == ("openvino", auto)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_asked_of_pytorch_on_a_cpu_without_it_runs_and_says_it_is_emulated(native, monkeypatch, caplog):
+    pretend_cpu(monkeypatch, native)
+    with caplog.at_level(logging.WARNING):
+        assert runtime.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert ("no native bf16, so PyTorch emulates it" in caplog.text) is not native
