@@ -164,6 +164,17 @@ def folder_problem(folder) -> str | None:
     return None
 
 
+def refuse_existing(path, overwrite: bool, why: str = ""):
+    """FileExistsError naming `path` if it exists and `overwrite` is not set; `why` is added to the advice.
+
+    A command replaces a file only when told to: it cannot know who made a file at its target (the
+    repository's bench.json, a bundled model, a submission), and atomic_write's rename leaves no copy.
+    Called before any work, so a refusal costs nothing.
+    """
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} exists already: pass --overwrite to replace it{why}")
+
+
 def write_bytes(path, data: bytes):
     """Write `data` to `path` atomically."""
     with atomic_write(path) as f:

@@ -5,6 +5,10 @@
     python bench.py --predict-images 64               # also time predict.py end to end on 64 Carvana photos
     python bench.py --arch unet unet_efficientnet_lite0 deeplabv3_mobilenet_v3_large --layouts channels_last
     python bench.py --deploy --predict-images 96      # the bundled model on each --backend, predict.py as a process
+    python bench.py --out bench.json --overwrite      # replace the repository's quoted numbers
+
+Results go to bench-<date>-<time>.json in the current folder unless --out names a file; an existing
+file is replaced only with --overwrite (the repository's bench.json holds the numbers the docs quote).
 
 Training steps run on --train-size inputs (the recipe's random crops), inference on --size (whole
 images) through inference.Predictor, the path evaluate.py and predict.py take.
@@ -201,6 +205,13 @@ def describe(arch: dict) -> str:
     return arch["arch"] + (f" base {arch['base_channels']}" if "base_channels" in arch else "")
 
 
+def default_out() -> str:
+    """bench-<date>-<time>.json: each run's own file. A run measures a moment of a shared machine, so
+    earlier runs are worth keeping beside it, and a fixed name (bench.json) replaced the repository's
+    tracked results; refusing that fixed name instead would fail every second plain `python bench.py`."""
+    return time.strftime("bench-%Y%m%d-%H%M%S.json")
+
+
 def main(argv=None):
     recipe = TrainConfig()  # the defaults: what `python train.py` trains
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -233,8 +244,14 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default="", help="--deploy: the checkpoint (default: the bundled model)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS[1:], default=list(BACKENDS[1:]),
                         help="--deploy: the backends to measure")
-    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--out", default="", help="where the JSON goes (default: bench-<date>-<time>.json here)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    args.out = args.out or default_out()
+    try:
+        atomic.refuse_existing(args.out, args.overwrite, ", or give another --out")  # before minutes of timing
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}")
     size = tuple(int(v) for v in args.size.lower().split("x"))
     train_size = tuple(int(v) for v in args.train_size.lower().split("x"))
     runtime.keep_freed_memory()

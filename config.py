@@ -172,7 +172,7 @@ class EvaluateConfig:
     data_dir: str = _opt("", f"dataset folder; default: $CARVANA_DIR, else {DEFAULT_DATA_DIR}")
     split: str = _opt("val", "val = the checkpoint's validation cars; train; all = every image found",
                       choices=("val", "train", "all"))
-    out_dir: str = _opt("", "where reports go; default: <checkpoint folder>/eval-<split>")
+    out_dir: str = _opt("", "where reports go; default: <checkpoint folder>/eval-<checkpoint stem>-<split>")
     batch_size: int = _opt(8, "images per forward pass")
     threshold: float = _opt(None, THRESHOLD_HELP)
     precision: str = _opt("fp32", "inference precision (fp32: the reference score; auto = bf16 where native)",
@@ -204,6 +204,8 @@ class PredictConfig:
     cutout: bool = _opt(False, "also write <stem>_cutout.png: RGBA, background transparent")
     submission: str = _opt("", "also write Kaggle's submission: one img,rle_mask row per mask, in input order, "
                                "streamed while predicting (FILE.csv, or FILE.csv.gz compressed)")
+    overwrite: bool = _opt(False, "replace an existing --submission file (--skip-existing rebuilds it too); a run "
+                                  "that yields no row never writes it")
     recursive: bool = _opt(False, "search folders recursively")
     skip_existing: bool = _opt(False, "skip photos whose outputs are all in --out-dir already (resume a killed run; "
                                       "their submission rows are read back from the masks)")

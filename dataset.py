@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import distributed
-from atomic import atomic_write, folder_problem
+from atomic import atomic_write, folder_problem, refuse_existing
 from labels import BINARY_CLASSES, Shapes, load_class_mask, read_class_names, read_coco, read_coco_class_names
 from rle import RleRow, compare_mask_csv, read_mask_csv, write_mask_csv
 
@@ -843,6 +843,8 @@ def main(argv=None):
     write = commands.add_parser("write-csv", help="encode DATA_DIR's mask files (train_masks/) into OUT.csv")
     write.add_argument("data_dir")
     write.add_argument("out")
+    write.add_argument("--overwrite", action="store_true",
+                       help="replace an existing OUT.csv (Kaggle's own train_masks.csv comes back only by download)")
     compare = commands.add_parser("compare-csv", help="compare CSV's rows with the RLE of DATA_DIR's mask files; "
                                                       "exit status 1 unless every row with a mask file agrees")
     compare.add_argument("csv")
@@ -851,6 +853,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         if args.command == "write-csv":
+            refuse_existing(args.out, args.overwrite)  # before encoding thousands of masks
             samples, problems = find_samples(args.data_dir)
             if problems:
                 raise DatasetError(problems, args.data_dir)

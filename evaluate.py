@@ -27,6 +27,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -48,6 +49,9 @@ from metrics import ConfusionMeter, SegmentationMeter
 
 log = logging.getLogger(__name__)
 SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8)
+# Every file an evaluation writes, for either kind of model: the reports of one run (remove_stale_reports).
+REPORT_FILES = ("summary.json", "per_image.csv", "per_class.csv", "threshold_sweep.png", "confusion.png",
+                "worst.png", "samples.png")
 
 
 def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None, world=distributed.SOLO) -> dict:
@@ -204,9 +208,39 @@ def load_split(checkpoint: dict, predictor: Predictor, cfg: EvaluateConfig) -> C
     data_dir = resolve_data_dir(cfg.data_dir)
     check_classes(checkpoint, data_dir, cfg.checkpoint)
     samples, problems = select_samples(checkpoint, data_dir, cfg.split, cfg.checkpoint)
+    refuse_names_csv_cannot_hold(samples)
     store = prepare_store(samples, predictor.input_size, cfg.cache_dir, data_dir, problems,
                           num_classes=len(checkpoint["class_names"]))
     return CarvanaDataset(store, normalization=predictor.spec.normalization)
+
+
+def refuse_names_csv_cannot_hold(samples):
+    """ValueError naming the photos whose names are not UTF-8, before any decoding or scoring.
+
+    per_image.csv is UTF-8 text, so such a name (a Latin-1 'café.jpg', which Python carries as lone
+    surrogates) could only be written as another name than the file's; found after scoring, it cost
+    the run its reports. Shown with the byte escaped ('caf\\xe9.jpg'), as the name cannot be printed.
+    """
+    bad = [sample.image for sample in samples if not _is_utf8(sample.name)]
+    if bad:
+        names = ", ".join(os.fsencode(path).decode("utf-8", "backslashreplace") for path in bad[:3])
+        raise ValueError(f"{len(bad)} photo name(s) are not UTF-8, which per_image.csv cannot hold unchanged: "
+                         f"{names}{', ...' if len(bad) > 3 else ''}; rename them")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def default_out_dir(checkpoint, split: str) -> Path:
+    """<checkpoint folder>/eval-<checkpoint stem>-<split>: each checkpoint's own, as the two bundled
+    models share checkpoints/ (eval-<split> alone mixed their reports in one folder)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent / f"eval-{checkpoint.stem}-{split}"
 
 
 def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
@@ -216,7 +250,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     from the checkpoint's, or a split with none of the checkpoint's images (all before any scoring).
     """
     cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
-    cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or str(Path(cfg.checkpoint).parent / f"eval-{cfg.split}"))
+    cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or str(default_out_dir(cfg.checkpoint, cfg.split)))
     log.info("evaluating %s", cfg.checkpoint)
     problem = atomic.folder_problem(cfg.out_dir)
     if problem is not None:  # before scoring, not after
@@ -239,8 +273,8 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
                               (binary_summary, write_reports, draw_examples))
     summary, ranked = summarise(head, result, predictor, dataset.store, cfg, time.perf_counter() - start)
     try:
-        write(Path(cfg.out_dir), summary, ranked)
-        draw(predictor, dataset, ranked, cfg)
+        written = write(Path(cfg.out_dir), summary, ranked) + draw(predictor, dataset, ranked, cfg)
+        remove_stale_reports(Path(cfg.out_dir), written)
     except OSError as err:  # the scores are still worth having: main prints them, then fails
         summary["report_error"] = str(err)
     return summary
@@ -271,8 +305,23 @@ def parts_summary(head: dict, result: dict, predictor: Predictor, store, cfg, se
     return summary, ranked
 
 
-def write_reports(out_dir: Path, summary: dict, ranked: list):
-    """per_image.csv (the records as ranked: worst first), summary.json and threshold_sweep.png."""
+def remove_stale_reports(out_dir: Path, written: list) -> list:
+    """Delete the REPORT_FILES in out_dir that this evaluation did not write; returns their names.
+
+    They are an earlier evaluation's whose other files this one has just replaced: another model's
+    confusion.png beside this one's summary.json, or a worst.png that --worst-k 0 no longer draws,
+    would read as this run's. Only after every report is written, so a failed run removes nothing.
+    """
+    stale = [name for name in REPORT_FILES if name not in written and (out_dir / name).is_file()]
+    for name in stale:
+        (out_dir / name).unlink()
+    if stale:
+        log.info("removed an earlier evaluation's %s from %s", ", ".join(stale), out_dir)
+    return stale
+
+
+def write_reports(out_dir: Path, summary: dict, ranked: list) -> list:
+    """per_image.csv (the records as ranked: worst first), summary.json and threshold_sweep.png; returns their names."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["name", "car_id", "dice_full_res", "iou_full_res", "dice_model_res"],
@@ -282,10 +331,12 @@ def write_reports(out_dir: Path, summary: dict, ranked: list):
     atomic.write_text(out_dir / "per_image.csv", text.getvalue())
     atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     plots.plot_threshold_sweep(summary["sweep"], out_dir / "threshold_sweep.png")
+    return ["per_image.csv", "summary.json", "threshold_sweep.png"]
 
 
-def write_parts_reports(out_dir: Path, summary: dict, ranked: list):
-    """per_image.csv (worst first), per_class.csv (full res), summary.json and confusion.png (full res).
+def write_parts_reports(out_dir: Path, summary: dict, ranked: list) -> list:
+    """per_image.csv (worst first), per_class.csv (full res), summary.json and confusion.png (full res);
+    returns their names.
 
     A score that does not exist (a class absent from truth and prediction) is an empty CSV cell, null in JSON.
     """
@@ -301,6 +352,7 @@ def write_parts_reports(out_dir: Path, summary: dict, ranked: list):
     plots.plot_confusion_matrix(summary["full_res"]["confusion"], summary["class_names"], out_dir / "confusion.png",
                                 title=f"full-resolution confusion, {summary['split']} split: "
                                       f"{Path(summary['checkpoint']).name}")
+    return ["per_image.csv", "per_class.csv", "summary.json", "confusion.png"]
 
 
 def csv_text(fields: list, rows: list) -> str:
@@ -329,11 +381,13 @@ def example_picks(store, ranked: list, cfg: EvaluateConfig) -> dict:
     return {filename: indices for filename, indices in picks.items() if indices}
 
 
-def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig):
-    """worst.png (the first, lowest-Dice, of the ranked records) and samples.png (a seeded random few)."""
+def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig) -> list:
+    """worst.png (the first, lowest-Dice, of the ranked records) and samples.png (a seeded random few);
+    returns the names drawn."""
     store = dataset.store
     dice = {r["name"]: r["dice_full_res"] for r in ranked}
-    for filename, indices in example_picks(store, ranked, cfg).items():
+    picks = example_picks(store, ranked, cfg)
+    for filename, indices in picks.items():
         rows = []
         for index in indices:
             images, _, _ = dataset[index]
@@ -343,15 +397,17 @@ def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, c
                          "target": store.full_mask(index).astype(bool), "label": f"{name}  Dice {dice[name]:.4f}"})
         plots.plot_prediction_panels(rows, Path(cfg.out_dir) / filename,
                                      title=f"{filename[:-4]}: {Path(cfg.checkpoint).name}")
+    return list(picks)
 
 
-def draw_parts_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig):
+def draw_parts_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig) -> list:
     """worst.png (lowest per-image mIoU first) and samples.png (a seeded random few): per image one row
-    photo | truth overlay | predicted overlay, over a legend of the classes in either."""
+    photo | truth overlay | predicted overlay, over a legend of the classes in either; returns the names drawn."""
     store, names = dataset.store, list(predictor.spec.class_names)
     colours = palette(len(names))
     miou = {r["name"]: r.get("miou_full_res") for r in ranked}
-    for filename, indices in example_picks(store, ranked, cfg).items():
+    picks = example_picks(store, ranked, cfg)
+    for filename, indices in picks.items():
         rows = []
         for index in indices:
             images, _, _ = dataset[index]
@@ -364,6 +420,7 @@ def draw_parts_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: l
             rows.append(plots.parts_row(photo, truth, pred, names, colours, f"{sample.name}  {score}"))
         title = f"{filename[:-4]}: {Path(cfg.checkpoint).name}, {cfg.split} split"
         atomic.write_bytes(Path(cfg.out_dir) / filename, plots.png_bytes(plots.stack_rows(rows, title)))
+    return list(picks)
 
 
 # ---------------------------------------------------------------- printing

@@ -1,9 +1,14 @@
 """Ship a model: a slim .pt checkpoint (fp16 weights), or an ONNX file for ONNX Runtime and OpenVINO.
 
-    python export.py checkpoints/<run>/best.pt                # -> checkpoints/carvana_unet.pt (the bundled model)
-                                                              #    or checkpoints/carparts.pt for a parts model
+    python export.py checkpoints/<run>/best.pt                  # -> checkpoints/<run>/best.slim.pt
     python export.py checkpoints/<run>/best.pt --out my.pt
     python export.py checkpoints/carvana_unet.pt --format onnx  # -> checkpoints/carvana_unet.onnx, parity checked
+    python export.py checkpoints/<run>/best.pt --out checkpoints/carvana_unet.pt --overwrite  # ship it
+
+The file is written beside its source unless --out says otherwise, and an existing file (the bundled
+models included) is replaced only with --overwrite: every script loads checkpoints/carvana_unet.pt
+by default, so shipping a new one is a command that names it (git checkout -- checkpoints/<name>
+brings back the shipped file).
 
 --format pt drops optimizer/scheduler state and stores floating-point weights as fp16 (half the
 size); the model is rebuilt in fp32 when loaded. The written file must load with weights_only=True
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import atomic
 import runtime
 from backends import export_onnx, load_source, openvino_native_bf16
 from config import BUNDLED_CHECKPOINT, BUNDLED_PARTS_CHECKPOINT, resolve_data_dir
@@ -47,12 +53,12 @@ PARITY_RUNS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16
 # what bf16 alone can break (an op that loses its precision costs far more than boundary pixels).
 PARITY_TOLERANCE = {"fp32": 0.9999, "bf16": 0.995}
 PARITY_PHOTOS = 8
+RESTORE = "`git checkout -- {}` brings back the shipped file"
 
 
 def export_checkpoint(source, out) -> dict:
     """Write the slim copy of `source` to `out` atomically; returns it."""
-    if Path(out).resolve() == Path(source).resolve() and "optimizer" in load_checkpoint(source):
-        raise ValueError(f"--out {out} is the training checkpoint itself; exporting would drop its optimizer state")
+    refuse_training_source(source, out)
     checkpoint = load_checkpoint(source)
     slim = {k: checkpoint[k] for k in KEEP if k in checkpoint}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
@@ -171,10 +177,38 @@ def parity_photos(checkpoint_path, check_images, data_dir) -> list:
 
 
 def default_out(checkpoint_path, fmt: str) -> Path:
-    if fmt == "onnx":
-        return Path(checkpoint_path).with_suffix(".onnx")
-    parts = len(load_checkpoint(checkpoint_path)["class_names"]) > 2
-    return BUNDLED_PARTS_CHECKPOINT if parts else BUNDLED_CHECKPOINT
+    """Beside the source: <stem>.slim.pt (pt) or <stem>.onnx (onnx).
+
+    Beside it, as the run's folder is the run's own (and git-ignored); `.slim` because `<stem>.pt` is
+    the source's own name, and the suffix stays .pt so every --checkpoint takes it. Never a bundled
+    model: that is every script's default, replaced only by a command that names it (check_out).
+    """
+    source = Path(checkpoint_path)
+    return source.with_name(f"{source.stem}.onnx" if fmt == "onnx" else f"{source.stem}.slim.pt")
+
+
+def bundled_name(out) -> str | None:
+    """checkpoints/<name> if `out` is one of the bundled models, else None."""
+    bundled = {BUNDLED_CHECKPOINT.resolve(), BUNDLED_PARTS_CHECKPOINT.resolve()}
+    return f"checkpoints/{Path(out).name}" if Path(out).resolve() in bundled else None
+
+
+def refuse_training_source(source, out):
+    """ValueError if `out` is the training checkpoint `source` itself, --overwrite or not: its optimizer
+    state, which resume needs, would be lost."""
+    if Path(out).resolve() == Path(source).resolve() and "optimizer" in load_checkpoint(source):
+        raise ValueError(f"--out {out} is the training checkpoint itself; exporting would drop its optimizer state")
+
+
+def check_out(source, out: Path, overwrite: bool):
+    """Before any work: refuse writing over the training checkpoint read (refuse_training_source), and an
+    existing `out` without --overwrite (atomic.refuse_existing), saying for a bundled model what it is and
+    how its shipped file comes back."""
+    refuse_training_source(source, out)
+    shipped = bundled_name(out)
+    why = (f": it is the bundled model every script loads by default ({RESTORE.format(shipped)})" if shipped else
+           ", or give another --out")
+    atomic.refuse_existing(out, overwrite, why)
 
 
 def main(argv=None):
@@ -182,9 +216,11 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt) or a bundled one")
     parser.add_argument("--format", choices=("pt", "onnx"), default="pt",
                         help="pt: slim fp16 checkpoint (default); onnx: for --backend onnxruntime/openvino")
-    parser.add_argument("--out", help="where to write (default: pt: the bundled model of its kind, "
-                                      f"{BUNDLED_CHECKPOINT.name} or {BUNDLED_PARTS_CHECKPOINT.name}; "
-                                      "onnx: the checkpoint's path with .onnx)")
+    parser.add_argument("--out", help="where to write (default: beside the checkpoint, pt: <stem>.slim.pt, "
+                                      "onnx: <stem>.onnx)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out, e.g. a bundled model: --out "
+                             f"checkpoints/{BUNDLED_CHECKPOINT.name} or checkpoints/{BUNDLED_PARTS_CHECKPOINT.name}")
     parser.add_argument("--check-images", nargs="+", metavar="PHOTO",
                         help="onnx: photos to check parity on (default: validation photos under --data-dir)")
     parser.add_argument("--data-dir", default="", help="onnx: where the checkpoint's validation photos are "
@@ -192,6 +228,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         out = Path(args.out or default_out(args.checkpoint, args.format))
+        check_out(args.checkpoint, out, args.overwrite)
         if args.format == "pt":
             export_checkpoint(args.checkpoint, out)
         else:
@@ -199,6 +236,8 @@ def main(argv=None):
     except (OSError, ValueError) as err:  # FileNotFoundError, a folder that cannot be written...
         raise SystemExit(f"error: {err}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    if bundled_name(out):
+        print(f"{out} is now the bundled model every script loads by default; {RESTORE.format(bundled_name(out))}")
 
 
 def export_onnx_main(args, out):

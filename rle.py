@@ -11,7 +11,11 @@ This module knows the text, not data folders: which image a mask belongs to is d
 business (it pairs train/ with the rows read here), and `python dataset.py write-csv / compare-csv`
 runs the CSV tools below on a data folder's mask files.
 """
+import csv
 import hashlib
+import io
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from tqdm import tqdm
 from atomic import atomic_write
 
 MASK_CSV_HEADER = "img,rle_mask"
+QUOTED_FIELD = re.compile(rb'\s*"((?:[^"]|"")*)"\s*')  # a csv-quoted field at the start of a row
 
 
 def rle_encode(mask: np.ndarray) -> str:
@@ -103,8 +108,9 @@ def read_mask_csv(path) -> tuple[dict, list]:
     """Index Kaggle's train_masks.csv: ({img: RleRow, or None where img has several rows}, problems).
 
     The header must be `img,rle_mask`; a wrong one is a ValueError, since no row can then be read
-    safely. Every other problem (a row without two fields, an empty img, a second row for an image)
-    is listed with its line and the file is read to the end. An empty rle_mask is an empty mask.
+    safely. A quoted img (csv rules, as write_mask_csv writes a name with a comma) is unquoted.
+    Every other problem (a row without two fields, an empty img, a second row for an image) is
+    listed with its line and the file is read to the end. An empty rle_mask is an empty mask.
     The RLE itself is checked when a row is decoded, at its image's size (RleRow.decode).
     """
     path = Path(path)
@@ -121,15 +127,14 @@ def read_mask_csv(path) -> tuple[dict, list]:
             text = line.rstrip(b"\r\n")
             if not text.strip():
                 continue  # blank lines (a trailing newline, an editor's extra one) hold no row
-            fields = text.split(b",")
-            img = fields[0].strip().strip(b'"').decode("utf-8", errors="replace")
-            if len(fields) != 2 or not img:
-                what = f"{len(fields)} field(s)" if len(fields) != 2 else "an empty img"
+            head, img, others = _split_row(text)
+            if len(others) != 1 or not img:
+                what = f"{len(others) + 1} field(s)" if len(others) != 1 else "an empty img"
                 problems.append(f"{path} line {number}: expected 'image name,rle_mask', found {what}: "
                                 f"{text[:60].decode('utf-8', errors='replace')!r}")
                 continue
-            row = RleRow(path, number, img, start + len(fields[0]) + 1, len(fields[1]),
-                         hashlib.sha1(fields[1]).hexdigest())
+            row = RleRow(path, number, img, start + len(head) + 1, len(others[0]),
+                         hashlib.sha1(others[0]).hexdigest())
             if img in first_line:
                 problems.append(f"{path} line {number}: another row for {img} (first on line "
                                 f"{first_line[img]}); none of its rows is used")
@@ -137,6 +142,23 @@ def read_mask_csv(path) -> tuple[dict, list]:
                 continue
             rows[img], first_line[img] = row, number
     return rows, problems
+
+
+def _split_row(text: bytes) -> tuple:
+    """A row's (img field as it stands in the line, img, the fields after it as bytes).
+
+    A quoted img is read by the csv rules write_mask_csv and predict.py write by: it may hold commas,
+    and "" stands for a quote. Anything else is split at every comma, as before.
+    """
+    quoted = QUOTED_FIELD.match(text)
+    if quoted and text[quoted.end():quoted.end() + 1] in (b",", b""):
+        head, rest = text[:quoted.end()], text[quoted.end() + 1:]
+        others = rest.split(b",") if len(text) > quoted.end() else []
+        img = quoted.group(1).replace(b'""', b'"')
+    else:
+        head, *others = text.split(b",")
+        img = head.strip().strip(b'"')
+    return head, img.decode("utf-8", errors="replace"), others
 
 
 # ---------------------------------------------------------------- train_masks.csv from and against masks
@@ -147,13 +169,41 @@ def write_mask_csv(masks: dict, path, load=np.asarray) -> Path:
     `masks` is {img: mask source}, img being the image's file name; `load(source)` gives the mask as
     an (H, W) array, non-zero is car (by default the source is that array). Masks are loaded one at a
     time, so a training set's 5,088 never sit in memory together. The file is written atomically.
+    Names are quoted by the csv module's rules (a comma, a quote), as predict.py's submission quotes
+    them; a name the file cannot hold is a ValueError naming it, before anything is written (unwritable_name).
     """
     path = Path(path)
+    for img in masks:
+        why = unwritable_name(img)
+        if why:
+            # bytes that are not UTF-8 escaped (caf\xe9.jpg), a line break as \n: the message stays one line
+            shown = os.fsencode(img).decode("utf-8", "backslashreplace").replace("\n", "\\n").replace("\r", "\\r")
+            raise ValueError(f"cannot write {path}: the image name '{shown}' {why}; rename the image")
     with atomic_write(path) as f:
-        f.write(f"{MASK_CSV_HEADER}\n".encode())
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        rows = csv.writer(text, lineterminator="\n")
+        rows.writerow(MASK_CSV_HEADER.split(","))
         for img in tqdm(sorted(masks), desc="encoding", unit="mask", leave=False, disable=None):
-            f.write(f"{img},{rle_encode(load(masks[img]))}\n".encode())
+            rows.writerow((img, rle_encode(load(masks[img]))))
+        text.flush()
+        text.detach()  # flushed, and `f` left open for atomic_write to fsync and rename
     return path
+
+
+def unwritable_name(img: str) -> str | None:
+    """Why `img` cannot be a row's img field, or None.
+
+    Not UTF-8 (a Latin-1 'café.jpg', which Python carries as lone surrogates): the file is UTF-8, and
+    an escaped or replaced name would be another name, matching no image. A line break: CSV could quote
+    it, but every reader of train_masks.csv here (read_mask_csv) and most elsewhere take a row per line.
+    """
+    try:
+        img.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not UTF-8, which the CSV cannot hold unchanged"
+    if "\n" in img or "\r" in img:
+        return "holds a line break, which would split its row"
+    return None
 
 
 def compare_mask_csv(csv_path, masks: dict, load=np.asarray, limit: int = 20) -> dict:

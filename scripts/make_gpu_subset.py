@@ -82,6 +82,7 @@ def write_subset(source: Path, out: Path, cars: list, views: list, quality: int)
                 if not (source / "train_masks" / f"{c}_{v}_mask.gif").is_file()]
     if missing:
         raise SystemExit(f"error: {source} lacks {len(missing)} file(s) of the chosen cars, e.g. {missing[0]}")
+    refuse_foreign(out, lambda folder: (folder / "SUBSET.json").is_file(), "it holds no SUBSET.json")
     checksums = read_checksums(source)
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -107,8 +108,17 @@ def write_subset(source: Path, out: Path, cars: list, views: list, quality: int)
     return manifest
 
 
+def refuse_foreign(out: Path, ours, why: str):
+    """SystemExit unless `out` is missing or `ours(out)` says this script made it: `out` is replaced whole
+    (rmtree), and --out ../shared would otherwise have deleted the Carvana set itself."""
+    if out.exists() and not (out.is_dir() and ours(out)):
+        raise SystemExit(f"error: {out} exists and is not one this script made ({why}); it is replaced whole, "
+                         "so remove it yourself or give another --out")
+
+
 def download_wheels(out: Path, python_version: str):
     """pip download, into out/ (replaced whole), this environment's versions of WHEELS for the GPU machine."""
+    refuse_foreign(out, lambda folder: all(p.suffix == ".whl" for p in folder.iterdir()), "it holds more than wheels")
     try:
         pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
     except importlib.metadata.PackageNotFoundError as err:

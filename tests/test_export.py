@@ -35,13 +35,14 @@ def test_export_refuses_to_write_over_the_training_checkpoint_it_reads(tmp_path)
     assert (run / "last.pt").read_bytes() == before
 
 
-def test_a_parts_model_exports_with_its_classes_to_the_parts_bundle_by_default(tmp_path, monkeypatch):
+def test_a_parts_model_exports_with_its_classes_beside_its_source_by_default(tmp_path, monkeypatch):
     from conftest import write_coco_dataset
     data = write_coco_dataset(tmp_path / "coco")
     run = Path(train.train(tiny_config(data, tmp_path, epochs=1))["run_dir"])
-    bundled = tmp_path / "checkpoints" / "carparts.pt"
-    monkeypatch.setattr(export, "BUNDLED_PARTS_CHECKPOINT", bundled)
+    # Stand-ins, so that a regression to the old default (the bundled model) writes over no tracked file.
+    monkeypatch.setattr(export, "BUNDLED_PARTS_CHECKPOINT", tmp_path / "checkpoints" / "carparts.pt")
     export.main([str(run / "best.pt")])
-    slim = load_checkpoint(bundled)
+    assert not (tmp_path / "checkpoints" / "carparts.pt").exists()
+    slim = load_checkpoint(run / "best.slim.pt")
     assert slim["class_names"] == ["background", "left_door", "right_door", "wheel"]
     assert slim["model_args"]["out_channels"] == 4

@@ -1,5 +1,5 @@
-"""Protects predict.py and atomic.py against awkward file names: glob characters in existing paths,
-names that are not UTF-8, and names near the file system's 255-byte limit."""
+"""Protects predict.py, evaluate.py and atomic.py against awkward file names: glob characters in existing
+paths, names that are not UTF-8, and names near the file system's 255-byte limit."""
 import csv
 import errno
 import logging
@@ -180,6 +180,28 @@ def test_a_message_naming_a_file_that_is_not_utf8_is_shown_with_a_replacement_ch
 def test_text_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
     with pytest.raises(OSError, match=r"cannot write .*per_image.csv: its text is not UTF-8 at 'name.+caf\?\.png"):
         atomic.write_text(tmp_path / "per_image.csv", "name\n" + os.fsdecode(b"caf\xe9.png") + "\n")
+
+
+def test_evaluate_refuses_a_photo_name_that_is_not_utf8_before_scoring_naming_it(tmp_path, monkeypatch):
+    import evaluate
+    from config import EvaluateConfig
+    from conftest import save_palette_gif, write_kaggle_dataset
+    data = write_kaggle_dataset(tmp_path / "data")
+    image, mask = car_picture(0, 1, size=(96, 64))
+    try:
+        Image.fromarray(image).save(os.fsdecode(os.fsencode(data / "train") + b"/caf\xe9_01.jpg"), format="JPEG")
+    except OSError as err:
+        pytest.skip(f"this file system refuses a name that is not UTF-8: {err}")
+    save_palette_gif(mask, os.fsdecode(os.fsencode(data / "train_masks") + b"/caf\xe9_01_mask.gif"))
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(checkpoint, checkpoint_for(UNet(base_channels=4, depth=2),
+                                               {"image_width": 64, "image_height": 48, "threshold": 0.5}))
+    monkeypatch.setattr(evaluate, "prepare_store", lambda *a, **k: pytest.fail("decoded before the refusal"))
+    with pytest.raises(SystemExit, match=r"1 photo name\(s\) are not UTF-8, which per_image.csv cannot hold "
+                                         r"unchanged: .*/train/caf\\xe9_01.jpg; rename them"):
+        evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(data), "--split", "all", "--device", "cpu",
+                       "--cache-dir", "", "--out-dir", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
 
 
 # ---------------------------------------------------------------- names near NAME_MAX

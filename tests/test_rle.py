@@ -1,4 +1,6 @@
 """Protects Kaggle's run-length encoding: hand-computed cases, round trips, malformed input, the CSV on bare arrays."""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -54,3 +56,24 @@ def test_train_masks_csv_written_and_compared_from_arrays(tmp_path):
     assert report["masks_without_row"] == 1 and report["rows_without_mask"] == 0 and report["differ"] == []
     report = compare_mask_csv(path, {"b_01.jpg": np.array([[1, 1], [1, 1]])})
     assert report["differ"] == [{"img": "b_01.jpg", "line": 3, "same_text": False, "pixels_differ": 1}]
+
+
+def test_a_name_with_a_comma_or_a_quote_is_quoted_and_read_back(tmp_path):
+    masks = {"a,b.jpg": np.array([[0, 1], [1, 1]]), 'say "cheese".jpg': np.ones((2, 2)), "plain.jpg": np.zeros((2, 2))}
+    path = write_mask_csv(masks, tmp_path / "train_masks.csv")
+    assert path.read_text() == 'img,rle_mask\n"a,b.jpg",2 3\nplain.jpg,\n"say ""cheese"".jpg",1 4\n'  # csv rules
+    rows, problems = read_mask_csv(path)
+    assert problems == [] and {img: row.read() for img, row in rows.items()} == {
+        "a,b.jpg": "2 3", "plain.jpg": "", 'say "cheese".jpg': "1 4"}
+    report = compare_mask_csv(path, masks)
+    assert report["same_pixels"] == report["compared"] == 3 and report["csv_problems"] == []
+
+
+@pytest.mark.parametrize("name, why", [(os.fsdecode(b"caf\xe9.jpg"), r"'caf\\xe9.jpg' is not UTF-8"),
+                                       ("line\nbreak.jpg", r"'line\\nbreak.jpg' holds a line break")])
+def test_a_name_the_csv_cannot_hold_is_refused_naming_it_before_anything_is_written(tmp_path, name, why):
+    (tmp_path / "train_masks.csv").write_text("img,rle_mask\nearlier.jpg,1 1\n")
+    with pytest.raises(ValueError, match=f"cannot write .*train_masks.csv: the image name {why}"):
+        write_mask_csv({"a.jpg": np.ones((2, 2)), name: np.ones((2, 2))}, tmp_path / "train_masks.csv")
+    assert (tmp_path / "train_masks.csv").read_text() == "img,rle_mask\nearlier.jpg,1 1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["train_masks.csv"]
