@@ -10,6 +10,7 @@ inference metadata inside it) and the cache that lets `--backend onnxruntime|ope
 """
 import gc
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -21,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import atomic
-import runtime
-from model import INFERENCE_OPTIONS, load_checkpoint, load_model
+from carseg import atomic, runtime
+from model import load_model
+from carseg.checkpoint import INFERENCE_OPTIONS, load_checkpoint, with_current_keys
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,32 @@ EXPORT_VERSION = 1
 METADATA_KEY = "car_segmentation"  # the ONNX metadata_props entry holding the checkpoint's JSON metadata
 # The split's car ids stay, so evaluate.py can score an exported file on the validation split it was chosen on.
 METADATA_FIELDS = ("format_version", "arch", "model_args", "normalization", "class_names", "exported_from",
-                   "epoch", "best_val_dice", "val_cars", "train_cars")
+                   "epoch", "best_val_score", "val_groups", "train_groups")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' is OpenVINO on the CPU (the fastest that keeps Dice, docs/deployment.md) and torch on a GPU."""
+    """'auto' is OpenVINO on the CPU (the fastest that keeps Dice, docs/deployment.md) and torch on a GPU;
+    on a CPU without OpenVINO installed (the base install, requirements.txt) it is torch, and says so."""
     if backend == "auto":
-        return "openvino" if device.type == "cpu" else "torch"
+        if device.type != "cpu":
+            return "torch"
+        if not installed("openvino"):
+            log.info("--backend auto: OpenVINO is not installed, so PyTorch runs the network (pip install -r "
+                     "requirements-deploy.txt adds OpenVINO, faster on most CPUs)")
+            return "torch"
+        return "openvino"
     if backend != "torch" and device.type != "cpu":
         raise ValueError(f"--backend {backend} runs on the CPU here; use --device cpu, or --backend torch "
                          f"for {device}")
     return backend
+
+
+ENGINE_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # what each engine backend imports
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported here (the engines come with requirements-deploy.txt, not the base install)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def load_source(path) -> dict:
@@ -70,7 +86,7 @@ def load_source(path) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: its {METADATA_KEY} metadata is not valid JSON ({err}); export the file again "
                          "with `python export.py CHECKPOINT --format onnx`") from None
-    return {**metadata, "onnx_path": str(path)}
+    return {**with_current_keys(metadata), "onnx_path": str(path)}  # a file exported by an earlier version too
 
 
 def make_runner(source: dict, backend: str, device, precision: str):
@@ -81,8 +97,11 @@ def make_runner(source: dict, backend: str, device, precision: str):
     """
     device = runtime.resolve_device(device) if isinstance(device, str) else device
     if "onnx_path" in source and backend == "auto":
-        backend = "openvino"
+        backend = "openvino" if installed("openvino") else "onnxruntime"
     backend = resolve_backend(backend, device)
+    if backend in ENGINE_MODULES and not installed(ENGINE_MODULES[backend]):
+        raise ValueError(f"--backend {backend}: {ENGINE_MODULES[backend]} is not installed; pip install -r "
+                         "requirements-deploy.txt adds it (or use --backend torch with a .pt checkpoint)")
     if backend == "torch":
         if "onnx_path" in source:
             raise ValueError(f"{source['onnx_path']} is an ONNX file: run it with --backend onnxruntime or "

@@ -10,13 +10,10 @@ never touch the files.
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import logging
-import math
 import os
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +21,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-import distributed
-from atomic import atomic_write, folder_problem, refuse_existing
-from labels import BINARY_CLASSES, Shapes, load_class_mask, read_class_names, read_coco, read_coco_class_names
-from rle import RleRow, compare_mask_csv, read_mask_csv, write_mask_csv
+from carseg import distributed
+from carseg.atomic import atomic_write, folder_problem, refuse_existing
+from carseg.images import DECODE_ERRORS, IMAGE_EXTENSIONS, load_image, open_image
+from carseg.labels import (BINARY_CLASSES, Shapes, is_multiclass, load_class_mask, read_class_names, read_coco,
+                           read_coco_class_names)
+from carseg.rle import RleRow, compare_mask_csv, read_mask_csv, write_mask_csv
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 IMAGE_DIRS = ("train", "train_hq", "images")  # Kaggle layout first, then the plain one
 MASK_DIRS = {"train": "train_masks", "train_hq": "train_masks", "images": "masks"}
 COCO_FILE = "annotations.json"
@@ -42,10 +40,7 @@ COCO_IMAGE_DIRS = ("JPEGImages", "images")  # the Car Parts Dataset's layout, th
 CLASSES_FILE = "classes.txt"  # beside images/ + masks/: the masks hold indices into this list
 MASK_CSV = "train_masks.csv"  # Kaggle's run-length encoded masks, beside train/ in place of train_masks/
 
-MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs; a Carvana photo is 2.5 M pixels
 CACHE_VERSION = 2
-# What Pillow's decoders raise on corrupt files besides OSError (found by tests/test_fuzz.py).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
 HOW_TO_GET_DATA = """Get the Carvana training data (a Kaggle account that has accepted the competition rules):
   pip install kaggle        # and put your API token in ~/.kaggle/kaggle.json
   kaggle competitions download -c carvana-image-masking-challenge -f train.zip -p data/carvana
@@ -53,15 +48,6 @@ HOW_TO_GET_DATA = """Get the Carvana training data (a Kaggle account that has ac
   (cd data/carvana && unzip -q train.zip && unzip -q train_masks.zip)
 (Kaggle's train_masks.csv, the same masks run-length encoded, can stand in for train_masks.zip), or point
 --data-dir (or $CARVANA_DIR) at a folder holding train/ + train_masks/ (or train_masks.csv) or images/ + masks/."""
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-JPEG_END = b"\xff\xd9"  # the end-of-image marker
-SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (0xC4 is DHT, 0xCC DAC, 0xC8 reserved)
-HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive
-# Two runs of bytes that differ in every bit, neither holding 0xFF (which would start a marker): put before
-# the end marker of a JPEG that lacks it, they change its pixels if its last scan still needs data.
-_JPEG_RUN = np.random.default_rng(0).integers(1, 255, 256, dtype=np.uint8)
-JPEG_RUNS = (_JPEG_RUN.tobytes(), (255 - _JPEG_RUN).tobytes())
-_warned_missing_end = set()  # resolved paths already warned about: a file read twice is warned about once
 
 
 class MaskError(ValueError):
@@ -82,7 +68,7 @@ class Sample:
     image: Path
     mask: Path | Shapes | RleRow  # a mask file, a train_masks.csv row, or the shapes of a COCO data set
     name: str     # the image's stem, e.g. 0cdf5b5d0ce1_01
-    car_id: str   # the stem without its _NN view suffix, e.g. 0cdf5b5d0ce1
+    group: str    # what the split keeps together: by default the car id, the stem without its _NN view suffix
 
 
 def car_id_of(name: str) -> str:
@@ -203,7 +189,7 @@ def group_of(name: str, group_by: str = "car-id") -> str:
 
 
 def regroup(samples, group_by: str):
-    """The samples with their group (`car_id`) set by `group_by`; find_samples groups by car-id."""
+    """The samples with their `group` set by `group_by`; find_samples groups by car-id."""
     if group_by == "car-id":
         return samples
     groups = [group_of(s.name, group_by) for s in samples]
@@ -211,7 +197,7 @@ def regroup(samples, group_by: str):
     if group_by != "none" and unmatched:
         log.warning("--group-by %r finds no group in %d of the %d names (e.g. %s): each of those is its own "
                     "group", group_by, len(unmatched), len(samples), unmatched[0])
-    return [dataclasses.replace(s, car_id=group) for s, group in zip(samples, groups)]
+    return [dataclasses.replace(s, group=group) for s, group in zip(samples, groups)]
 
 
 def grouping_rule(group_by: str) -> str:
@@ -229,7 +215,7 @@ def split_by_car(samples, val_fraction: float, seed: int, group_by: str = "car-i
     Cars are ranked by a seeded hash of their id, not by their position in a listing, so the split
     does not depend on file order, and adding cars rarely moves an old car across the split.
     """
-    cars = sorted({s.car_id for s in samples})
+    cars = sorted({s.group for s in samples})
     if len(cars) < 2:
         example = " (so DSC_2001 and DSC_2002 are one group, 'DSC')" if group_by == "car-id" else ""
         raise ValueError(f"need at least 2 cars to split train/validation by car, found {len(cars)}: the "
@@ -237,8 +223,8 @@ def split_by_car(samples, val_fraction: float, seed: int, group_by: str = "car-i
                          "split image by image, or a regular expression that finds each object's id in the name")
     rank = sorted(cars, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
     n_val = min(len(cars) - 1, max(1, round(len(cars) * val_fraction)))
-    val_cars = set(rank[:n_val])
-    return [s for s in samples if s.car_id not in val_cars], [s for s in samples if s.car_id in val_cars]
+    val_groups = set(rank[:n_val])
+    return [s for s in samples if s.group not in val_groups], [s for s in samples if s.group in val_groups]
 
 
 def describe_split(train, val, val_fraction: float, group_by: str = "car-id"):
@@ -248,9 +234,9 @@ def describe_split(train, val, val_fraction: float, group_by: str = "car-id"):
     and by more than 5 points) or when one group holds more than half of all images.
     """
     total, achieved = len(train) + len(val), len(val) / (len(train) + len(val))
-    sizes = Counter(s.car_id for s in list(train) + list(val))
-    line = (f"split {grouping_rule(group_by)}: {len({s.car_id for s in train})} groups ({len(train)} images) "
-            f"train, {len({s.car_id for s in val})} groups ({len(val)} images) validate: {achieved:.1%} of the "
+    sizes = Counter(s.group for s in list(train) + list(val))
+    line = (f"split {grouping_rule(group_by)}: {len({s.group for s in train})} groups ({len(train)} images) "
+            f"train, {len({s.group for s in val})} groups ({len(val)} images) validate: {achieved:.1%} of the "
             f"images validate (--val-fraction {val_fraction})")
     warnings = []
     if abs(achieved - val_fraction) > max(0.05, val_fraction / 2):
@@ -264,279 +250,7 @@ def describe_split(train, val, val_fraction: float, group_by: str = "car-id"):
     return line, warnings
 
 
-# ---------------------------------------------------------------- decoding and preprocessing
-
-def open_image(path) -> Image.Image:
-    """Open an image lazily: a path, or a binary file object (serve.py's uploads, as io.BytesIO, named
-    by their `name` attribute if they have one). Errors are ValueErrors naming it and the reason."""
-    name = getattr(path, "name", path)
-    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise ValueError(f"{name}: empty file (0 bytes)")
-    try:
-        img = Image.open(path)
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"{name}: image too large ({err}); limit is {MAX_IMAGE_PIXELS} pixels")
-    except UnidentifiedImageError:
-        raise ValueError(f"{name}: not an image file (or a format Pillow cannot read)")
-    except OSError as err:
-        raise ValueError(f"{name}: cannot read: {err}{_riff_shortfall(path)}")
-    except DECODE_ERRORS as err:  # Pillow's parsers raise these too on corrupt headers
-        raise ValueError(f"{name}: corrupt image header: {err}")
-    # Pillow only warns between 1x and 2x its limit; refuse from 1x, before any pixel is decoded.
-    if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{name}: image too large ({img.width}x{img.height} pixels); "
-                         f"limit is {MAX_IMAGE_PIXELS} pixels")
-    return img
-
-
-def _riff_shortfall(path) -> str:
-    """' (cut short: N of its M bytes)' for a RIFF file (WebP) shorter than its header says, else ''.
-
-    A WebP has no end marker: its last bytes are image data, so any missing byte is missing pixels
-    (libwebp refuses the file; Pillow says only "could not create decoder object").
-    """
-    try:
-        data = _file_bytes(path)
-    except OSError:  # unreadable: open_image's message says why
-        return ""
-    declared = 8 + int.from_bytes(data[4:8], "little")
-    return f" (cut short: {len(data):,} of its {declared:,} bytes)" if data[:4] == b"RIFF" and len(data) < declared \
-        else ""
-
-
-def _oriented_size(img: Image.Image):
-    """(width, height) as displayed, after the EXIF orientation is applied."""
-    w, h = img.size
-    orientation = img.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
-def _to_8_bit(img: Image.Image) -> Image.Image:
-    """A one-channel image of integer (I;16, I) or float (F) pixels -> mode L, by the one reading of its range
-    that is unambiguous; ValueError giving the range found for any other.
-
-    Integers 0-255 are 8-bit levels as they are (a 16-bit container may hold 8-bit values), up to 65535
-    16-bit levels; floats 0-1 are a unit range, and whole-number floats up to 255 are 8-bit levels.
-    Negative, non-finite and other values (HDR radiance such as 0-4.7) have no single 8-bit meaning
-    and are refused.
-    """
-    array = np.asarray(img, dtype=np.float64)
-    is_float = img.mode == "F"
-    if not np.isfinite(array).all():
-        raise ValueError("pixel values include NaN or infinity")
-    low, high = array.min(), array.max()
-    if low >= 0 and is_float and high <= 1:
-        scale = 255.0
-    elif low >= 0 and high <= 255 and (not is_float or (array == np.round(array)).all()):
-        scale = 1.0
-    elif low >= 0 and not is_float and high <= 65535:
-        scale = 255.0 / 65535.0
-    else:
-        expected = "0-1, or whole numbers 0-255" if is_float else "0-255 or 0-65535"
-        raise ValueError(f"{'float' if is_float else 'integer'} pixel values from {low:g} to {high:g} have no "
-                         f"unambiguous 8-bit reading (expected {expected})")
-    return Image.fromarray(np.rint(array * scale).clip(0, 255).astype(np.uint8))
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB: transparency over white (the studio background), 16-bit and float scaled to 8-bit."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        img = _to_8_bit(img)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
-        return background
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def load_image(path, size=None):
-    """Decode an image (a path or a binary file object, see open_image) upright as RGB uint8 (H, W, 3);
-    with size=(w, h), decoded small and resized.
-
-    Returns (array, full_size) where full_size is the upright (width, height) of the file. JPEGs are
-    decoded at a reduced DCT scale where that stays at or above `size` and divides the stored size
-    exactly (a 1918x1280 Carvana photo decodes at 1/2 scale to 959x640 in a few ms, instead of 25 ms
-    for the full image, and is then area-averaged to `size`). A JPEG that lacks only its end marker
-    is read, with a warning (see _jpeg_lacking_only_its_end); a cut one is refused.
-    """
-    name = getattr(path, "name", path)
-    img = open_image(path)
-    try:
-        try:
-            array, full_size = _decoded(img, size)
-        except DECODE_ERRORS:
-            whole = _jpeg_lacking_only_its_end(img, path)
-            if whole is None:
-                raise
-            array, full_size = _decoded(whole, size)
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"{name}: image too large ({err})")
-    except DECODE_ERRORS as err:  # truncated or corrupt data shows up only when decoding
-        raise ValueError(f"{name}: cannot decode: {err}")
-    if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
-        array = cv2.resize(array, tuple(size), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(array), full_size
-
-
-def _decoded(img: Image.Image, size):
-    """(upright RGB array, upright full size) of an opened image; a JPEG at the DCT scale load_image picks."""
-    full_size = _oriented_size(img)
-    if size is not None and img.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEG of phones and cameras
-        swap = full_size != img.size
-        w, h = (size[1], size[0]) if swap else size
-        # Only a scale that divides the stored size: libjpeg rounds a partial last block up to a
-        # whole pixel, so 1918 columns at 1/4 give 480 pixels covering 1920, and the image would
-        # slide against its area-averaged mask by up to 2 full-size pixels at the far edge.
-        scale = max([s for s in (2, 4, 8) if img.size[0] % s == 0 and img.size[1] % s == 0
-                     and img.size[0] // s >= w and img.size[1] // s >= h], default=1)
-        img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
-    img = _to_rgb(ImageOps.exif_transpose(img))
-    return np.array(img), full_size  # a writable copy: torch.from_numpy warns on read-only arrays
-
-
-# ---------------------------------------------------------------- JPEGs that lack only their end marker
-
-def _jpeg_lacking_only_its_end(img: Image.Image, path):
-    """A JPEG that Pillow refused, reopened with its end marker (FF D9) restored when that marker is all
-    it lacks, with a warning once per file; None for any other file, a really cut one included.
-
-    Such a file holds every pixel (browsers show it; compare python-pillow/Pillow#4215). Pillow's
-    LOAD_TRUNCATED_IMAGES would read it too, but it would also fill a cut photo with grey, so what is
-    missing is checked instead: the file ends inside a scan's data, the scans present code the whole
-    image (_jpeg_scans_complete), and its pixels need no byte past the end (_jpeg_needs_no_more_data).
-    The check decodes at full scale, so a JPEG read small (draft) is accepted or refused alike.
-    """
-    if img.format != "JPEG":
-        return None
-    data = _file_bytes(path)
-    if data.endswith(JPEG_END) or not _jpeg_scans_complete(data) or not _jpeg_needs_no_more_data(data):
-        return None
-    name = getattr(path, "name", path)
-    key = str(Path(path).resolve()) if isinstance(path, (str, os.PathLike)) else None  # uploads: every time
-    if key not in _warned_missing_end:
-        log.warning("%s: the JPEG lacks its end marker (its last 2 bytes, FF D9) but holds every pixel: read as "
-                    "it is (save it again to repair it)", name)
-    if key is not None:
-        _warned_missing_end.add(key)
-    whole = io.BytesIO(data + JPEG_END)
-    whole.name = name  # what load_image's messages call it
-    return open_image(whole)
-
-
-def _file_bytes(path) -> bytes:
-    """The whole content of a path or of a binary file object (from its start)."""
-    if isinstance(path, (str, os.PathLike)):
-        return Path(path).read_bytes()
-    path.seek(0)
-    return path.read()
-
-
-def _jpeg_scans_complete(data: bytes) -> bool:
-    """True when a JPEG's bytes end inside a scan's entropy-coded data, every segment before it is whole, and
-    the scans present code every DCT coefficient of every component to full precision, the last one in its
-    last restart interval: whatever is missing is then the end of the last scan, not a later scan.
-
-    Only Huffman-coded frames (baseline, extended, progressive) qualify: those are what the
-    decoder check (_jpeg_needs_no_more_data) was tried on.
-    """
-    pos, frame, coded, interval = 2, None, {}, 0
-    while True:
-        while data[pos:pos + 2] == b"\xff\xff":  # fill bytes before a marker
-            pos += 1
-        if data[pos:pos + 1] != b"\xff" or pos + 4 > len(data):
-            return False
-        code, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
-        segment = data[pos + 4:pos + 2 + length]
-        if code in (0xD8, 0xD9) or length < 2 or len(segment) != length - 2:  # a second start, an end, a cut
-            return False
-        if code in SOF_MARKERS:
-            frame = _jpeg_frame(segment) if code in HUFFMAN_FRAMES else None
-            if frame is None:
-                return False
-            coded = {component: set() for component in frame[2]}
-        elif code == 0xDD:  # DRI: a restart marker every `interval` MCUs from here on
-            interval = int.from_bytes(segment[:2], "big")
-        elif code == 0xDA:  # SOS: a scan header, then its entropy-coded data
-            scan = _jpeg_scan(segment)
-            if frame is None or scan is None or not set(scan[0]) <= coded.keys():
-                return False
-            components, first, last, low_bit = scan
-            if low_bit == 0:  # coded to full precision (a progressive scan with low_bit > 0 is refined later)
-                for component in components:
-                    coded[component].update(range(first, last + 1))
-            pos, restarts = _end_of_scan_data(data, pos + 2 + length)
-            if pos is None:
-                whole_image = all(len(coefficients) == 64 for coefficients in coded.values())
-                last_interval = interval == 0 or restarts == math.ceil(_jpeg_mcus(frame, components) / interval) - 1
-                return whole_image and last_interval
-            continue
-        pos += 2 + length
-
-
-def _jpeg_frame(segment: bytes):
-    """(width, height, {component id: (h, v) sampling}) from a frame header; None if it is short or its
-    height comes later (a DNL marker)."""
-    if len(segment) < 6 or len(segment) < 6 + 3 * segment[5]:
-        return None
-    height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
-    sampling = {segment[6 + 3 * i]: (segment[7 + 3 * i] >> 4, segment[7 + 3 * i] & 15) for i in range(segment[5])}
-    return (width, height, sampling) if height and width and all(h and v for h, v in sampling.values()) else None
-
-
-def _jpeg_scan(segment: bytes):
-    """(component ids, first coefficient, last coefficient, successive-approximation low bit) of a scan header;
-    None if it is short."""
-    if not segment or len(segment) < 4 + 2 * segment[0]:
-        return None
-    n = segment[0]
-    return [segment[1 + 2 * i] for i in range(n)], segment[1 + 2 * n], segment[2 + 2 * n], segment[3 + 2 * n] & 15
-
-
-def _end_of_scan_data(data: bytes, pos: int):
-    """(position of the marker after the entropy-coded data starting at pos, restart markers on the way);
-    the position is None when the data runs to the end of the file."""
-    restarts = 0
-    while True:
-        pos = data.find(b"\xff", pos)
-        if pos < 0 or pos + 1 >= len(data):
-            return None, restarts
-        follower = data[pos + 1]
-        if follower not in (0x00, 0xFF) and not 0xD0 <= follower <= 0xD7:
-            return pos, restarts
-        restarts += 0xD0 <= follower <= 0xD7
-        pos += 1 if follower == 0xFF else 2  # FF 00 is a data byte 0xFF; FF FF is fill
-
-
-def _jpeg_mcus(frame, components) -> int:
-    """MCUs in a scan: an interleaved one covers the frame in MCUs of the largest sampling factors' blocks,
-    a one-component one covers that component in 8x8 blocks."""
-    width, height, sampling = frame
-    h_max, v_max = max(h for h, _ in sampling.values()), max(v for _, v in sampling.values())
-    if len(components) > 1:
-        return math.ceil(width / (8 * h_max)) * math.ceil(height / (8 * v_max))
-    h, v = sampling[components[0]]
-    return math.ceil(math.ceil(width * h / h_max) / 8) * math.ceil(math.ceil(height * v / v_max) / 8)
-
-
-def _jpeg_needs_no_more_data(data: bytes) -> bool:
-    """True when the pixels decoded from `data` do not depend on what would follow it: decoded with the end
-    marker right after it, and after either of two runs of bytes that differ in every bit (JPEG_RUNS),
-    they come out identical. A scan cut short would decode those runs as its missing data and differ."""
-    try:
-        pixels = _pixels(data + JPEG_END)  # libjpeg pads a short scan with zero bits
-        return all(np.array_equal(pixels, _pixels(data + run + JPEG_END)) for run in JPEG_RUNS)
-    except DECODE_ERRORS:
-        return False
-
-
-def _pixels(data: bytes) -> np.ndarray:
-    """The pixels of an encoded image as decoded, at full size and in its own mode."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return np.array(img)
-
+# ---------------------------------------------------------------- preprocessing
 
 def image_to_tensor(image: np.ndarray, normalization: dict | None = None) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1], then (x - mean) / std per channel if a
@@ -663,7 +377,7 @@ class SampleStore:
 
     def full_mask(self, index) -> np.ndarray:
         """The full-resolution mask (H, W) of sample `index`: {0,1} (binary) or class indices, uint8."""
-        if self.num_classes > 2:
+        if is_multiclass(self.num_classes):
             return self.full_masks[index]
         w, h = self.full_sizes[index]
         return np.unpackbits(self.full_masks[index], count=w * h).reshape(h, w)
@@ -676,7 +390,7 @@ def decode_sample(sample: Sample, size, num_classes=2):
         mask = sample.mask.decode(full_size)
     elif isinstance(sample.mask, Shapes):
         mask = sample.mask.rasterize()
-    elif num_classes > 2:
+    elif is_multiclass(num_classes):
         mask = load_class_mask(sample.mask, num_classes)
     else:
         mask = load_mask(sample.mask)
@@ -685,7 +399,7 @@ def decode_sample(sample: Sample, size, num_classes=2):
             else f"{sample.mask}: mask"
         raise ValueError(f"{what} is {mask.shape[1]}x{mask.shape[0]} but its image "
                          f"{sample.image.name} is {full_size[0]}x{full_size[1]}")
-    if num_classes > 2:
+    if is_multiclass(num_classes):
         return image, cv2.resize(mask, tuple(size), interpolation=cv2.INTER_NEAREST), mask, full_size
     return image, shrink_mask(mask, size), np.packbits(mask.ravel()), full_size
 
@@ -761,12 +475,12 @@ def load_samples(samples, size, cache_dir="", desc="decoding", num_classes=2) ->
         if path is not None and not _is_cached(path, item):
             cache = None  # a cache that cannot be written (full disk...) is dropped: the samples stay in RAM
         store.add(sample, *item)
-        if item[1].max() == 0 or (item[1].min() == 255 and num_classes == 2):  # cheap pre-check on the small mask
+        if item[1].max() == 0 or (item[1].min() == 255 and not is_multiclass(num_classes)):  # cheap pre-check on the small mask
             full = store.full_mask(len(store) - 1)
             if full.min() == full.max():
                 where = sample.mask if isinstance(sample.mask, RleRow) else getattr(sample.mask, "source", sample.mask)
                 log.warning("%s: mask of %s is all %s", where, sample.name,
-                            "background" if full.min() == 0 else "car" if num_classes == 2 else f"class {full.min()}")
+                            "background" if full.min() == 0 else "car" if not is_multiclass(num_classes) else f"class {full.min()}")
     return store, problems
 
 
@@ -781,7 +495,7 @@ def prepare_store(samples, size, cache_dir="", where="", pairing_problems=(), nu
 
 # ---------------------------------------------------------------- the Dataset
 
-class CarvanaDataset(torch.utils.data.Dataset):
+class SegmentationDataset(torch.utils.data.Dataset):
     """Items of a SampleStore as (image (3, H, W) float32, mask, index).
 
     The mask is (1, H, W) float32 in [0, 1] (soft) for a binary store, (H, W) int64 class indices
@@ -807,7 +521,7 @@ class CarvanaDataset(torch.utils.data.Dataset):
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         masks = torch.from_numpy(np.ascontiguousarray(mask))
-        masks = masks.long() if self.store.num_classes > 2 else masks.float().div_(255.0).unsqueeze(0)
+        masks = masks.long() if is_multiclass(self.store.num_classes) else masks.float().div_(255.0).unsqueeze(0)
         return image_to_tensor(np.ascontiguousarray(image), self.normalization), masks, index
 
 

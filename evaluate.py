@@ -36,15 +36,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import atomic
-import distributed
-import plots
-import runtime
+from carseg import atomic, distributed, plots, runtime
 from backends import load_source
 from config import EvaluateConfig, parse_config, resolve_checkpoint, resolve_data_dir
-from dataset import CarvanaDataset, find_class_names, find_samples, load_image, prepare_store, regroup
+from dataset import SegmentationDataset, find_class_names, find_samples, prepare_store, regroup
+from carseg.images import encode, load_image
 from inference import Predictor
-from labels import palette
+from carseg.labels import is_multiclass, palette
 from metrics import ConfusionMeter, SegmentationMeter
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ REPORT_FILES = ("summary.json", "per_image.csv", "per_class.csv", "threshold_swe
 
 
 def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None, world=distributed.SOLO) -> dict:
-    """Score `predictor` on a loader of CarvanaDataset items; returns metrics and per-image records.
+    """Score `predictor` on a loader of SegmentationDataset items; returns metrics and per-image records.
 
     Multi-class models are scored by evaluate_parts (the sweep does not apply to them). Under torchrun
     (`world` of several processes) each process's loader holds its own share of the images and every
@@ -80,7 +78,7 @@ def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None
             loss_sum += loss_fn(logits, masks).item() * len(images)
         model_res_dice = model_res.update(probs > threshold, masks > 0.5)
         for j, index in enumerate(indices.tolist()):
-            record = {"name": store.samples[index].name, "car_id": store.samples[index].car_id,
+            record = {"name": store.samples[index].name, "group": store.samples[index].group,
                       "dice_model_res": model_res_dice[j].item()}
             if full_res:
                 prob = predictor.upsample(probs[j], store.full_sizes[index])
@@ -120,7 +118,7 @@ def evaluate_parts(predictor: Predictor, loader, full_res=True, loss_fn=None, wo
             loss_sum += loss_fn(logits, masks).item() * len(images)
         model_res.update(probs.argmax(1), masks)
         for j, index in enumerate(indices.tolist()):
-            record = {"name": store.samples[index].name, "car_id": store.samples[index].car_id}
+            record = {"name": store.samples[index].name, "group": store.samples[index].group}
             if full_res:
                 pred = predictor.class_map(probs[j], store.full_sizes[index])
                 target = torch.from_numpy(store.full_mask(index)).to(predictor.device)
@@ -164,18 +162,18 @@ def select_samples(checkpoint: dict, data_dir, split, where=""):
     if split == "all":
         return samples, problems
     samples = regroup(samples, checkpoint["config"].get("group_by", "car-id"))  # the groups its split was of
-    if "val_cars" not in checkpoint:
+    if "val_groups" not in checkpoint:
         raise ValueError(f"checkpoint {where} records no validation cars; use --split all")
-    val_cars = set(checkpoint["val_cars"])
+    val_groups = set(checkpoint["val_groups"])
     if split == "val":
-        chosen = [s for s in samples if s.car_id in val_cars]
-    elif "train_cars" in checkpoint:
-        train_cars = set(checkpoint["train_cars"])
-        chosen = [s for s in samples if s.car_id in train_cars]
-    else:  # written before train_cars was recorded
+        chosen = [s for s in samples if s.group in val_groups]
+    elif "train_groups" in checkpoint:
+        train_groups = set(checkpoint["train_groups"])
+        chosen = [s for s in samples if s.group in train_groups]
+    else:  # written before train_groups was recorded
         log.warning("checkpoint %s does not record its training cars: --split train scores every car that is not a "
                     "validation car, including any the run never saw", where)
-        chosen = [s for s in samples if s.car_id not in val_cars]
+        chosen = [s for s in samples if s.group not in val_groups]
     if not chosen:
         raise ValueError(f"none of the checkpoint's {split} cars are in {data_dir}; use --split all "
                          "to score every image there")
@@ -203,7 +201,7 @@ def check_classes(checkpoint: dict, data_dir, where=""):
                      f"{difference}\n  data:       {found}\n  checkpoint: {trained}")
 
 
-def load_split(checkpoint: dict, predictor: Predictor, cfg: EvaluateConfig) -> CarvanaDataset:
+def load_split(checkpoint: dict, predictor: Predictor, cfg: EvaluateConfig) -> SegmentationDataset:
     """The decoded samples of cfg.split as a dataset preprocessed for `predictor`, after checking the classes."""
     data_dir = resolve_data_dir(cfg.data_dir)
     check_classes(checkpoint, data_dir, cfg.checkpoint)
@@ -211,7 +209,7 @@ def load_split(checkpoint: dict, predictor: Predictor, cfg: EvaluateConfig) -> C
     refuse_names_csv_cannot_hold(samples)
     store = prepare_store(samples, predictor.input_size, cfg.cache_dir, data_dir, problems,
                           num_classes=len(checkpoint["class_names"]))
-    return CarvanaDataset(store, normalization=predictor.spec.normalization)
+    return SegmentationDataset(store, normalization=predictor.spec.normalization)
 
 
 def refuse_names_csv_cannot_hold(samples):
@@ -257,7 +255,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
         raise ValueError(f"--out-dir {cfg.out_dir}: reports cannot be written there: {problem}")
     checkpoint = load_source(cfg.checkpoint)  # a .pt checkpoint, or an exported .onnx file's metadata
     classes = len(checkpoint["class_names"])
-    if classes > 2 and cfg.threshold is not None:
+    if is_multiclass(classes) and cfg.threshold is not None:
         raise ValueError(f"--threshold {cfg.threshold}: checkpoint {cfg.checkpoint} is a {classes}-class parts model; "
                          "each pixel takes its most probable class (argmax), which has no threshold to set")
     predictor = Predictor.from_checkpoint(checkpoint, cfg.device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
@@ -283,7 +281,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
 def binary_summary(head: dict, result: dict, predictor: Predictor, store, cfg, seconds: float):
     """(summary, records ranked worst first by full-res Dice) of a binary model's `evaluate` result."""
     summary = {**head, "threshold": predictor.threshold, "backend": predictor.backend, "precision": predictor.precision,
-               "tta": cfg.tta, "model_size": list(predictor.input_size), "cars": len({s.car_id for s in store.samples}),
+               "tta": cfg.tta, "model_size": list(predictor.input_size), "cars": len({s.group for s in store.samples}),
                "seconds": round(seconds, 1), "full_res": result["full_res"],
                "model_res": result["model_res"], "sweep": result["sweep"]}
     ranked = sorted(result["records"], key=lambda r: r["dice_full_res"])
@@ -297,7 +295,7 @@ def parts_summary(head: dict, result: dict, predictor: Predictor, store, cfg, se
     An image with no part in its truth or its prediction has no mIoU (None): nothing to miss, it ranks last.
     """
     summary = {**head, "backend": predictor.backend, "precision": predictor.precision, "tta": cfg.tta, "model_size": list(predictor.input_size),
-               "images": len(result["records"]), "groups": len({s.car_id for s in store.samples}),
+               "images": len(result["records"]), "groups": len({s.group for s in store.samples}),
                "seconds": round(seconds, 1), "class_names": list(predictor.spec.class_names),
                "full_res": result["full_res"], "model_res": result["model_res"]}
     ranked = sorted(result["records"], key=lambda r: (r["miou_full_res"] is None, r["miou_full_res"] or 0.0))
@@ -325,9 +323,9 @@ def write_reports(out_dir: Path, summary: dict, ranked: list) -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["name", "car_id", "dice_full_res", "iou_full_res", "dice_model_res"],
-                            lineterminator="\n")
+                            lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(ranked)
+    writer.writerows({**record, "car_id": record["group"]} for record in ranked)  # a Carvana group is a car
     atomic.write_text(out_dir / "per_image.csv", text.getvalue())
     atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     plots.plot_threshold_sweep(summary["sweep"], out_dir / "threshold_sweep.png")
@@ -341,7 +339,7 @@ def write_parts_reports(out_dir: Path, summary: dict, ranked: list) -> list:
     A score that does not exist (a class absent from truth and prediction) is an empty CSV cell, null in JSON.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{"name": r["name"], "group": r["car_id"], "miou_full_res": r.get("miou_full_res")} for r in ranked]
+    rows = [{"name": r["name"], "group": r["group"], "miou_full_res": r.get("miou_full_res")} for r in ranked]
     atomic.write_text(out_dir / "per_image.csv", csv_text(["name", "group", "miou_full_res"], rows))
     per_class = summary["full_res"]["per_class"]
     rows = [{"class": name, "iou": s["iou"], "dice": s["dice"], "true_pixels": s["pixels"],
@@ -381,7 +379,7 @@ def example_picks(store, ranked: list, cfg: EvaluateConfig) -> dict:
     return {filename: indices for filename, indices in picks.items() if indices}
 
 
-def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig) -> list:
+def draw_examples(predictor: Predictor, dataset: SegmentationDataset, ranked: list, cfg: EvaluateConfig) -> list:
     """worst.png (the first, lowest-Dice, of the ranked records) and samples.png (a seeded random few);
     returns the names drawn."""
     store = dataset.store
@@ -400,7 +398,7 @@ def draw_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, c
     return list(picks)
 
 
-def draw_parts_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: list, cfg: EvaluateConfig) -> list:
+def draw_parts_examples(predictor: Predictor, dataset: SegmentationDataset, ranked: list, cfg: EvaluateConfig) -> list:
     """worst.png (lowest per-image mIoU first) and samples.png (a seeded random few): per image one row
     photo | truth overlay | predicted overlay, over a legend of the classes in either; returns the names drawn."""
     store, names = dataset.store, list(predictor.spec.class_names)
@@ -419,7 +417,7 @@ def draw_parts_examples(predictor: Predictor, dataset: CarvanaDataset, ranked: l
             photo, _ = load_image(sample.image, plots.panel_size(truth.shape))
             rows.append(plots.parts_row(photo, truth, pred, names, colours, f"{sample.name}  {score}"))
         title = f"{filename[:-4]}: {Path(cfg.checkpoint).name}, {cfg.split} split"
-        atomic.write_bytes(Path(cfg.out_dir) / filename, plots.png_bytes(plots.stack_rows(rows, title)))
+        atomic.write_bytes(Path(cfg.out_dir) / filename, encode(plots.stack_rows(rows, title), "png"))
     return list(picks)
 
 

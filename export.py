@@ -31,17 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import atomic
-import runtime
-from backends import export_onnx, load_source, openvino_native_bf16
+from carseg import atomic, runtime
+from backends import export_onnx, installed, load_source, openvino_native_bf16
 from config import BUNDLED_CHECKPOINT, BUNDLED_PARTS_CHECKPOINT, resolve_data_dir
 from evaluate import select_samples
 from inference import Predictor
 from metrics import dice_per_image
-from model import load_checkpoint, save_checkpoint
+from carseg.checkpoint import load_checkpoint, save_checkpoint
 
-KEEP = ("format_version", "arch", "model_args", "normalization", "config", "class_names", "val_cars", "train_cars", "epoch",
-        "global_step", "metrics", "best_val_dice", "history")
+KEEP = ("format_version", "arch", "model_args", "normalization", "config", "class_names", "val_groups", "train_groups", "epoch",
+        "global_step", "metrics", "best_val_score", "history")
 # Each engine at each precision it can run on a CPU, checked against PyTorch fp32 on the same photos.
 PARITY_RUNS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
 # The share of full-size mask (or class-map) pixels, and the mean Dice between car masks, that a run
@@ -172,7 +171,7 @@ def parity_photos(checkpoint_path, check_images, data_dir) -> list:
         samples, _ = select_samples(load_source(checkpoint_path), folder, "val", where=checkpoint_path)
     except ValueError:  # a folder of other photos, or a checkpoint without a split
         return []
-    firsts = list({s.car_id: s for s in reversed(samples)}.values())[::-1]  # each car's first view
+    firsts = list({s.group: s for s in reversed(samples)}.values())[::-1]  # each car's first view
     return [s.image for s in (firsts + samples)[:PARITY_PHOTOS]]
 
 
@@ -241,6 +240,8 @@ def main(argv=None):
 
 
 def export_onnx_main(args, out):
+    if not installed("onnx"):
+        raise ValueError("--format onnx: the onnx package is not installed; pip install -r requirements-deploy.txt")
     photos = parity_photos(args.checkpoint, args.check_images, args.data_dir)
     print(f"CPU: {runtime.cpu_description()}")
     print(f"parity on {len(photos)} photo(s)" if photos else

@@ -14,15 +14,14 @@ TTA included, is the same code whichever backend runs the network.
 """
 from dataclasses import dataclass
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-import runtime
+from carseg import runtime
 from backends import load_source, make_runner
-from dataset import image_to_tensor, load_image
-from labels import BINARY_CLASSES, flip_permutation
+from dataset import image_to_tensor
+from carseg.images import load_image
+from carseg.labels import BINARY_CLASSES, car_mask, flip_permutation, is_multiclass
 
 CLASS_MAP_BAND = 1 << 26  # class-probability values class_map upsamples at a time (256 MB of float32)
 
@@ -48,7 +47,7 @@ class InferenceSpec:
     @property
     def multiclass(self) -> bool:
         """One output channel per class (softmax, argmax) rather than one car channel (sigmoid, threshold)."""
-        return len(self.class_names) > 2
+        return is_multiclass(self.class_names)
 
 
 class Predictor:
@@ -202,17 +201,3 @@ class Predictor:
         """Photos on disk -> their uint8 0/255 full-size masks (one batch; ValueError names an unreadable file)."""
         decoded = [self.read(path) for path in paths]
         return self.masks(self.preprocess([image for image, _ in decoded]), [size for _, size in decoded])
-
-
-
-def car_mask(labels: np.ndarray) -> np.ndarray:
-    """A car-parts class map (H, W) -> uint8 0/255 mask of the whole car: every non-background pixel,
-    with the holes inside each outer outline filled.
-
-    Part classes need not cover a car (the Car Parts Dataset has no roof, fender or side-panel class),
-    so the union alone has holes between the parts; filling each region's outer contour closes the
-    ones surrounded by parts. Gaps open to the background stay background.
-    """
-    union = (labels > 0).astype(np.uint8) * 255
-    contours, _ = cv2.findContours(union, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return cv2.drawContours(union, contours, -1, 255, thickness=cv2.FILLED)

@@ -1,32 +1,22 @@
-"""Segmentation models and their checkpoints.
+"""Segmentation models: the architectures, built by name and rebuilt from a checkpoint.
 
 Architectures are registered by name (`ARCHITECTURES`); `build_model(arch, **model_args)` builds
 one, and every checkpoint records both, so `load_model(checkpoint)` rebuilds any registered model
-from the file alone. This module is the one owner of checkpoint files: `checkpoint_for` assembles
-one, `save_checkpoint` writes it atomically and `load_checkpoint` reads it back as plain data,
-upgrading older formats.
+from the file alone (the file itself, its format and its upgrades: carseg/checkpoint.py).
 
 The U-Net (Ronneberger et al., 2015): a contracting encoder, a bottleneck and an expanding decoder
 joined by skip connections. Padded 3x3 convolutions with BatchNorm, so the output has the input's
 height and width for any size, odd ones included.
 """
 import functools
-import os
-import pickle
-import re
-import zipfile
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atomic import atomic_write
 # Where ImageNet weights exist without a network (--pretrained); the others download them (--pretrained-backbone).
 from config import DOWNLOADED_PRETRAINED, OFFLINE_PRETRAINED
-from encoders import IMAGENET_NORMALIZATION, LITE0_CHANNELS, efficientnet_lite0
-from labels import BINARY_CLASSES
-from metrics import with_current_names
+from carseg.encoders import IMAGENET_NORMALIZATION, LITE0_CHANNELS, efficientnet_lite0
 
 # What a model expects of its input tensor: (x - mean) / std per RGB channel of an image in [0, 1].
 # The U-Net trains from scratch on [0, 1] images; an ImageNet-pretrained encoder would record
@@ -246,186 +236,3 @@ def load_model(checkpoint: dict) -> nn.Module:
         raise ValueError(f"the checkpoint's weights do not fit its {checkpoint['arch']} {checkpoint['model_args']}: "
                          f"{str(err).splitlines()[0]}") from None
     return model
-
-
-# ---------------------------------------------------------------- checkpoints
-
-CHECKPOINT_FORMAT = 2
-# The options an inference needs from a checkpoint's `config` (besides its weights and normalisation).
-INFERENCE_OPTIONS = ("image_width", "image_height", "threshold")
-# Options naming folders of the machine that trained: they stay in the run folder's config.json,
-# never in a checkpoint, which may travel (the bundled model does).
-LOCAL_OPTIONS = ("data_dir", "cache_dir", "out_dir", "resume")
-CHECKPOINT_KEYS = ("arch", "model_args", "model", "normalization", "config")
-# What files mistaken for a checkpoint begin with, so that a refusal can say what the file is.
-FILE_SIGNATURES = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
-                   (b"RIFF", "a RIFF file (a WebP image, a WAV sound...)"), (b"\x1f\x8b", "a gzip-compressed file"),
-                   (b"\x89HDF", "an HDF5 file (Keras weights?)"), (b"\x93NUMPY", "a NumPy array file"))
-ZIP_START = b"PK\x03\x04"  # torch.save writes a zip archive holding <name>/data.pkl first
-# torch.save before PyTorch 1.6 (still read by torch.load): a pickled magic number, then the pickles.
-LEGACY_TORCH_START = b"\x80\x02\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little") + b"."
-
-
-def checkpoint_for(model: nn.Module, config: dict, **extra) -> dict:
-    """A checkpoint of `model` (uncompiled): plain data and tensors only, loadable with weights_only=True.
-
-    `config` is the training options as a dict (it must hold image_width, image_height and
-    threshold); machine-local paths are dropped from it. `extra` adds keys (class_names, epoch,
-    history, optimizer...); `class_names` (index 0 the background) defaults to BINARY_CLASSES.
-    """
-    missing = [name for name in INFERENCE_OPTIONS if name not in config]
-    if missing:
-        raise ValueError(f"a checkpoint's config needs {', '.join(missing)}")
-    extra.setdefault("class_names", list(BINARY_CLASSES))
-    return {"format_version": CHECKPOINT_FORMAT, "arch": model.arch, "model_args": dict(model.model_args),
-            "model": model.state_dict(), "normalization": {k: list(v) for k, v in model.normalization.items()},
-            "config": {k: v for k, v in config.items() if k not in LOCAL_OPTIONS}, **extra}
-
-
-def save_checkpoint(path, checkpoint: dict):
-    """Write atomically (temporary file, fsync, rename): a kill mid-write leaves the previous file intact."""
-    with atomic_write(path) as f:
-        torch.save(checkpoint, f)
-
-
-def load_checkpoint(path) -> dict:
-    """Read a checkpoint as plain data, in the current format.
-
-    Loads with weights_only=True, so a pickle carrying code is refused and never runs. Raises
-    FileNotFoundError for a missing file and ValueError, naming the file, for anything that is not a
-    checkpoint of this project (format 1 or 2; format 1 is upgraded in memory).
-    """
-    checkpoint = _load_plain_data(path)
-    if isinstance(checkpoint, dict) and checkpoint.get("format_version") == 1 and "model_args" in checkpoint:
-        checkpoint = _upgrade_from_format_1(checkpoint, path)
-    problem = _not_a_checkpoint_because(checkpoint)
-    if problem:
-        raise ValueError(f"checkpoint {path} is not a train.py checkpoint (format {CHECKPOINT_FORMAT}): {problem}")
-    checkpoint.setdefault("class_names", list(BINARY_CLASSES))  # written before multi-class models
-    names, out_channels = checkpoint["class_names"], checkpoint["model_args"].get("out_channels", 1)
-    if not (isinstance(names, list) and len(names) >= 2 and out_channels == (len(names) if len(names) > 2 else 1)):
-        raise ValueError(f"checkpoint {path}: its class_names {names!r} do not fit a model of {out_channels} "
-                         "output channel(s) (one for two classes, else one per class)")
-    config = checkpoint["config"]
-    sizes_ok = all(isinstance(config[k], int) and config[k] > 0 for k in ("image_width", "image_height"))
-    if not (sizes_ok and isinstance(config["threshold"], (int, float)) and 0 < config["threshold"] < 1):
-        raise ValueError(f"checkpoint {path} holds an impossible threshold {config['threshold']!r} or input size "
-                         f"{config['image_width']!r}x{config['image_height']!r}")
-    return checkpoint
-
-
-def _load_plain_data(path):
-    """torch.load(weights_only=True) of a file given by the user; every failure a ValueError naming the file."""
-    if Path(path).is_dir():
-        raise ValueError(f"{path} is not a PyTorch checkpoint: it is a folder; give the file in it (a run folder "
-                         "holds best.pt and last.pt)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist: train one with `python train.py` "
-                                "or pass --checkpoint PATH") from None
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, OSError... for bad files
-        raise ValueError(_refusal(path, err)) from None
-
-
-def _refusal(path, err: Exception) -> str:
-    """Why torch.load(weights_only=True) refused `path`, in this project's words.
-
-    PyTorch's own message is never passed on: it advises re-loading with weights_only=False, which
-    would run whatever code the file carries. Only the name of the object it refused is kept.
-    """
-    refused = re.search(r"GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
-    if refused:
-        return (f"checkpoint {path} holds Python objects other than tensors and plain data ({refused[1]}): not a "
-                "checkpoint this project wrote; nothing in it was run")
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError as io_err:  # permission denied, an unreadable disk...
-        return f"checkpoint {path} cannot be read: {io_err.strerror or io_err}"
-    if head.startswith(LEGACY_TORCH_START) or (head.startswith(ZIP_START) and b"data.pkl" in head):
-        return (f"{path} is not a complete PyTorch checkpoint: it is cut short or damaged ({size:,} bytes, "
-                f"{type(err).__name__}); copy it or save it again")
-    return f"{path} is not a PyTorch checkpoint ({_file_kind(path, head, size)})"
-
-
-def _file_kind(path, head: bytes, size: int) -> str:
-    """What a file that is no checkpoint is, from its first bytes: "an empty file", "a JPEG image"..."""
-    if size == 0:
-        return "an empty file"
-    kind = next((what for start, what in FILE_SIGNATURES if head.startswith(start)), None)
-    if kind:
-        return kind
-    if head.startswith(ZIP_START):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return f"a zip archive holding {', '.join(archive.namelist()[:3]) or 'nothing'}"
-        except zipfile.BadZipFile:
-            return "a damaged zip archive"
-    if head[8:10] == b'{"':  # a little-endian header length, then the JSON header
-        return "a safetensors file"
-    if head.startswith(b"\x80"):  # pickle's PROTO opcode
-        return "a Python pickle, not written by torch.save"
-    text = _text_start(head)
-    return f"a text file beginning {text!r}" if text is not None else f"{size:,} bytes of unrecognised data"
-
-
-def _text_start(head: bytes):
-    """The first words of `head` if it is UTF-8 text, else None."""
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(head) - 3:  # more than a character cut at the end of the 512 bytes read
-            return None
-        text = head[:err.start].decode("utf-8")
-    if not all(c.isprintable() or c in "\t\n\r" for c in text):
-        return None
-    return " ".join(text.split())[:40]
-
-
-def _not_a_checkpoint_because(checkpoint):
-    """Why plain data loaded from a file is not a train.py checkpoint of the current format, in words; None if it is."""
-    if not isinstance(checkpoint, dict):
-        return f"it holds a {type(checkpoint).__name__}, not a dict"
-    keys = ", ".join(map(str, list(checkpoint)[:6])) + (", ..." if len(checkpoint) > 6 else "")
-    if "format_version" not in checkpoint:
-        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            return (f"it is a bare state_dict ({len(checkpoint)} tensors), without the architecture and options a "
-                    "checkpoint records")
-        return f"it has no format_version; its keys: {keys or 'none'}"
-    if checkpoint["format_version"] not in (1, CHECKPOINT_FORMAT):  # a format 1 one here lacks its model_args
-        return f"its format_version is {checkpoint['format_version']!r}; this version reads 1 and {CHECKPOINT_FORMAT}"
-    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
-    if missing:
-        return f"it lacks {', '.join(missing)}; its keys: {keys}"
-    if not isinstance(checkpoint["model"], dict) or not isinstance(checkpoint["config"], dict):
-        return "its model or config is not a dict"
-    missing = [k for k in INFERENCE_OPTIONS if k not in checkpoint["config"]]
-    return f"its config lacks {', '.join(missing)}" if missing else None
-
-
-def _upgrade_from_format_1(checkpoint: dict, path) -> dict:
-    """Format 1 (U-Net only): no `arch` or `normalization`, the input size as config width/height,
-    the threshold stored twice, the machine's data path in the config, older metric names."""
-    model_args = dict(checkpoint["model_args"])
-    for name, off in (("space_to_depth", 1), ("refine_channels", 0)):
-        value = model_args.pop(name, off)
-        if value != off:
-            raise ValueError(f"checkpoint {path} is a U-Net with {name}={value}, a variant this version no "
-                             "longer builds (it lost to the plain U-Net); load it with the version that wrote it")
-    config = dict(checkpoint.get("config", {}))
-    for old, new in (("width", "image_width"), ("height", "image_height")):
-        if old in config:
-            config[new] = config.pop(old)
-    if "threshold" in checkpoint:
-        config.setdefault("threshold", checkpoint["threshold"])
-    upgraded = {k: v for k, v in checkpoint.items() if k != "threshold"}
-    upgraded.update(format_version=CHECKPOINT_FORMAT, arch="unet", model_args=model_args,
-                    normalization={k: list(v) for k, v in IDENTITY_NORMALIZATION.items()},
-                    config={k: v for k, v in config.items() if k not in LOCAL_OPTIONS})
-    if "history" in checkpoint:
-        upgraded["history"] = [with_current_names(record) for record in checkpoint["history"]]
-    if "metrics" in checkpoint:
-        upgraded["metrics"] = with_current_names(checkpoint["metrics"])
-    return upgraded

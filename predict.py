@@ -17,17 +17,13 @@ yields no row.
 
 splits the inputs between the processes (one per GPU); the submission is the one a single process writes.
 """
-import csv
 import glob
-import gzip
 import hashlib
-import io
 import logging
 import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -35,15 +31,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-import atomic
-import cutout
-import distributed
+from carseg import atomic, cutout, distributed
 from config import PredictConfig, parse_config, resolve_checkpoint
-from dataset import IMAGE_EXTENSIONS, load_image
-from inference import Predictor, car_mask
-from labels import palette
-from plots import parts_overlay, with_legend
-from rle import rle_encode
+from carseg.images import IMAGE_EXTENSIONS, encode, load_image
+from inference import Predictor
+from carseg.labels import car_mask
+from carseg.labels import palette
+from carseg.plots import parts_overlay, with_legend
+from carseg.rle import rle_encode
+from carseg.submission import merge_submission, remove_shards, submission_rows, write_row
 
 log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = ("_mask.png", "_parts.png", "_overlay.jpg", "_cutout.png")
@@ -51,10 +47,6 @@ LEGEND_WIDTHS = (128, 640)  # photo widths between which the overlay's legend is
 LEGEND_MIN_SHARE = 1e-4  # a class on a smaller share of the photo's pixels is left out of the legend
 DONE = object()  # --skip-existing: a photo whose outputs are all on disk already
 CLASSES_FILE = "classes.txt"  # a multi-class run's class names, one per line: what _parts.png values mean
-SUBMISSION_HEADER = ("img", "rle_mask")  # Kaggle's columns
-# gzip levels of a .gz submission: zlib's default 6, which on 150 Carvana rows compressed to 42.53 % against
-# level 9's 42.48 % at 12.0 MB/s against 7.6; its shards under torchrun at 1, as the merge reads them once.
-SUBMISSION_LEVEL, SHARD_LEVEL = 6, 1
 
 
 def collect_inputs(inputs, recursive=False):
@@ -204,26 +196,19 @@ def prepare_outputs(cfg: PredictConfig):
         raise ValueError(f"--out-dir {cfg.out_dir}: cannot create the folder: {err.strerror or err}")
 
 
-def encode(ext: str, array: np.ndarray) -> bytes:
-    ok, buffer = cv2.imencode(ext, array, [cv2.IMWRITE_PNG_COMPRESSION, 1] if ext == ".png" else [])
-    if not ok:
-        raise OSError(f"could not encode {ext}")
-    return buffer.tobytes()
-
-
 def write_outputs(path: Path, mask_path: Path, prediction, cfg: PredictConfig):
     """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout; returns (mask path, RLE).
 
     prediction: (the 0/255 mask uint8 (H, W), the cutout's soft alpha uint8 (H, W) or None); see _predict.
     """
     pred_mask, alpha = prediction
-    atomic.write_bytes(mask_path, encode(".png", pred_mask))
+    atomic.write_bytes(mask_path, encode(pred_mask, "png"))
     rle = rle_encode(pred_mask) if cfg.submission else None
     if cfg.overlay or cfg.cutout:
         image, _ = load_image(path)  # full resolution, upright RGB
         if cfg.overlay:
             atomic.write_bytes(mask_path.with_name(f"{path.stem}_overlay.jpg"),
-                               encode(".jpg", cutout.tint(image, pred_mask)[..., ::-1]))
+                               encode(cutout.tint(image, pred_mask), "jpeg"))
         if cfg.cutout:
             write_cutout(path, mask_path, image, alpha)
     return mask_path, rle
@@ -234,15 +219,15 @@ def write_part_outputs(path: Path, mask_path: Path, labels: np.ndarray, cfg: Pre
     <stem>_parts.png and, if asked, the parts overlay with its legend and the cutout; returns (mask path, RLE)."""
     colours = palette(len(class_names))
     pred_mask = car_mask(labels)  # what Predictor.masks gives, without running the model a second time
-    atomic.write_bytes(mask_path, encode(".png", pred_mask))
-    atomic.write_bytes(mask_path.with_name(f"{path.stem}_parts.png"), cutout.encode(labels, "png", colours))
+    atomic.write_bytes(mask_path, encode(pred_mask, "png"))
+    atomic.write_bytes(mask_path.with_name(f"{path.stem}_parts.png"), encode(labels, "png", colours))
     rle = rle_encode(pred_mask) if cfg.submission else None
     if cfg.overlay or cfg.cutout:
         image, _ = load_image(path)  # full resolution, upright RGB
         if cfg.overlay:
             shown = legend_classes(labels, len(class_names))
             overlay = legend_under(parts_overlay(image, labels, colours), class_names, colours, shown)
-            atomic.write_bytes(mask_path.with_name(f"{path.stem}_overlay.jpg"), encode(".jpg", overlay[..., ::-1]))
+            atomic.write_bytes(mask_path.with_name(f"{path.stem}_overlay.jpg"), encode(overlay, "jpeg"))
         if cfg.cutout:
             write_cutout(path, mask_path, image, pred_mask)
     return mask_path, rle
@@ -283,7 +268,7 @@ def write_cutout(path: Path, mask_path: Path, image: np.ndarray, alpha: np.ndarr
     """<stem>_cutout.png: the photo (H, W, 3) RGB over a transparent background by `alpha` uint8 (H, W),
     with the car's own colour estimated in partly transparent edge pixels (cutout.composite), as serve.py's."""
     rgba = cutout.composite(image, alpha)
-    atomic.write_bytes(mask_path.with_name(f"{path.stem}_cutout.png"), cutout.encode(rgba, "png"))
+    atomic.write_bytes(mask_path.with_name(f"{path.stem}_cutout.png"), encode(rgba, "png"))
 
 
 def _read(predictor, path, done):
@@ -321,7 +306,7 @@ def predict_files(cfg: PredictConfig):
     file one process writes (merge_submission). Every rank returns the whole run's result.
     """
     checkpoint_path = resolve_checkpoint(cfg.checkpoint)
-    log.info("predicting with %s", shown(checkpoint_path))
+    log.info("predicting with %s", atomic.shown(checkpoint_path))
     paths, problems = collect_inputs(cfg.inputs, cfg.recursive)
     outputs = output_paths(paths, Path(cfg.out_dir))
     prepare_outputs(cfg)  # before any work: a folder that cannot be written fails now, not after every image
@@ -409,7 +394,7 @@ def _gather_results(written, failures: dict, problems: dict, world):
     merged = dict(problems)
     for _, part in gathered:
         merged.update(part)
-    return written, {key: shown(message) for key, message in merged.items()}  # messages are read; keys are data
+    return written, {key: atomic.shown(message) for key, message in merged.items()}  # messages are read; keys are data
 
 
 def _predict(predictor, images, full_sizes, cfg: PredictConfig) -> list:
@@ -422,113 +407,6 @@ def _predict(predictor, images, full_sizes, cfg: PredictConfig) -> list:
     threshold = predictor.threshold
     return [(cutout.hard_alpha(prob, threshold), cutout.soft_alpha(prob, threshold))
             for prob in predictor.car_probs(images, full_sizes)]
-
-
-@contextmanager
-def submission_rows(path, world: distributed.World | None = None):
-    """A csv writer for Kaggle's img,rle_mask rows, streamed to `path` through _text_file (gzip when it
-    ends in .gz); None without a path. Under torchrun, to this rank's shard of `path` (shard_path),
-    without the header line: rank 0 merges the shards (merge_submission).
-
-    Rows go to disk as masks are made: holding them all until the end cost 8.7 kB per full-size
-    Carvana mask on average (measured on 2,000), about 0.9 GB for the 100,064 photos of Kaggle's test set.
-    A run that yields no row writes no file (see _NoRows); a shard is always written, as the merge needs them all.
-    """
-    if not path:
-        yield None
-        return
-    world = world or distributed.SOLO
-    compressed = _compressed(path)
-    if world.distributed:
-        target, level = shard_path(path, world.rank, world.size), SHARD_LEVEL
-    else:
-        target, level = path, SUBMISSION_LEVEL
-    try:
-        with _text_file(target, compressed, level) as text:
-            rows = _CountingRows(csv.writer(text, lineterminator="\n"))
-            if not world.distributed:
-                rows.writer.writerow(SUBMISSION_HEADER)
-            yield rows
-            if not rows.count and not world.distributed:
-                raise _NoRows
-    except _NoRows:
-        _log_no_rows(path)
-
-
-class _CountingRows:
-    """A csv writer that counts the rows given to it."""
-
-    def __init__(self, writer):
-        self.writer, self.count = writer, 0
-
-    def writerow(self, row):
-        self.count += 1
-        return self.writer.writerow(row)
-
-
-class _NoRows(Exception):
-    """Raised inside a submission's atomic write to discard it: the run yielded no row (every photo
-    failed, or none has a name the CSV can hold). A header-only file would replace a user's earlier
-    submission with nothing, and it is no submission either."""
-
-
-def _log_no_rows(path):
-    kept = "the existing file is kept as it was" if Path(path).exists() else "no file is written"
-    log.error("no submission row: no photo gave a row for %s, so %s", shown(path), kept)
-
-
-@contextmanager
-def _text_file(path, compressed: bool, level: int = SUBMISSION_LEVEL):
-    """UTF-8 text streamed into a temporary file beside `path` (gzip at `level` if `compressed`) that
-    replaces `path` when the block ends cleanly (atomic.atomic_write): a killed run leaves no `path`."""
-    atomic.remove_stale_temporaries(path)  # a killed run's partial rows; --skip-existing rebuilds them
-    with atomic.atomic_write(path, "wb") as raw:
-        # The gzip header names the target, not the temporary: the bytes do not depend on the process id.
-        stream = gzip.GzipFile(Path(path).name, "wb", level, raw, mtime=0) if compressed else raw
-        text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
-        yield text
-        text.flush()
-        text.detach()  # flushed, and `raw` left open for atomic_write to fsync and rename
-        if stream is not raw:
-            stream.close()  # the gzip trailer; GzipFile does not close the file it was given
-
-
-def _compressed(submission) -> bool:
-    return str(submission).endswith(".gz")
-
-
-def shard_path(submission, rank: int, size: int) -> Path:
-    """Where rank `rank` of `size` streams its rows of `submission`: hidden, beside it, e.g.
-    .sub.csv.gz.rank1-of-4 (gzip, without the header, when the submission is .gz)."""
-    submission = Path(submission)
-    return submission.with_name(f".{submission.name}.rank{rank}-of-{size}")
-
-
-def merge_submission(submission, size: int):
-    """Write `submission` from the shards of its `size` ranks: the header, then each shard's rows in rank
-    order, the bytes one process writes for the same inputs (none if no shard holds a row); then delete the shards.
-
-    Raises FileNotFoundError naming a missing shard, before writing anything.
-    """
-    shards = [shard_path(submission, rank, size) for rank in range(size)]
-    missing = [str(shard) for shard in shards if not shard.is_file()]
-    if missing:
-        raise FileNotFoundError(f"cannot merge {submission}: no shard {', '.join(missing)}")
-    compressed = _compressed(submission)
-    try:
-        with _text_file(submission, compressed) as text:
-            csv.writer(text, lineterminator="\n").writerow(SUBMISSION_HEADER)
-            copied = 0
-            for shard in shards:
-                with (gzip.open if compressed else open)(shard, "rt", encoding="utf-8", newline="") as part:
-                    while chunk := part.read(1 << 20):
-                        copied += text.write(chunk)
-            if not copied:  # as one process: no row, no file (submission_rows)
-                raise _NoRows
-    except _NoRows:
-        _log_no_rows(submission)
-    for shard in shards:
-        shard.unlink()
 
 
 def _writer(predictor, cfg: PredictConfig):
@@ -551,7 +429,7 @@ def _report(cfg: PredictConfig, multiclass: bool, written, failures):
     for message in failures.values():
         log.error("failed: %s", message)
     log.info("wrote %s for %d photo(s) to %s; %d input(s) failed",
-             shown(describe_outputs(cfg, multiclass)), len(written), shown(cfg.out_dir), len(failures))
+             atomic.shown(describe_outputs(cfg, multiclass)), len(written), atomic.shown(cfg.out_dir), len(failures))
 
 
 def describe_outputs(cfg: PredictConfig, multiclass: bool) -> str:
@@ -611,15 +489,8 @@ def remove_leftovers(cfg: PredictConfig):
     for target in {atomic.temporary_target(tmp) for tmp in out_dir.glob(".*.tmp")}:
         if target.name.endswith(OUTPUT_SUFFIXES) or target.name == CLASSES_FILE:
             atomic.remove_stale_temporaries(target)
-    if not cfg.submission:
-        return
-    submission = Path(cfg.submission)
-    pattern = f"{glob.escape(submission.name)}.rank*-of-*"
-    shards = set(submission.parent.glob("." + pattern))
-    shards |= {atomic.temporary_target(tmp) for tmp in submission.parent.glob(f"..{pattern}.tmp")}
-    for shard in shards:
-        shard.unlink(missing_ok=True)
-        atomic.remove_stale_temporaries(shard)
+    if cfg.submission:
+        remove_shards(cfg.submission)
 
 
 def _collect(entry, written, rows, failures, bar):
@@ -631,35 +502,8 @@ def _collect(entry, written, rows, failures, bar):
     else:
         written.append(mask_path)
         if rows is not None:
-            _write_row(rows, path, rle, failures)
+            write_row(rows, path, rle, failures)
     bar.update(1)
-
-
-def _write_row(rows, path: Path, rle: str, failures: dict):
-    """The photo's submission row: its file name as the img column (csv quotes names with commas).
-
-    A name that is not UTF-8 (a Latin-1 'café.jpg' from an old camera card) gets no row, and a failure
-    saying why; its mask is written. The CSV is UTF-8 text: escaped, or with a replacement character,
-    the name would be another name than the file's, matching no image, and Kaggle's test names are ASCII.
-    """
-    try:
-        path.name.encode("utf-8")
-    except UnicodeEncodeError:
-        failures[path] = (f"{path}: mask written, but no submission row: the file name is not UTF-8, which "
-                          "the CSV's img column cannot hold unchanged; rename the photo")
-        return
-    rows.writerow((path.name, rle))
-
-
-def shown(text) -> str:
-    """`text` (a path, or a message naming one) as it can be printed: the bytes of a file name that are
-    not UTF-8, which Python carries as lone surrogates (os.fsdecode), become U+FFFD, as `ls` shows '?'.
-    Only to show: the names themselves keep their bytes, so every output is named as its photo."""
-    text = str(text)
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # a surrogate no file system byte gives (from a Windows name): replaced too
-        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def main(argv=None):
@@ -670,7 +514,7 @@ def main(argv=None):
     except (OSError, ValueError) as err:  # FileNotFoundError, an output folder that cannot be written...
         # Without distributed.stop: its barrier would wait for ranks that did not fail; this process's
         # exit makes torchrun stop them.
-        raise SystemExit(f"error: {shown(err)}")
+        raise SystemExit(f"error: {atomic.shown(err)}")
     except KeyboardInterrupt:
         if distributed.first_process():
             print("interrupted: the masks written are complete and kept, the submission is not written; run the "

@@ -30,10 +30,11 @@ from fastapi_offline import FastAPIOffline
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import FormData, QueryParams, UploadFile
 
-import cutout
+from carseg import images
 from backends import load_source
 from config import VERSION, ServeConfig, parse_config, resolve_checkpoint
-from segmenter import Options, Segmenter, ServeError, check_options, probe
+from carseg.segmenter import Options, Segmenter, ServeError, check_options, probe
+from inference import Predictor
 
 log = logging.getLogger("serve")
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -77,13 +78,23 @@ Errors are JSON `{"detail": "..."}`: 413 upload or image too large, 415 not a JP
 option or corrupt image, 503 busy, 504 timed out, 500 internal error."""
 
 
+def load_segmenter(cfg: ServeConfig) -> Segmenter:
+    """The checkpoint's model loaded (once) and warmed, on its worker thread, for these options."""
+    path = resolve_checkpoint(cfg.checkpoint)
+    source = load_source(path)
+    predictor = Predictor.from_checkpoint(source, cfg.device, cfg.precision, cfg.tta, None, backend=cfg.backend)
+    about = {"model": Path(path).name, "arch": source["arch"], "max_upload_mb": cfg.max_upload_mb,
+             "max_pixels": cfg.max_pixels, "version": VERSION}
+    return Segmenter(predictor, about, cfg.max_queue)
+
+
 def create_app(cfg: ServeConfig, segmenter: Segmenter | None = None) -> FastAPI:
     """The web application; the model (unless `segmenter` is given) is loaded at start-up."""
     docs = segment_openapi()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.segmenter = segmenter or Segmenter(cfg)
+        app.state.segmenter = segmenter or load_segmenter(cfg)
         document_threshold(docs, app.state.segmenter.info["threshold"])
         log.info("serving %s (%s, %s %s on %s)", *(app.state.segmenter.info[k] for k in
                                                    ("model", "arch", "backend", "precision", "device")))
@@ -116,7 +127,7 @@ def create_app(cfg: ServeConfig, segmenter: Segmenter | None = None) -> FastAPI:
         return request.app.state.segmenter.health()
 
     app.post("/api/segment", summary="Cut the car out of one photo", description=SEGMENT_DOC,
-             response_class=Response, responses={200: {"content": {t: {} for t in cutout.MEDIA_TYPES.values()}}},
+             response_class=Response, responses={200: {"content": {t: {} for t in images.MEDIA_TYPES.values()}}},
              openapi_extra=docs)(_segment_route(cfg))
     return app
 
@@ -147,7 +158,7 @@ def _segment_route(cfg: ServeConfig):
                    "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
         if box is not None:
             headers["X-Crop-Box"] = ",".join(map(str, box))
-        return Response(body, media_type=cutout.MEDIA_TYPES[options.format], headers=headers)
+        return Response(body, media_type=images.MEDIA_TYPES[options.format], headers=headers)
     return segment
 
 
@@ -350,7 +361,7 @@ def serve(cfg: ServeConfig):
     cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
     common = {"host": cfg.host, "port": cfg.port, "log_config": None, "access_log": False}
     if cfg.workers == 1:
-        uvicorn.run(create_app(cfg, Segmenter(cfg)), **common)
+        uvicorn.run(create_app(cfg, load_segmenter(cfg)), **common)
         return
     load_source(cfg.checkpoint)  # fail here, once, rather than in every worker
     os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))

@@ -25,20 +25,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-import atomic
-import distributed
-import plots
-import runtime
+from carseg import atomic, distributed, plots, runtime
 from backends import TorchRunner
-from batchnorm import recompute_batchnorm, synchronise
+from carseg.batchnorm import recompute_batchnorm, synchronise
 from config import TrainConfig, parse_config, resolve_data_dir
-from augment import build_transform
-from dataset import (CarvanaDataset, describe_split, find_class_names, find_samples, prepare_store,
+from carseg.augment import build_transform
+from dataset import (SegmentationDataset, describe_split, find_class_names, find_samples, prepare_store,
                      regroup, split_by_car)
 from evaluate import evaluate
 from inference import InferenceSpec, Predictor
 from losses import BCEDiceLoss, CEDiceLoss
-from model import OFFLINE_PRETRAINED, build_model, checkpoint_for, load_checkpoint, save_checkpoint
+from model import OFFLINE_PRETRAINED, build_model
+from carseg.checkpoint import checkpoint_for, load_checkpoint, output_channels, save_checkpoint
+from carseg.labels import is_multiclass
 
 log = logging.getLogger(__name__)
 # Options that change what the weights mean or which cars are validation: a resume may not change them.
@@ -59,12 +58,12 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    val_cars: list              # the validation car ids, sorted
-    train_cars: list            # the training car ids, sorted
+    val_groups: list              # the validation car ids, sorted
+    train_groups: list            # the training car ids, sorted
     class_names: list           # what the masks' values index, background first (binary: background, car)
     epoch: int = 0              # epochs completed
     global_step: int = 0        # optimisation steps taken
-    best_val_dice: float = -1.0  # best selection_score so far: Dice, or mean IoU over the parts for multi-class
+    best_val_score: float = -1.0  # best selection_score so far: Dice, or mean IoU over the parts for multi-class
     history: list = field(default_factory=list)  # one record per epoch, as in metrics.jsonl
     pending: dict | None = None  # the last epoch's training figures while it is not yet validated
     world_size: int = 1         # processes training (torchrun), recorded so a resume can say what changed
@@ -72,9 +71,9 @@ class TrainState:
 
     def checkpoint(self, cfg: TrainConfig, resumable: bool = True) -> dict:
         """last.pt (resumable: with optimizer, scheduler and scaler) or best.pt / interrupted.pt (without)."""
-        extra = {"class_names": self.class_names, "val_cars": self.val_cars, "train_cars": self.train_cars,
+        extra = {"class_names": self.class_names, "val_groups": self.val_groups, "train_groups": self.train_groups,
                  "epoch": self.epoch,
-                 "global_step": self.global_step, "best_val_dice": self.best_val_dice,
+                 "global_step": self.global_step, "best_val_score": self.best_val_score,
                  "metrics": self.history[-1] if self.history else {}, "history": self.history,
                  "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch}
         if resumable:
@@ -88,7 +87,7 @@ class TrainState:
         for name in ("optimizer", "scheduler", "scaler"):
             getattr(self, name).load_state_dict(checkpoint[name])
         self.epoch, self.global_step = checkpoint["epoch"], checkpoint["global_step"]
-        self.best_val_dice, self.history = checkpoint["best_val_dice"], checkpoint["history"]
+        self.best_val_score, self.history = checkpoint["best_val_score"], checkpoint["history"]
         self.pending = checkpoint.get("pending")
         log.info("resuming at epoch %d, step %d", self.epoch + 1, self.global_step)
 
@@ -128,7 +127,7 @@ def seed_everything(seed: int):
 
 def model_args(cfg: TrainConfig, class_names) -> dict:
     """The architecture's constructor arguments: one output channel for car/background, else one per class."""
-    args = {"out_channels": len(class_names) if len(class_names) > 2 else 1}
+    args = {"out_channels": output_channels(class_names)}
     if cfg.arch == "unet":
         args.update(base_channels=cfg.base_channels, depth=cfg.depth, bilinear=cfg.bilinear)
     return args
@@ -144,7 +143,7 @@ def build_model_for(cfg: TrainConfig, class_names):
 
 
 def build_loss(cfg: TrainConfig, class_names) -> torch.nn.Module:
-    if len(class_names) > 2:
+    if is_multiclass(class_names):
         return CEDiceLoss(cfg.bce_weight, cfg.dice_weight)
     return BCEDiceLoss(cfg.bce_weight, cfg.dice_weight, cfg.boundary_weight)
 
@@ -158,8 +157,8 @@ def build_stores(cfg: TrainConfig):
     class_names = find_class_names(data_dir)
     samples = regroup(samples, cfg.group_by)
     if cfg.max_cars:
-        keep = set(sorted({s.car_id for s in samples})[:cfg.max_cars])
-        samples = [s for s in samples if s.car_id in keep]
+        keep = set(sorted({s.group for s in samples})[:cfg.max_cars])
+        samples = [s for s in samples if s.group in keep]
     train_samples, val_samples = split_by_car(samples, cfg.val_fraction, cfg.split_seed, cfg.group_by)
     if len(train_samples) == 1 and cfg.bottleneck_cells() == 1:  # known before anything is decoded
         width, height = cfg.training_input()
@@ -179,9 +178,9 @@ def build_stores(cfg: TrainConfig):
     n = len(train_samples)
     train_store, val_store = store.subset(range(n)), store.subset(range(n, len(store)))
     log.info("data %s: %d training images of %d cars, %d validation images of %d cars, at %dx%d",
-             data_dir, len(train_store), len({s.car_id for s in train_samples}), len(val_store),
-             len({s.car_id for s in val_samples}), *size)
-    if len(class_names) > 2:
+             data_dir, len(train_store), len({s.group for s in train_samples}), len(val_store),
+             len({s.group for s in val_samples}), *size)
+    if is_multiclass(class_names):
         log.info("%d classes: %s", len(class_names), ", ".join(class_names))
     return train_store, val_store, class_names
 
@@ -207,19 +206,19 @@ def build_loaders(cfg, train_store, val_store, device, normalization, class_name
     some to even the blocks, and a repeated image would count twice in the mean Dice).
     """
     pin = device.type == "cuda"
-    train_set = CarvanaDataset(train_store, training_transform(cfg, class_names), normalization)
+    train_set = SegmentationDataset(train_store, training_transform(cfg, class_names), normalization)
     sampler = DistributedSampler(train_set, world.size, world.rank, seed=cfg.seed * 100_003)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(sampler) > cfg.batch_size,
         num_workers=cfg.num_workers, pin_memory=pin,
         generator=torch.Generator(), worker_init_fn=_worker_init if cfg.num_workers else None)
     val_part = val_store.subset(distributed.shard(len(val_store), world)) if world.distributed else val_store
-    val_loader = torch.utils.data.DataLoader(CarvanaDataset(val_part, normalization=normalization),
+    val_loader = torch.utils.data.DataLoader(SegmentationDataset(val_part, normalization=normalization),
                                              batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
     return train_loader, val_loader
 
 
-def batchnorm_batches(cfg, train_set: CarvanaDataset, class_names, world=distributed.SOLO):
+def batchnorm_batches(cfg, train_set: SegmentationDataset, class_names, world=distributed.SOLO):
     """Batches for recompute_batchnorm: a fixed, seeded draw of augmented training samples (crops too).
 
     They must look like training batches: statistics of whole images, when the model trained on crops,
@@ -227,7 +226,7 @@ def batchnorm_batches(cfg, train_set: CarvanaDataset, class_names, world=distrib
     Under torchrun the batches are global batches (batch_size x processes) and each process yields its
     share of each, so that with --sync-bn the statistics are exactly those of one process.
     """
-    dataset = CarvanaDataset(train_set.store, training_transform(cfg, class_names), train_set.normalization)
+    dataset = SegmentationDataset(train_set.store, training_transform(cfg, class_names), train_set.normalization)
     dataset.reseed(cfg.seed)
     count, size = min(cfg.precise_bn, len(dataset)), cfg.batch_size * world.size  # a global batch
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:count].tolist()
@@ -344,7 +343,7 @@ def finish_epoch(run: Run, predictor: Predictor, state: TrainState, loaders):
     record = {"epoch": pending["epoch"], "step": pending["step"], "train_loss": pending["train_loss"],
               "val_loss": result["loss"], "val_images": len(result["records"])}
     # Binary: mean per-image Dice and IoU. Multi-class: mean IoU and Dice over the parts, pixel accuracy.
-    names = ("miou", "mdice", "pixel_accuracy") if len(state.class_names) > 2 else ("dice", "iou")
+    names = ("miou", "mdice", "pixel_accuracy") if is_multiclass(state.class_names) else ("dice", "iou")
     for res in ("full_res", "model_res") if run.cfg.full_res_val else ("model_res",):
         record.update({f"val_{name}_{res}": result[res][name] for name in names})
     record.update(lr=state.scheduler.get_last_lr()[0], images_per_s=pending["images_per_s"],
@@ -352,8 +351,8 @@ def finish_epoch(run: Run, predictor: Predictor, state: TrainState, loaders):
     state.history.append(record)
     state.pending = None
     score = selection_score(record)
-    improved = score > state.best_val_dice
-    state.best_val_dice = max(state.best_val_dice, score)
+    improved = score > state.best_val_score
+    state.best_val_score = max(state.best_val_score, score)
     run.save("last.pt", state)
     if improved:
         run.save("best.pt", state, resumable=False)
@@ -434,15 +433,15 @@ def check_resumable(cfg: TrainConfig, checkpoint: dict) -> dict:
 
 def check_same_cars(cfg: TrainConfig, checkpoint: dict, state: "TrainState"):
     """A resumed run must validate on the cars it validated on: the data folder found now must be the run's."""
-    if checkpoint["val_cars"] != state.val_cars:
-        raise ValueError(f"--resume {cfg.resume}: the run validated on {len(checkpoint['val_cars'])} cars "
-                         f"({', '.join(checkpoint['val_cars'][:3])}...), the data in "
-                         f"{resolve_data_dir(cfg.data_dir)} gives {len(state.val_cars)} others; point --data-dir "
+    if checkpoint["val_groups"] != state.val_groups:
+        raise ValueError(f"--resume {cfg.resume}: the run validated on {len(checkpoint['val_groups'])} cars "
+                         f"({', '.join(checkpoint['val_groups'][:3])}...), the data in "
+                         f"{resolve_data_dir(cfg.data_dir)} gives {len(state.val_groups)} others; point --data-dir "
                          "at the run's data")
 
 
 def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
-    """Train to cfg.epochs, continuing cfg.resume if given; returns the last epoch's record, run_dir and best_val_dice.
+    """Train to cfg.epochs, continuing cfg.resume if given; returns the last epoch's record, run_dir and best_val_score.
 
     `resumed` is cfg.resume's checkpoint when the caller has loaded it already (main does, for its options).
     Under torchrun this runs in every process (DDP); see docs/distributed.md.
@@ -469,8 +468,8 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization, class_names, world)
     optimizer, scheduler = build_optimizer(cfg, raw_model, len(loaders[0]))
     state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),
-                       val_cars=sorted({s.car_id for s in val_store.samples}),
-                       train_cars=sorted({s.car_id for s in train_store.samples}), class_names=class_names,
+                       val_groups=sorted({s.group for s in val_store.samples}),
+                       train_groups=sorted({s.group for s in train_store.samples}), class_names=class_names,
                        world_size=world.size, steps_per_epoch=len(loaders[0]))
     if resumed is not None:
         check_same_cars(cfg, resumed, state)
@@ -495,7 +494,7 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
                     state.epoch + (state.pending is None), run_dir / "interrupted.pt", run_dir / "last.pt")
         raise
     distributed.stop(world)
-    return {"run_dir": str(run_dir), "best_val_dice": state.best_val_dice, **state.history[-1]}
+    return {"run_dir": str(run_dir), "best_val_score": state.best_val_score, **state.history[-1]}
 
 
 def check_batchnorm_share(cfg: TrainConfig, train_images: int, world):
@@ -588,7 +587,7 @@ def main(argv=None):
     best = Path(summary["run_dir"]) / "best.pt"
     log.info("done: best validation %s %.5f; next:\n  python evaluate.py --checkpoint %s"
              "\n  python predict.py PHOTOS... --checkpoint %s --out-dir masks/",
-             "mIoU" if "val_miou_model_res" in summary else "Dice", summary["best_val_dice"], best, best)
+             "mIoU" if "val_miou_model_res" in summary else "Dice", summary["best_val_score"], best, best)
     return summary
 
 

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the project is flat scripts, not a package
+sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the lab instruments (bench.py, loadtest.py) under test
 
 from config import TrainConfig  # noqa: E402
 
@@ -91,8 +92,25 @@ def tiny_config(data_dir, tmp, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (torchrun, SIGKILL, "
+                     "the browser, real data, long training): .ci/run does; RUN_SLOW=1 does the same")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one; scripts/gpu_check.sh runs them")
+    config.addinivalue_line("markers", "slow: seconds to minutes each (torchrun, SIGKILL, the browser, real data, "
+                                       "long training); skipped unless --run-slow or RUN_SLOW=1, as .ci/run sets")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the slow tests unless asked for: the everyday run stays about a minute, CI runs everything."""
+    if config.getoption("--run-slow") or os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (or RUN_SLOW=1), as .ci/run does")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -137,11 +155,8 @@ def skip_unless_required(reason: str):
 
 def real_data_dir() -> Path:
     """Where the real Carvana files are: $CARVANA_DIR, else data/carvana in the repository (where the
-    README puts them), else ../shared/carvana beside it."""
-    if os.environ.get("CARVANA_DIR"):
-        return Path(os.environ["CARVANA_DIR"]).expanduser()
-    local = REPO_ROOT / "data" / "carvana"
-    return local if (local / "train").is_dir() else REPO_ROOT.parent / "shared" / "carvana"
+    README puts them, and where train.py looks)."""
+    return Path(os.environ.get("CARVANA_DIR") or REPO_ROOT / "data" / "carvana").expanduser()
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +164,7 @@ def carvana_dir() -> Path:
     """The real data folder; skips when absent, or fails instead when CARVANA_REQUIRED=1."""
     path = real_data_dir()
     if not ((path / "train").is_dir() and (path / "train_masks").is_dir()):
-        reason = f"real Carvana data not found at {path} (set CARVANA_DIR, or put it at ../shared/carvana)"
+        reason = f"real Carvana data not found at {path} (set CARVANA_DIR, or put it at data/carvana)"
         skip_unless_required(reason)
     return path
 
@@ -159,10 +174,10 @@ def carvana_dir() -> Path:
 @pytest.fixture(scope="session")
 def carparts_dir() -> Path:
     """The Car Parts Dataset's training folder (annotations.json + JPEGImages/): $CARPARTS_DIR, else
-    ../shared/carparts/trainingset; skips when absent, or fails instead when CARVANA_REQUIRED=1."""
-    path = Path(os.environ.get("CARPARTS_DIR") or REPO_ROOT.parent / "shared" / "carparts" / "trainingset").expanduser()
+    data/carparts; skips when absent, or fails instead when CARVANA_REQUIRED=1."""
+    path = Path(os.environ.get("CARPARTS_DIR") or REPO_ROOT / "data" / "carparts").expanduser()
     if not (path / "annotations.json").is_file():
-        reason = f"the Car Parts Dataset was not found at {path} (set CARPARTS_DIR, or put it at ../shared/carparts)"
+        reason = f"the Car Parts Dataset was not found at {path} (set CARPARTS_DIR, or put it at data/carparts)"
         skip_unless_required(reason)
     return path
 
@@ -219,7 +234,7 @@ def coco_dir(tmp_path) -> Path:
 def pytest_terminal_summary(terminalreporter):
     """Name the kind of CPU the suite ran on: `--precision auto` (and OpenVINO's default) is bf16 where
     the CPU runs it natively and fp32 elsewhere, so a report of a failure needs to say which it was."""
-    import runtime
+    from carseg import runtime
     try:
         from backends import openvino_native_bf16
         openvino = "yes" if openvino_native_bf16() else "no"

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import config
-import encoders
+from carseg import encoders
 import model as model_module
 from conftest import skip_unless_required
-from model import ARCHITECTURES, build_model, checkpoint_for, load_checkpoint, load_model, save_checkpoint
+from model import ARCHITECTURES, build_model, load_model
+from carseg.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 
 NEW_ARCHS = [a for a in ARCHITECTURES if a != "unet"]
 SMALL = {"deeplabv3_resnet50": (40, 56)}  # ResNet-50 at output stride 8 is heavy: keep its input small
@@ -22,6 +23,7 @@ def test_config_and_registry_name_the_same_architectures():
     assert model_module.DOWNLOADED_PRETRAINED == config.DOWNLOADED_PRETRAINED
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", NEW_ARCHS)
 @pytest.mark.parametrize("out_channels", [1, 5])
 def test_any_input_size_gives_logits_of_that_size(arch, out_channels):
@@ -33,6 +35,7 @@ def test_any_input_size_gives_logits_of_that_size(arch, out_channels):
     assert net.normalization == encoders.IMAGENET_NORMALIZATION
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder_channels", [(32, 16, 16, 8), (32, 16, 16, 8, 8)])
 def test_the_unet_decoder_ends_at_half_or_full_size(decoder_channels):
     net = build_model("unet_efficientnet_lite0", out_channels=2, decoder_channels=decoder_channels)
@@ -126,6 +129,7 @@ def test_config_refuses_options_that_do_not_fit_the_architecture():
     config.TrainConfig(arch="unet_efficientnet_lite0", image_width=500, image_height=333, crop_width=250, crop_height=170)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", NEW_ARCHS)
 def test_a_checkpoint_rebuilds_every_architecture_alone(arch, tmp_path):
     torch.manual_seed(0)
@@ -174,7 +178,7 @@ def test_the_imagenet_classifier_sees_cars_in_carvana_photos(carvana_dir):
                                   "deeplabv3_mobilenet_v3_large"])
 def test_bf16_autocast_trains_every_architecture(arch):
     """The CPU bf16 path (and CUDA's AMP, the same autocast): finite loss and gradients, fp32 weights."""
-    import runtime
+    from carseg import runtime
     from losses import CEDiceLoss
     net = build_model(arch, out_channels=3).to(memory_format=torch.channels_last)
     images = torch.rand(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)

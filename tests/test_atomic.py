@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-import atomic
+from carseg import atomic
 
 
 def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):

@@ -2,17 +2,17 @@
 every architecture and size, the metadata inside the file, the export cache, and each refusal."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 import backends
 import export
-import runtime
+from carseg import runtime
 from conftest import REPO_ROOT, car_picture
 from inference import Predictor
-from model import build_model, checkpoint_for
+from model import build_model
+from carseg.checkpoint import checkpoint_for
 
 CPU = torch.device("cpu")
 ENGINES = ("onnxruntime", "openvino")
@@ -24,7 +24,7 @@ def tiny_checkpoint(arch="unet", classes=2, size=(64, 48), seed=0):
     model = build_model(arch, pretrained=False, out_channels=1 if classes == 2 else classes, **args).eval()
     names = ["background", "car"] if classes == 2 else ["background"] + [f"part{i}" for i in range(1, classes)]
     config = {"image_width": size[0], "image_height": size[1], "threshold": 0.5, "group_by": "car-id"}
-    return checkpoint_for(model, config, class_names=names, val_cars=["a"], train_cars=["b"])
+    return checkpoint_for(model, config, class_names=names, val_groups=["a"], train_groups=["b"])
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def unet_onnx(tmp_path_factory):
     return checkpoint, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["unet", "unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0",
                                   "deeplabv3_mobilenet_v3_large"])
 def test_every_architecture_exports_with_dynamic_batch_height_and_width(arch, tmp_path):
@@ -78,7 +79,7 @@ def test_the_file_carries_the_checkpoints_inference_metadata_and_no_training_sta
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     meta = json.loads(props[backends.METADATA_KEY])
     assert meta["config"] == {"image_width": 64, "image_height": 48, "threshold": 0.5, "group_by": "car-id"}
-    assert meta["class_names"] == ["background", "car"] and meta["val_cars"] == ["a"]
+    assert meta["class_names"] == ["background", "car"] and meta["val_groups"] == ["a"]
     assert "model" not in meta and "optimizer" not in meta
     source = backends.load_source(path)
     assert source["onnx_path"] == str(path) and source["arch"] == "unet"
@@ -117,6 +118,21 @@ def test_auto_is_openvino_on_the_cpu_and_torch_elsewhere():
     assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
     with pytest.raises(ValueError, match="--backend onnxruntime runs on the CPU"):
         backends.resolve_backend("onnxruntime", torch.device("cuda"))
+
+
+def test_without_openvino_auto_runs_pytorch_and_says_so(unet_onnx, monkeypatch, caplog):
+    # The base install (requirements.txt) has no engine: auto must still predict, and say why it is PyTorch.
+    checkpoint, path = unet_onnx
+    monkeypatch.setattr(backends, "installed", lambda module: False)
+    with caplog.at_level("INFO"):
+        predictor = Predictor.from_checkpoint(checkpoint, "cpu", "auto", backend="auto")
+    assert predictor.backend == "torch" and "OpenVINO is not installed, so PyTorch runs the network" in caplog.text
+    for engine in ENGINES:
+        with pytest.raises(ValueError, match=f"--backend {engine}: {engine} is not installed; pip install -r "
+                                             "requirements-deploy.txt"):
+            Predictor.from_checkpoint(checkpoint, "cpu", "auto", backend=engine)
+    with pytest.raises(ValueError, match="onnxruntime is not installed"):  # an .onnx file needs an engine
+        Predictor.from_checkpoint(str(path), "cpu", "auto", backend="auto")
 
 
 def test_refusals_name_the_option_to_change(unet_onnx, tmp_path):
@@ -223,6 +239,7 @@ def test_export_refuses_a_graph_that_disagrees_and_leaves_nothing(tmp_path, monk
     assert not [p for p in tmp_path.iterdir() if "onnx" in p.name]
 
 
+@pytest.mark.slow
 def test_export_main_prints_parity_for_the_bundled_model(tmp_path, capsys):
     export.main([str(REPO_ROOT / "checkpoints" / "carvana_unet.pt"), "--format", "onnx", "--out",
                  str(tmp_path / "bundled.onnx"), "--data-dir", str(tmp_path / "none")])

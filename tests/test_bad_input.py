@@ -10,13 +10,15 @@ from PIL import Image
 
 import dataset
 from conftest import MODEL_SIZE, car_picture, write_kaggle_dataset
-from dataset import find_samples, load_image, prepare_store
+from dataset import find_samples, prepare_store
+from carseg import images
+from carseg.images import load_image
 
 
 def test_pixel_limit_refuses_an_image_before_decoding_it(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.new("RGB", (20, 20)).save(path)
-    monkeypatch.setattr(dataset, "MAX_IMAGE_PIXELS", 399)  # Pillow itself would only warn up to 2x its limit
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 399)  # Pillow itself would only warn up to 2x its limit
     with pytest.raises(ValueError, match=r"big\.png: image too large \(20x20 pixels\)"):
         load_image(path)
     with pytest.raises(ValueError, match="too large"):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from batchnorm import recompute_batchnorm
+from carseg.batchnorm import recompute_batchnorm
 
 
 def test_recomputed_batchnorm_statistics_are_the_exact_batch_averages():

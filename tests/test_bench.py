@@ -1,6 +1,8 @@
 """Protects bench.py from rotting: it runs on tiny models and writes a complete JSON report (no timing asserted)."""
 import json
 
+import pytest
+
 import bench
 
 
@@ -19,6 +21,7 @@ def test_bench_runs_and_reports_every_variant(tmp_path):
     assert result["machine"]["matmul_peak_gflops"]["fp32"] > 0
 
 
+@pytest.mark.slow
 def test_bench_measures_each_architecture_with_the_multiclass_loss(tmp_path):
     result = bench.main(["--arch", "unet", "unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0", "--classes", "5",
                          "--base-channels", "2", "--size", "64x64", "--train-size", "64x64", "--batch-size", "2",
@@ -30,12 +33,14 @@ def test_bench_measures_each_architecture_with_the_multiclass_loss(tmp_path):
     assert len({r["gflop_per_train_image"] for r in rows}) == 3  # three different networks were measured
 
 
+@pytest.mark.slow
 def test_bench_deploy_measures_each_backend_and_predict_as_a_process(tmp_path, monkeypatch):
     import torch
     from PIL import Image
 
     from conftest import car_picture
-    from model import UNet, checkpoint_for
+    from model import UNet
+    from carseg.checkpoint import checkpoint_for
     checkpoint = tmp_path / "tiny.pt"
     torch.save(checkpoint_for(UNet(base_channels=4, depth=2), {"image_width": 64, "image_height": 48, "threshold": 0.5}),
                checkpoint)

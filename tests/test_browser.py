@@ -16,6 +16,8 @@ from test_serve import car_photo
 
 import loadtest
 
+pytestmark = pytest.mark.slow  # torchrun, real data or a browser: .ci/run runs them (--run-slow)
+
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
 VIEWPORTS = {"desktop": {"viewport": {"width": 1366, "height": 768}},

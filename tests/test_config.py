@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime
+from carseg import runtime
 from config import (EvaluateConfig, PredictConfig, TrainConfig, load_config_file, parse_config,
                     resolve_data_dir)
 

@@ -7,16 +7,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import distributed
-import runtime
+from carseg import distributed, runtime
 import train
 from config import EvaluateConfig
 from conftest import tiny_config, write_kaggle_dataset
-from distributed import World
+from carseg.distributed import World
 from evaluate import evaluate_checkpoint
 from inference import Predictor
-from labels import BINARY_CLASSES
-from model import load_checkpoint
+from carseg.labels import BINARY_CLASSES
+from carseg.checkpoint import load_checkpoint
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -154,7 +153,7 @@ def one_step(tmp_path, scaler, grad_clip=1.0):
     cfg = tiny_config(tmp_path / "unused", tmp_path, grad_clip=grad_clip, epochs=1)
     model = train.build_model_for(cfg, BINARY_CLASSES)
     optimizer, scheduler = train.build_optimizer(cfg, model, steps_per_epoch=1)
-    state = train.TrainState(model, optimizer, scheduler, scaler, val_cars=[], train_cars=[],
+    state = train.TrainState(model, optimizer, scheduler, scaler, val_groups=[], train_groups=[],
                              class_names=list(BINARY_CLASSES))
     run = train.Run(cfg, tmp_path, CPU, "fp32", train.build_loss(cfg, BINARY_CLASSES))
     generator = torch.Generator().manual_seed(1)
@@ -235,7 +234,7 @@ def test_the_cpu_keeps_freed_memory_and_leaves_cuda_settings_alone(backend_flags
 # ---------------------------------------------------------------- train.build_loaders
 
 class Images(torch.utils.data.Dataset):
-    """Four (image, mask, index) samples, standing in for CarvanaDataset."""
+    """Four (image, mask, index) samples, standing in for SegmentationDataset."""
 
     def __init__(self, store=None, transform=None, normalization=None):
         self.store, self.normalization = store, normalization
@@ -252,7 +251,7 @@ class Images(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("device, pinned", [(CUDA, True), (torch.device("cuda:1"), True), (CPU, False)])
 def test_loaders_pin_memory_for_a_gpu_only(tmp_path, monkeypatch, device, pinned):
-    monkeypatch.setattr(train, "CarvanaDataset", Images)
+    monkeypatch.setattr(train, "SegmentationDataset", Images)
     cfg = tiny_config(tmp_path, tmp_path, batch_size=2)
     loaders = train.build_loaders(cfg, None, None, device, None, list(BINARY_CLASSES))
     assert [loader.pin_memory for loader in loaders] == [pinned, pinned]
@@ -380,7 +379,7 @@ def test_reduced_precision_inference_on_the_gpu_agrees_with_fp32(backend_flags, 
 @pytest.mark.cuda
 @needs_cuda
 def test_loaders_hand_the_gpu_pinned_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "CarvanaDataset", Images)
+    monkeypatch.setattr(train, "SegmentationDataset", Images)
     train_loader, _ = train.build_loaders(tiny_config(tmp_path, tmp_path, batch_size=2), None, None, CUDA, None,
                                           list(BINARY_CLASSES))
     images, masks, _ = next(iter(train_loader))

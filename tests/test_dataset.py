@@ -13,9 +13,9 @@ from PIL import Image
 
 import dataset
 from conftest import FAKE_CARS, IMAGE_SIZE, MODEL_SIZE, PLAIN_CARS, VIEWS, car_picture, save_palette_gif
-from augment import build_transform
-from dataset import (CarvanaDataset, DatasetError, Sample, car_id_of, describe_split, find_samples,
-                     group_of, load_image, load_mask, load_samples, prepare_store, regroup, shrink_mask, split_by_car)
+from carseg.augment import build_transform
+from dataset import (SegmentationDataset, DatasetError, Sample, car_id_of, describe_split, find_samples, group_of, load_mask, load_samples, prepare_store, regroup, shrink_mask, split_by_car)
+from carseg.images import load_image
 
 
 # ---------------------------------------------------------------- finding and pairing files
@@ -24,7 +24,7 @@ def test_find_samples_kaggle_layout(kaggle_dir):
     samples, problems = find_samples(kaggle_dir)
     assert problems == []
     assert len(samples) == len(FAKE_CARS) * VIEWS
-    assert {s.car_id for s in samples} == set(FAKE_CARS)
+    assert {s.group for s in samples} == set(FAKE_CARS)
     first = samples[0]
     assert first.name == f"{FAKE_CARS[0]}_01"
     assert first.image == kaggle_dir / "train" / f"{FAKE_CARS[0]}_01.jpg"
@@ -37,7 +37,7 @@ def test_find_samples_plain_layout(plain_dir):
     assert problems == []
     assert len(samples) == len(PLAIN_CARS) * VIEWS
     assert all(s.image.parent.name == "images" and s.mask == plain_dir / "masks" / s.image.name for s in samples)
-    assert {s.car_id for s in samples} == set(PLAIN_CARS)
+    assert {s.group for s in samples} == set(PLAIN_CARS)
 
 
 def test_find_samples_missing_folders(tmp_path):
@@ -93,12 +93,12 @@ def test_split_by_car_is_deterministic_disjoint_and_complete():
     train, val = split_by_car(samples, 0.25, seed=0)
     again_train, again_val = split_by_car(samples, 0.25, seed=0)
     assert (train, val) == (again_train, again_val)
-    train_cars, val_cars = {s.car_id for s in train}, {s.car_id for s in val}
-    assert train_cars.isdisjoint(val_cars)
-    assert train_cars | val_cars == {s.car_id for s in samples}
-    assert len(val_cars) == 10                        # round(40 * 0.25)
+    train_groups, val_groups = {s.group for s in train}, {s.group for s in val}
+    assert train_groups.isdisjoint(val_groups)
+    assert train_groups | val_groups == {s.group for s in samples}
+    assert len(val_groups) == 10                        # round(40 * 0.25)
     assert len(train) + len(val) == len(samples)      # every image on exactly one side
-    assert all(len([s for s in val if s.car_id == c]) == 4 for c in val_cars)  # whole cars only
+    assert all(len([s for s in val if s.group == c]) == 4 for c in val_groups)  # whole cars only
 
 
 def test_split_by_car_does_not_depend_on_input_order():
@@ -112,7 +112,7 @@ def test_split_by_car_does_not_depend_on_input_order():
 
 def test_split_seed_changes_the_split():
     samples = fake_samples()
-    splits = {frozenset(s.car_id for s in split_by_car(samples, 0.25, seed)[1]) for seed in range(4)}
+    splits = {frozenset(s.group for s in split_by_car(samples, 0.25, seed)[1]) for seed in range(4)}
     assert len(splits) > 1
 
 
@@ -120,7 +120,7 @@ def test_split_keeps_at_least_one_car_on_each_side():
     samples = fake_samples(n_cars=2)
     for fraction in (0.01, 0.99):
         train, val = split_by_car(samples, fraction, seed=0)
-        assert len({s.car_id for s in train}) == 1 and len({s.car_id for s in val}) == 1
+        assert len({s.group for s in train}) == 1 and len({s.group for s in val}) == 1
     with pytest.raises(ValueError, match="at least 2 cars"):
         split_by_car(fake_samples(n_cars=1), 0.5, seed=0)
 
@@ -587,7 +587,7 @@ def car_iou(image: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def test_dataset_items(store):
-    ds = CarvanaDataset(store)
+    ds = SegmentationDataset(store)
     assert len(ds) == len(store)
     for i in range(len(ds)):
         image, mask, index = ds[i]
@@ -609,7 +609,7 @@ def test_no_augmentation_is_no_transform():
 
 @pytest.mark.parametrize("strength", ["flip", "light"])
 def test_augmentation_is_reproducible_from_the_epoch_seed(store, strength):
-    ds = CarvanaDataset(store, build_transform(strength))
+    ds = SegmentationDataset(store, build_transform(strength))
     ds.reseed(12345)
     first = [ds[i] for i in range(len(ds))]
     ds.reseed(12345)
@@ -619,12 +619,12 @@ def test_augmentation_is_reproducible_from_the_epoch_seed(store, strength):
     ds.reseed(54321)
     third = [ds[i] for i in range(len(ds))]
     assert any(not torch.equal(a[0], c[0]) for a, c in zip(first, third))
-    plain = CarvanaDataset(store)
+    plain = SegmentationDataset(store)
     assert any(not torch.equal(a[0], plain[i][0]) for i, a in enumerate(first))
 
 
 def test_augmentation_moves_image_and_mask_together(store):
-    ds = CarvanaDataset(store, build_transform("light"))
+    ds = SegmentationDataset(store, build_transform("light"))
     for seed in range(3):
         ds.reseed(seed)
         for i in range(len(ds)):
@@ -636,7 +636,7 @@ def test_augmentation_moves_image_and_mask_together(store):
 
 def test_flip_augmentation_never_resamples_the_mask(store):
     # "flip" keeps every soft edge value exactly as decoded: each mask is the stored one or its mirror.
-    ds = CarvanaDataset(store, build_transform("flip"))
+    ds = SegmentationDataset(store, build_transform("flip"))
     mirrored = 0
     for seed in range(4):
         ds.reseed(seed)
@@ -651,8 +651,8 @@ def test_flip_augmentation_never_resamples_the_mask(store):
 
 def test_random_crops_cut_image_and_mask_at_the_same_place(store):
     crop = (32, 16)
-    ds = CarvanaDataset(store, build_transform("none", crop))
-    plain = CarvanaDataset(store)
+    ds = SegmentationDataset(store, build_transform("none", crop))
+    plain = SegmentationDataset(store)
     ds.reseed(0)
     for i in range(len(ds)):
         image, mask, _ = ds[i]

@@ -1,8 +1,6 @@
 """DDP training: 2 Gloo processes against one process with the same global batch, every validation image
 scored once, BatchNorm statistics gathered, resume under the same and another number of processes."""
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,13 +9,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import distributed
+from carseg import distributed
 import evaluate
 import train
-from batchnorm import GlooSyncBatchNorm, recompute_batchnorm, synchronise
+from carseg.batchnorm import GlooSyncBatchNorm, recompute_batchnorm, synchronise
 from config import EvaluateConfig, TrainConfig
 from conftest import tiny_config, write_coco_dataset, write_kaggle_dataset
 from launcher import launch
+
+pytestmark = pytest.mark.slow  # torchrun, real data or a browser: .ci/run runs them (--run-slow)
 
 CARS = [f"cccccccccc{i:02d}" for i in range(1, 9)]  # 6 train cars x 3 views = 18 images, 2 validation cars = 6
 
@@ -182,7 +182,7 @@ def test_each_validation_image_is_scored_once_and_the_mean_is_one_process_s(setu
     ddp = history(two_processes)
     assert all(r["val_images"] == 6 for r in ddp)
     best = torch.load(two_processes / "best.pt", weights_only=True)
-    assert best["world_size"] == 2 and best["val_cars"] == sorted(best["val_cars"]) and len(best["val_cars"]) == 2
+    assert best["world_size"] == 2 and best["val_groups"] == sorted(best["val_groups"]) and len(best["val_groups"]) == 2
     summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(two_processes / "best.pt"),
                                                           data_dir=str(setup[0]), cache_dir="", device="cpu",
                                                           out_dir=str(setup[1] / "eval"), worst_k=1, num_samples=1))

@@ -7,7 +7,8 @@ import torch
 import export
 import train
 from conftest import tiny_config, write_kaggle_dataset
-from model import load_checkpoint, load_model
+from model import load_model
+from carseg.checkpoint import load_checkpoint
 
 
 def test_export_writes_a_slim_fp16_checkpoint_that_predicts_the_same(tmp_path):
@@ -16,7 +17,7 @@ def test_export_writes_a_slim_fp16_checkpoint_that_predicts_the_same(tmp_path):
     out = tmp_path / "ship" / "model.pt"
     export.main([str(run / "last.pt"), "--out", str(out)])
     slim = torch.load(out, weights_only=True)
-    assert "optimizer" not in slim and slim["val_cars"] == load_checkpoint(run / "last.pt")["val_cars"]
+    assert "optimizer" not in slim and slim["val_groups"] == load_checkpoint(run / "last.pt")["val_groups"]
     assert all(v.dtype == torch.float16 for v in slim["model"].values() if v.is_floating_point())
     assert out.stat().st_size < (run / "last.pt").stat().st_size / 2
     images = torch.rand(1, 3, 48, 64)

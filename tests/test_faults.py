@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import atomic
+from carseg import atomic
 import predict
 import train
 from config import PredictConfig
 from conftest import REPO_ROOT, tiny_config, write_kaggle_dataset
-from model import UNet, checkpoint_for, load_checkpoint, save_checkpoint
+from model import UNet
+from carseg.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 from test_train import assert_same_training
 
 
@@ -47,6 +48,7 @@ def wait_for_new_epoch(process, last: Path, timeout=120.0):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tmp_path):
     data = write_kaggle_dataset(tmp_path / "data")
     base = tiny_config(data, tmp_path, epochs=20, batch_size=2)

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import atomic
+from carseg import atomic
 import predict
 from config import PredictConfig
 from conftest import car_picture
-from model import UNet, checkpoint_for, save_checkpoint
+from model import UNet
+from carseg.checkpoint import checkpoint_for, save_checkpoint
 
 # Names a shell or glob would read as patterns, and others that break naive code.
 ODD_NAMES = ["car[1].png", "car*.png", "what?.png", "a b.png", "voiture é 車.png", "-rf.png"]
@@ -173,8 +174,8 @@ def test_the_ranks_compare_names_that_are_not_utf8():
 
 
 def test_a_message_naming_a_file_that_is_not_utf8_is_shown_with_a_replacement_character():
-    assert predict.shown(os.fsdecode(b"/x/caf\xe9.png") + ": cannot read") == "/x/caf\ufffd.png: cannot read"
-    assert predict.shown(Path("/x/café.png")) == "/x/café.png"
+    assert atomic.shown(os.fsdecode(b"/x/caf\xe9.png") + ": cannot read") == "/x/caf\ufffd.png: cannot read"
+    assert atomic.shown(Path("/x/café.png")) == "/x/café.png"
 
 
 def test_text_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
@@ -184,7 +185,6 @@ def test_text_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
 
 def test_evaluate_refuses_a_photo_name_that_is_not_utf8_before_scoring_naming_it(tmp_path, monkeypatch):
     import evaluate
-    from config import EvaluateConfig
     from conftest import save_palette_gif, write_kaggle_dataset
     data = write_kaggle_dataset(tmp_path / "data")
     image, mask = car_picture(0, 1, size=(96, 64))

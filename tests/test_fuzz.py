@@ -15,7 +15,8 @@ from PIL import Image
 
 from config import EvaluateConfig, PredictConfig, TrainConfig, load_config_file, parse_config
 from conftest import car_picture
-from dataset import load_image, load_mask
+from dataset import load_mask
+from carseg.images import load_image
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 # The default run is derandomized so CI is repeatable; FUZZ_EXAMPLES=N explores new inputs each time.

@@ -9,7 +9,8 @@ import torch
 from backends import TorchRunner
 from conftest import REPO_ROOT
 from inference import InferenceSpec, Predictor
-from model import UNet, checkpoint_for
+from model import UNet
+from carseg.checkpoint import checkpoint_for
 
 CPU = torch.device("cpu")
 
@@ -70,7 +71,7 @@ def test_the_threshold_is_the_checkpoints_unless_overridden():
 
 
 def test_from_a_path_and_from_a_dict_give_the_same_masks(tmp_path):
-    from model import save_checkpoint
+    from carseg.checkpoint import save_checkpoint
     model = UNet(base_channels=4, depth=2)
     model(torch.rand(2, 3, 16, 16))  # move the BatchNorm statistics off their defaults
     checkpoint = checkpoint_for(model, {"image_width": 24, "image_height": 16, "threshold": 0.5})
@@ -109,29 +110,46 @@ def test_the_runner_uses_the_memory_format_it_is_given(channels_last):
     assert model.seen == [channels_last]
 
 
-# The project's modules, lowest layer first: each may import only modules listed before it.
-LAYERS = ["config", "runtime", "distributed", "atomic", "metrics", "losses", "labels", "rle", "augment", "plots", "cutout", "encoders", "model", "dataset",
-          "batchnorm", "backends", "inference", "evaluate", "train", "predict", "export", "bench", "segmenter", "serve", "loadtest"]
+# The project's modules, lowest layer first: each may import only modules listed before it. The
+# support package comes first and imports only itself; the scripts at the top level stand on it, and
+# the lab instruments under scripts/ on everything.
+PACKAGE = ["runtime", "distributed", "atomic", "labels", "rle", "jpeg", "images", "augment", "plots", "cutout",
+           "encoders", "checkpoint", "batchnorm", "submission", "segmenter"]
+TOP = ["config", "metrics", "losses", "model", "dataset", "backends", "inference", "evaluate", "train", "predict",
+       "export", "serve"]
+SCRIPTS = ["bench", "loadtest"]
+LAYERS = [f"carseg.{name}" for name in PACKAGE] + TOP + SCRIPTS
+FILES = {**{f"carseg.{name}": REPO_ROOT / "carseg" / f"{name}.py" for name in PACKAGE},
+         **{name: REPO_ROOT / f"{name}.py" for name in TOP}, **{name: REPO_ROOT / "scripts" / f"{name}.py" for name in SCRIPTS}}
 
 
 def project_imports(path):
+    """The project modules `path` imports, as LAYERS names them ("from carseg import a, b" is carseg.a, carseg.b)."""
     tree = ast.parse(path.read_text())
-    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "carseg":
+            names |= {f"carseg.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
     return names & set(LAYERS)
 
 
 def test_imports_flow_one_way_and_only_inference_reaches_the_network_for_the_scripts():
-    assert sorted(p.stem for p in REPO_ROOT.glob("*.py")) == sorted(LAYERS)
+    assert sorted(p.stem for p in REPO_ROOT.glob("*.py")) == sorted(TOP)  # the root is the table of contents
+    assert sorted(p.stem for p in (REPO_ROOT / "carseg").glob("*.py")) == sorted(PACKAGE + ["__init__"])
     for module in LAYERS:
         allowed = set(LAYERS[:LAYERS.index(module)])
-        imports = project_imports(REPO_ROOT / f"{module}.py")
+        imports = project_imports(FILES[module])
         assert imports <= allowed, f"{module} imports {imports - allowed}"
+        if module.startswith("carseg."):
+            assert all(name.startswith("carseg.") for name in imports), f"{module} imports {imports}"
     assert "evaluate" not in project_imports(REPO_ROOT / "predict.py")
     for script in ("evaluate", "predict", "export"):
         assert "inference" in project_imports(REPO_ROOT / f"{script}.py"), script
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("full_size", [(4000, 3000), (71, 97), (200, 300)])
 def test_class_map_in_bands_takes_the_argmax_of_the_bilinear_upsampling(full_size, monkeypatch):
     import inference

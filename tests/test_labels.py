@@ -8,10 +8,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from labels import (BACKGROUND, flip_permutation, load_class_mask, palette, read_class_names,
+from carseg.labels import (BACKGROUND, flip_permutation, load_class_mask, palette, read_class_names,
                     read_coco)
 
-CARPARTS = Path(__file__).resolve().parents[2] / "shared" / "carparts" / "trainingset"
 # The Car Parts Dataset's 18 part names (public metadata, in category-id order after `_background_`).
 CAR_PARTS = ["back_bumper", "back_glass", "back_left_door", "back_left_light", "back_right_door",
              "back_right_light", "front_bumper", "front_glass", "front_left_door", "front_left_light",
@@ -320,9 +319,9 @@ def test_palette(n):
     assert np.array_equal(colours, palette(n))
 
 
-@pytest.mark.skipif(not CARPARTS.is_dir(), reason=f"real Car Parts data not found at {CARPARTS}")
-def test_real_car_parts():
-    items, names, problems = read_coco(CARPARTS / "annotations.json", CARPARTS / "JPEGImages")
+@pytest.mark.slow
+def test_real_car_parts(carparts_dir):
+    items, names, problems = read_coco(carparts_dir / "annotations.json", carparts_dir / "JPEGImages")
     assert problems == [] and len(items) == 400
     assert names == [BACKGROUND] + CAR_PARTS
     counts = np.zeros(len(names), np.int64)

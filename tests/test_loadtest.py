@@ -130,6 +130,7 @@ def test_footprint_names_each_backends_package():
     assert "torch" in loadtest.format_footprint(footprint)
 
 
+@pytest.mark.slow
 def test_a_tiny_real_run_against_the_server_it_starts(tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()

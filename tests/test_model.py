@@ -13,8 +13,8 @@ from PIL import Image
 
 from config import BUNDLED_CHECKPOINT
 from conftest import REPO_ROOT
-from model import (ARCHITECTURES, CHECKPOINT_FORMAT, UNet, build_model, checkpoint_for, load_checkpoint, load_model,
-                   save_checkpoint)
+from model import ARCHITECTURES, UNet, build_model, load_model
+from carseg.checkpoint import CHECKPOINT_FORMAT, checkpoint_for, load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("bilinear", [False, True])
@@ -70,7 +70,7 @@ def test_a_checkpoint_is_self_describing_and_holds_no_path_of_the_machine(tmp_pa
     path = tmp_path / "model.pt"
     save_checkpoint(path, checkpoint_of(model))
     checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["format_version"] == CHECKPOINT_FORMAT == 2
+    assert checkpoint["format_version"] == CHECKPOINT_FORMAT == 3
     assert checkpoint["arch"] == "unet" and checkpoint["model_args"] == model.model_args
     assert checkpoint["normalization"] == {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
     assert checkpoint["config"] == {"image_width": 32, "image_height": 32, "threshold": 0.5, "epochs": 3}
@@ -113,9 +113,25 @@ def test_format_1_checkpoints_load_as_the_current_format(tmp_path):
     assert checkpoint["model_args"] == model.model_args
     assert checkpoint["config"] == {"image_width": 64, "image_height": 32, "threshold": 0.4, "ema_decay": 0.0}
     assert "threshold" not in checkpoint  # stored once, in the config
-    assert checkpoint["val_cars"] == ["aaaaaaaaaa01"] and checkpoint["epoch"] == 3
+    assert checkpoint["val_groups"] == ["aaaaaaaaaa01"] and checkpoint["epoch"] == 3
+    assert checkpoint["best_val_score"] == 0.9 and "val_cars" not in checkpoint and "best_val_dice" not in checkpoint
     assert checkpoint["history"] == [{"epoch": 3, "val_dice_model_res": 0.8, "val_dice_full_res": 0.9}]
     assert checkpoint["metrics"] == {"val_dice_model_res": 0.8}
+    images = torch.rand(1, 3, 32, 64)
+    with torch.no_grad():
+        assert torch.equal(load_model(checkpoint).eval()(images), model(images))
+
+
+def test_format_2_checkpoints_load_with_todays_names(tmp_path):
+    # Format 2 named the split's groups after cars and the best score after Dice, for parts models too.
+    model = UNet(base_channels=4, depth=2).eval()
+    old = {**checkpoint_for(model, {"image_width": 64, "image_height": 32, "threshold": 0.5}), "format_version": 2,
+           "val_cars": ["aaaaaaaaaa01"], "train_cars": ["aaaaaaaaaa02"], "best_val_dice": 0.97, "epoch": 2}
+    torch.save(old, tmp_path / "format2.pt")
+    checkpoint = load_checkpoint(tmp_path / "format2.pt")
+    assert checkpoint["format_version"] == CHECKPOINT_FORMAT == 3
+    assert (checkpoint["val_groups"], checkpoint["train_groups"]) == (["aaaaaaaaaa01"], ["aaaaaaaaaa02"])
+    assert checkpoint["best_val_score"] == 0.97 and not {"val_cars", "train_cars", "best_val_dice"} & set(checkpoint)
     images = torch.rand(1, 3, 32, 64)
     with torch.no_grad():
         assert torch.equal(load_model(checkpoint).eval()(images), model(images))
@@ -133,7 +149,7 @@ def test_the_bundled_checkpoint_loads_in_the_current_format():
     checkpoint = load_checkpoint(BUNDLED_CHECKPOINT)
     assert checkpoint["arch"] == "unet" and checkpoint["format_version"] == CHECKPOINT_FORMAT
     assert (checkpoint["config"]["image_width"], checkpoint["config"]["image_height"]) == (480, 320)
-    assert checkpoint["config"]["threshold"] == 0.5 and len(checkpoint["val_cars"]) == 8
+    assert checkpoint["config"]["threshold"] == 0.5 and len(checkpoint["val_groups"]) == 8
     assert not any(key in checkpoint["config"] for key in ("data_dir", "cache_dir", "out_dir", "resume"))
     model = load_model(checkpoint)
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -245,8 +261,8 @@ def test_a_folder_is_no_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("content, reason", [
     ({"weights": 1}, "it has no format_version; its keys: weights"),
-    ({"format_version": 99, "model_args": {}, "model": {}}, "its format_version is 99; this version reads 1 and 2"),
-    ({"format_version": 2, "arch": "unet", "model_args": {}, "model": {}}, "it lacks normalization, config; its keys: "
+    ({"format_version": 99, "model_args": {}, "model": {}}, "its format_version is 99; this version reads 1 to 3"),
+    ({"format_version": 3, "arch": "unet", "model_args": {}, "model": {}}, "it lacks normalization, config; its keys: "
                                                                            "format_version, arch, model_args, model"),
     ({"format_version": 1}, "it lacks arch, model_args, model, normalization, config; its keys: format_version"),
     ([1, 2, 3], "it holds a list, not a dict"),
@@ -256,22 +272,23 @@ def test_load_checkpoint_refuses_non_checkpoints(tmp_path, content, reason):
     torch.save(content, path)
     with pytest.raises(ValueError) as err:
         load_checkpoint(path)
-    assert str(err.value) == f"checkpoint {path} is not a train.py checkpoint (format 2): {reason}"
+    assert str(err.value) == f"checkpoint {path} is not a train.py checkpoint (format 3): {reason}"
 
 
 def test_load_checkpoint_refuses_a_bare_state_dict(tmp_path):
     path = tmp_path / "state.pt"
     torch.save(UNet(base_channels=4, depth=1).state_dict(), path)
-    with pytest.raises(ValueError, match=r"state\.pt is not a train.py checkpoint \(format 2\): it is a bare "
+    with pytest.raises(ValueError, match=r"state\.pt is not a train.py checkpoint \(format 3\): it is a bare "
                                          r"state_dict \(\d+ tensors\)"):
         load_checkpoint(path)
 
 
 def test_no_script_loads_a_user_file_with_torch_load_directly():
-    """Checkpoints given by users go through model.load_checkpoint (backends.load_source calls it), whose refusals
-    say what the file is; encoders.py loads only the ImageNet weights installed with the package."""
-    sources = [p for p in REPO_ROOT.glob("*.py") if "torch.load(" in p.read_text(encoding="utf-8")]
-    assert sorted(p.name for p in sources) == ["encoders.py", "model.py"]
+    """Checkpoints given by users go through checkpoint.load_checkpoint (backends.load_source calls it), whose
+    refusals say what the file is; encoders.py loads only the ImageNet weights installed with the package."""
+    sources = [p for p in [*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("carseg/*.py"), *REPO_ROOT.glob("scripts/*.py")]
+               if "torch.load(" in p.read_text(encoding="utf-8")]
+    assert sorted(p.name for p in sources) == ["checkpoint.py", "encoders.py"]
 
 
 def test_load_checkpoint_missing_file(tmp_path):

@@ -15,10 +15,12 @@ import dataset
 import evaluate
 import export
 import predict
+from carseg import submission
 from config import EvaluateConfig, PredictConfig
 from conftest import REPO_ROOT, write_coco_dataset, write_kaggle_dataset
-from distributed import World
-from model import UNet, checkpoint_for, load_checkpoint, save_checkpoint
+from carseg.distributed import World
+from model import UNet
+from carseg.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 
 BUNDLED = ("carvana_unet.pt", "carparts.pt")
 PARTS = ["background", "left_door", "right_door", "wheel"]  # write_coco_dataset's classes
@@ -117,6 +119,7 @@ def two_models(tmp_path) -> dict:
             "carparts": (tiny_checkpoint(folder / "carparts.pt", PARTS), write_coco_dataset(tmp_path / "coco"))}
 
 
+@pytest.mark.slow
 def test_the_two_bundled_models_evaluated_in_turn_leave_two_report_folders(two_models, tmp_path):
     for checkpoint, data_dir in two_models.values():
         run_evaluate(checkpoint, data_dir)
@@ -129,6 +132,7 @@ def test_the_two_bundled_models_evaluated_in_turn_leave_two_report_folders(two_m
                                                        "samples.png", "summary.json", "worst.png"]
 
 
+@pytest.mark.slow
 def test_an_out_dir_reused_by_another_model_keeps_none_of_the_earlier_reports(two_models, tmp_path, caplog):
     out = tmp_path / "reports"
     run_evaluate(*two_models["carparts"], out_dir=str(out))
@@ -193,9 +197,9 @@ def test_shards_without_a_row_merge_to_no_file_and_leave_the_earlier_one(tmp_pat
     sub = tmp_path / name
     sub.write_bytes(b"an earlier submission")
     for rank in range(3):
-        with predict.submission_rows(str(sub), World(rank, 3)):
+        with submission.submission_rows(str(sub), World(rank, 3)):
             pass  # every photo of every rank failed
-    predict.merge_submission(sub, 3)
+    submission.merge_submission(sub, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name] and sub.read_bytes() == b"an earlier submission"
 
 

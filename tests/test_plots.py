@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from plots import legend_image, plot_confusion_matrix
+from carseg.plots import legend_image, plot_confusion_matrix
 
 NAMES = ["background", "back_bumper", "back_glass", "front_left_door", "hood", "left_mirror", "wheel"]
 COLOURS = [(0, 0, 0), (255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 255), (250, 200, 20), (128, 0, 128)]

@@ -17,12 +17,13 @@ import bench
 import evaluate
 import export
 import predict
-import runtime
+from carseg import runtime
 import serve
 from conftest import FAKE_CARS, write_kaggle_dataset
 from config import EvaluateConfig, ServeConfig
 from inference import Predictor
-from model import build_model, checkpoint_for, save_checkpoint
+from model import build_model
+from carseg.checkpoint import checkpoint_for, save_checkpoint
 
 NATIVE = ["FP32", "BF16", "INT8", "BIN", "EXPORT_IMPORT"]   # what a Zen 4 / Sapphire Rapids CPU lists
 NOT_NATIVE = ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]       # what an AVX2-only CPU lists
@@ -68,7 +69,7 @@ def checkpoint_path(tmp_path_factory):
     model = build_model("unet", pretrained=False, base_channels=4, depth=2).eval()
     config = {"image_width": 64, "image_height": 48, "threshold": 0.5, "group_by": "car-id"}
     path = tmp_path_factory.mktemp("precision") / "tiny.pt"
-    save_checkpoint(path, checkpoint_for(model, config, val_cars=[FAKE_CARS[0]], train_cars=FAKE_CARS[1:]))
+    save_checkpoint(path, checkpoint_for(model, config, val_groups=[FAKE_CARS[0]], train_groups=FAKE_CARS[1:]))
     return path
 
 

@@ -13,11 +13,14 @@ import pytest
 from PIL import Image
 
 import predict
+from carseg import submission
 import train
 from config import PredictConfig
 from conftest import car_picture, tiny_config, write_kaggle_dataset
-from distributed import World, shard
+from carseg.distributed import World, shard
 from launcher import EXITCODE, launch
+
+pytestmark = pytest.mark.slow  # torchrun, real data or a browser: .ci/run runs them (--run-slow)
 
 NAME = "sub.csv.gz"  # the same name in every run: a .gz header records it, and the bytes are compared
 COUNT = 9  # photos: rank 0 of 2 predicts 4, rank 1 predicts 5
@@ -69,8 +72,8 @@ def torchrun_args(checkpoint, inputs, out: Path, *extra):
             "--submission", out / NAME, "--batch-size", "2", *extra]
 
 
-def rows(submission: Path) -> list:
-    return gzip.decompress(submission.read_bytes()).decode().splitlines()
+def rows(path: Path) -> list:
+    return gzip.decompress(path.read_bytes()).decode().splitlines()
 
 
 def files(folder: Path) -> dict:
@@ -219,8 +222,8 @@ def test_a_sigkilled_torchrun_resumes_in_one_process_to_the_same_files(checkpoin
 SAMPLE = [("a.jpg", "1 3 10 2"), ("b.jpg", ""), ("c,d.jpg", "5 5"), ("e.jpg", "2 1"), ("f.jpg", "7 9 20 1")]
 
 
-def write_rows(submission, world, rows):
-    with predict.submission_rows(str(submission), world) as writer:
+def write_rows(path, world, rows):
+    with submission.submission_rows(str(path), world) as writer:
         for row in rows:
             writer.writerow(row)
 
@@ -236,7 +239,7 @@ def test_merged_shards_are_the_bytes_one_process_writes(tmp_path, name, size):
         block = shard(len(SAMPLE), World(rank, size))
         write_rows(out / name, World(rank, size), SAMPLE[block.start:block.stop])
     assert sorted(p.name for p in out.iterdir()) == [f".{name}.rank{r}-of-{size}" for r in range(size)]
-    predict.merge_submission(out / name, size)
+    submission.merge_submission(out / name, size)
     assert (out / name).read_bytes() == (one / name).read_bytes()
     assert [p.name for p in out.iterdir()] == [name]  # the shards are gone
 
@@ -251,7 +254,7 @@ def test_shards_without_the_failed_photos_rows_merge_to_the_one_process_file(tmp
     write_rows(out / NAME, World(0, 3), SAMPLE[:2])
     write_rows(out / NAME, World(1, 3), [])
     write_rows(out / NAME, World(2, 3), SAMPLE[3:])
-    predict.merge_submission(out / NAME, 3)
+    submission.merge_submission(out / NAME, 3)
     assert (out / NAME).read_bytes() == (one / NAME).read_bytes()
     assert rows(out / NAME) == ["img,rle_mask", "a.jpg,1 3 10 2", "b.jpg,", "e.jpg,2 1", "f.jpg,7 9 20 1"]
 
@@ -259,7 +262,7 @@ def test_shards_without_the_failed_photos_rows_merge_to_the_one_process_file(tmp
 def test_a_missing_shard_is_an_error_naming_it_before_anything_is_written(tmp_path):
     write_rows(tmp_path / NAME, World(0, 2), SAMPLE[:2])
     with pytest.raises(FileNotFoundError, match=re.escape(f".{NAME}.rank1-of-2")):
-        predict.merge_submission(tmp_path / NAME, 2)
+        submission.merge_submission(tmp_path / NAME, 2)
     assert [p.name for p in tmp_path.iterdir()] == [f".{NAME}.rank0-of-2"]  # kept, no submission
 
 

@@ -13,11 +13,12 @@ import predict
 import train
 from conftest import parts_picture, tiny_config, write_coco_dataset
 from config import PredictConfig
-from dataset import load_image
-from inference import Predictor, car_mask
-from labels import palette
-from plots import with_legend
-from rle import rle_decode
+from carseg.images import load_image
+from inference import Predictor
+from carseg.labels import car_mask
+from carseg.labels import palette
+from carseg.plots import with_legend
+from carseg.rle import rle_decode
 
 CLASS_NAMES = ["background", "left_door", "right_door", "wheel"]  # conftest's PART_CATEGORIES
 

@@ -14,7 +14,10 @@ import predict
 import train
 from config import BUNDLED_CHECKPOINT, EvaluateConfig, PredictConfig
 from conftest import tiny_config
-from dataset import find_samples, load_image, load_mask, shrink_mask, split_by_car
+from dataset import find_samples, load_mask, shrink_mask, split_by_car
+from carseg.images import load_image
+
+pytestmark = pytest.mark.slow  # torchrun, real data or a browser: .ci/run runs them (--run-slow)
 
 FULL_SIZE = (1918, 1280)  # (width, height) of every Carvana photo
 
@@ -30,7 +33,7 @@ def some_samples(samples, n=4):
     """One view each of n different cars, spread over the dataset."""
     by_car = defaultdict(list)
     for s in samples:
-        by_car[s.car_id].append(s)
+        by_car[s.group].append(s)
     cars = sorted(by_car)
     views = [by_car[cars[i * len(cars) // n]] for i in range(n)]
     return [v[i % len(v)] for i, v in enumerate(views)]
@@ -40,11 +43,11 @@ def test_every_car_has_16_views_and_the_split_is_by_car(real_samples):
     assert len(real_samples) >= 16
     views = defaultdict(set)
     for s in real_samples:
-        assert len(s.car_id) == 12 and all(c in "0123456789abcdef" for c in s.car_id), s.name
-        views[s.car_id].add(s.name[-2:])
+        assert len(s.group) == 12 and all(c in "0123456789abcdef" for c in s.group), s.name
+        views[s.group].add(s.name[-2:])
     assert all(v == {f"{i:02d}" for i in range(1, 17)} for v in views.values())
     train_samples, val_samples = split_by_car(real_samples, 0.125, seed=0)
-    assert {s.car_id for s in train_samples}.isdisjoint({s.car_id for s in val_samples})
+    assert {s.group for s in train_samples}.isdisjoint({s.group for s in val_samples})
     assert len(train_samples) + len(val_samples) == len(real_samples)
 
 
@@ -100,7 +103,7 @@ def test_short_run_on_real_cars_then_evaluate_and_predict(carvana_dir, real_samp
 
     out = tmp_path / "eval"
     # The data folder is named: a checkpoint stores no machine paths, and without $CARVANA_DIR evaluate.py
-    # would look in data/carvana, not in the ../shared/carvana this test found.
+    # would look in data/carvana, not in the $CARVANA_DIR this test found.
     result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(run / "best.pt"), data_dir=str(carvana_dir),
                                                          cache_dir=cfg.cache_dir, out_dir=str(out), device="cpu",
                                                          worst_k=2, num_samples=1))
@@ -121,8 +124,8 @@ def test_bundled_model_through_predict_matches_the_true_masks(carvana_dir, real_
     # predict.py end to end (reduced JPEG decoding, model, upsampling, PNG) against the Kaggle masks:
     # catches any drift between how the bundled model was trained and how photos reach it.
     checkpoint = torch.load(BUNDLED_CHECKPOINT, map_location="cpu", weights_only=True)
-    val_cars = set(checkpoint["val_cars"])
-    chosen = [s for s in real_samples if s.car_id in val_cars and s.name.endswith(("_03", "_12"))]
+    val_groups = set(checkpoint["val_groups"])
+    chosen = [s for s in real_samples if s.group in val_groups and s.name.endswith(("_03", "_12"))]
     if not chosen:
         pytest.skip(f"none of the bundled model's validation cars are in {carvana_dir}")
     written, failures = predict.predict_files(PredictConfig(inputs=[str(s.image) for s in chosen],
@@ -138,7 +141,7 @@ def test_bundled_model_through_predict_matches_the_true_masks(carvana_dir, real_
 
 
 def bundled_parity_photos(real_samples, checkpoint):
-    return [s.image for s in real_samples if s.car_id in set(checkpoint["val_cars"])][::16][:4]
+    return [s.image for s in real_samples if s.group in set(checkpoint["val_groups"])][::16][:4]
 
 
 @pytest.mark.parametrize("engine, precision", [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")])
@@ -147,7 +150,7 @@ def test_bundled_model_on_each_engine_gives_pytorchs_masks_on_real_photos(engine
     import backends
     import export
     from inference import Predictor
-    from model import load_checkpoint
+    from carseg.checkpoint import load_checkpoint
     if precision == "bf16" and not backends.openvino_native_bf16():
         pytest.skip("OpenVINO runs bf16 only where the CPU has it natively (AVX-512 BF16 or AMX); this one has not: "
                     "the bf16 tolerance is checked on PyTorch's bf16 below")
@@ -168,7 +171,7 @@ def test_bf16_keeps_the_bundled_models_masks_within_bf16s_tolerance(real_samples
     # tolerance export.py holds OpenVINO's bf16 to is checked on real photos here whatever the CPU.
     import export
     from inference import Predictor
-    from model import load_checkpoint
+    from carseg.checkpoint import load_checkpoint
     checkpoint = load_checkpoint(BUNDLED_CHECKPOINT)
     photos = bundled_parity_photos(real_samples, checkpoint)
     if not photos:

@@ -8,8 +8,10 @@ from PIL import Image
 import evaluate
 import predict
 from config import BUNDLED_PARTS_CHECKPOINT, EvaluateConfig, PredictConfig
-from labels import palette
-from model import load_checkpoint
+from carseg.labels import palette
+from carseg.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # torchrun, real data or a browser: .ci/run runs them (--run-slow)
 
 # Measured when the model was bundled (docs/architectures.md): full-res mIoU over the 18 parts on
 # its 50 validation photos. A drift in decoding, rasterising or the model path would lower it.

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from rle import compare_mask_csv, read_mask_csv, rle_decode, rle_encode, write_mask_csv
+from carseg.rle import compare_mask_csv, read_mask_csv, rle_decode, rle_encode, write_mask_csv
 
 
 @pytest.mark.parametrize("mask, expected", [

@@ -20,13 +20,14 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-import cutout
-import segmenter
+from carseg import cutout, images, segmenter
 import serve
 from config import VERSION, ServeConfig
-from inference import Predictor, car_mask
-from labels import palette
-from model import UNet, checkpoint_for, save_checkpoint
+from inference import Predictor
+from carseg.labels import car_mask
+from carseg.labels import palette
+from model import UNet
+from carseg.checkpoint import checkpoint_for, save_checkpoint
 
 PARTS = ["background", "left_door", "right_door", "wheel"]
 SAFE_NAME = re.compile(r'inline; filename="[A-Za-z0-9._-]{1,80}"')
@@ -192,15 +193,15 @@ def test_the_blurred_background_leaves_the_car_out_of_its_blur():
 @pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
 def test_encode_writes_each_format_at_its_size(fmt):
     grey, rgb = np.arange(60, dtype=np.uint8).reshape(6, 10), np.full((6, 10, 3), 77, np.uint8)
-    mask = Image.open(io.BytesIO(cutout.encode(grey, fmt)))
+    mask = Image.open(io.BytesIO(images.encode(grey, fmt)))
     assert mask.format == fmt.upper() and mask.size == (10, 6)
     if fmt != "jpeg":  # lossless: values kept (WebP stores grey as RGB)
         assert np.array_equal(np.asarray(mask.convert("L")), grey)
-    assert Image.open(io.BytesIO(cutout.encode(rgb, fmt))).size == (10, 6)
+    assert Image.open(io.BytesIO(images.encode(rgb, fmt))).size == (10, 6)
     if fmt == "jpeg":
         with pytest.raises(ValueError, match="alpha"):
-            cutout.encode(np.zeros((6, 10, 4), np.uint8), fmt)
-    parts = Image.open(io.BytesIO(cutout.encode(grey % 4, "png", palette(4))))
+            images.encode(np.zeros((6, 10, 4), np.uint8), fmt)
+    parts = Image.open(io.BytesIO(images.encode(grey % 4, "png", palette(4))))
     assert parts.mode == "P" and np.array_equal(np.asarray(parts), grey % 4)
 
 
@@ -218,7 +219,7 @@ def test_each_output_is_the_upright_photos_size(client, photo_file, fields, mode
     assert image.format == fields.get("format", "png").upper()
     assert response.headers["x-image-width"] == "64" and response.headers["x-image-height"] == "96"
     assert int(response.headers["x-process-time-ms"]) >= 0
-    assert response.headers["content-type"] == cutout.MEDIA_TYPES[fields.get("format", "png")]
+    assert response.headers["content-type"] == images.MEDIA_TYPES[fields.get("format", "png")]
 
 
 def test_masks_are_predict_pys_hard_and_anti_aliased_soft(client, checkpoints, photo_file):
@@ -340,7 +341,7 @@ def test_options_in_the_query_string_give_the_forms_answer(client, photo_file, f
     by_form, by_query = send(client, data, "form", fields), send(client, data, "query", fields)
     assert image_of(by_form).mode == image_of(by_query).mode == mode  # ?output=mask is a mask, not the cutout
     assert by_form.headers["content-type"] == by_query.headers["content-type"] == \
-        cutout.MEDIA_TYPES[fields.get("format", "png")]
+        images.MEDIA_TYPES[fields.get("format", "png")]
     assert by_query.content == by_form.content
     names = list(fields)
     mixed = client.post("/api/segment", files={"image": ("car.jpg", data)},
@@ -579,6 +580,7 @@ class TestBundledModel:
         upright = np.rot90(silhouette, -1)  # orientation 6: shown turned 90 degrees clockwise
         assert rotated.shape == upright.shape and (rotated & upright).sum() / (rotated | upright).sum() > 0.9
 
+    @pytest.mark.slow
     def test_the_pages_cutout_is_predict_pys_cutout(self, bundled, car, tmp_path):
         # One way to cut a car out: predict.py --cutout writes what the API's default cutout answers.
         import predict

@@ -17,11 +17,13 @@ import predict
 import train
 from config import EvaluateConfig, PredictConfig, TrainConfig, parse_config
 from conftest import IMAGE_SIZE, MODEL_SIZE, car_picture, tiny_config, write_kaggle_dataset
-from dataset import CarvanaDataset, find_samples, image_to_tensor, load_image, split_by_car
+from dataset import SegmentationDataset, find_samples, image_to_tensor, split_by_car
+from carseg.images import load_image
 from inference import Predictor
-from labels import BINARY_CLASSES
+from carseg.labels import BINARY_CLASSES
 from losses import BCEDiceLoss
-from model import LOCAL_OPTIONS, UNet, load_checkpoint, load_model
+from model import UNet, load_model
+from carseg.checkpoint import LOCAL_OPTIONS, load_checkpoint
 
 TIMING_FIELDS = {"seconds", "images_per_s"}
 
@@ -71,7 +73,7 @@ def test_train_writes_a_complete_run(straight, data_dir):
     cfg, summary, run = straight
     assert summary["epoch"] == 2 and summary["run_dir"] == str(run)
     assert run == Path(cfg.out_dir) / "straight"
-    for key in ("train_loss", "val_loss", "val_dice_model_res", "val_dice_full_res", "val_iou_full_res", "best_val_dice"):
+    for key in ("train_loss", "val_loss", "val_dice_model_res", "val_dice_full_res", "val_iou_full_res", "best_val_score"):
         assert np.isfinite(summary[key]), key
     assert 0 <= summary["val_dice_full_res"] <= 1
     for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl", "curves.png"):
@@ -82,7 +84,7 @@ def test_train_writes_a_complete_run(straight, data_dir):
     history = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in history] == [1, 2]
     assert [r["step"] for r in history] == [2, 4]  # 9 training images, batches of 4, last partial batch dropped
-    assert summary["best_val_dice"] == max(r["val_dice_full_res"] for r in history)
+    assert summary["best_val_score"] == max(r["val_dice_full_res"] for r in history)
 
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
@@ -90,7 +92,7 @@ def test_train_writes_a_complete_run(straight, data_dir):
     assert {"optimizer", "scheduler", "scaler"} <= last.keys()
     assert "optimizer" not in best  # best.pt holds weights only
     best_epoch = max(history, key=lambda r: r["val_dice_full_res"])["epoch"]
-    assert best["epoch"] == best_epoch and best["best_val_dice"] == summary["best_val_dice"]
+    assert best["epoch"] == best_epoch and best["best_val_score"] == summary["best_val_score"]
     assert last["arch"] == "unet"
     assert last["model_args"] == dict(in_channels=3, out_channels=1, base_channels=4, depth=2, bilinear=False)
     # the threshold is stored once (in the config); the machine's folders stay in config.json
@@ -102,12 +104,13 @@ def test_train_writes_a_complete_run(straight, data_dir):
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_the_synthetic_cars(trained):
     # Deterministic (fixed seeds, one thread); ~0.95 when written. Misaligned masks or a broken loss stay near 0.
     _, summary, run = trained
     history = read_jsonl(run / "metrics.jsonl")
     assert len(history) == 15
-    assert summary["best_val_dice"] > 0.8
+    assert summary["best_val_score"] > 0.8
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
@@ -135,16 +138,17 @@ def test_train_fails_before_training_on_bad_data(tiny_cfg, monkeypatch):
 def test_train_on_the_plain_layout(plain_dir, tmp_path):
     summary = train.train(tiny_config(plain_dir, tmp_path, epochs=1))
     checkpoint = load_checkpoint(Path(summary["run_dir"]) / "last.pt")
-    assert len(checkpoint["val_cars"]) == 1 and checkpoint["val_cars"][0].startswith("bbbbbbbbbb")
+    assert len(checkpoint["val_groups"]) == 1 and checkpoint["val_groups"][0].startswith("bbbbbbbbbb")
 
 
+@pytest.mark.slow
 def test_group_by_none_splits_image_by_image_and_evaluate_scores_that_split(plain_dir, tmp_path):
     # 2 cars x 3 views: grouped by car id, one car validates; image by image, 1 of the 6 images does
     # (round(6 * 0.125) = 1), and evaluate.py rebuilds the same groups from the checkpoint.
     summary = train.train(tiny_config(plain_dir, tmp_path, epochs=1, group_by="none"))
     checkpoint = load_checkpoint(Path(summary["run_dir"]) / "best.pt")
-    assert len(checkpoint["val_cars"]) == 1 and len(checkpoint["train_cars"]) == 5
-    assert checkpoint["val_cars"][0].startswith("bbbbbbbbbb") and checkpoint["val_cars"][0][-3] == "_"
+    assert len(checkpoint["val_groups"]) == 1 and len(checkpoint["train_groups"]) == 5
+    assert checkpoint["val_groups"][0].startswith("bbbbbbbbbb") and checkpoint["val_groups"][0][-3] == "_"
     result = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(Path(summary["run_dir"]) / "best.pt"),
                                                          data_dir=str(plain_dir), cache_dir="", device="cpu",
                                                          out_dir=str(tmp_path / "eval"), worst_k=1, num_samples=1))
@@ -161,13 +165,14 @@ def test_bf16_autocast_training_keeps_fp32_weights(tiny_cfg):
 
 def test_checkpoint_val_cars_are_the_car_split(straight, data_dir):
     cfg, _, run = straight
-    val_cars = set(torch.load(run / "last.pt", weights_only=True)["val_cars"])
+    val_groups = set(torch.load(run / "last.pt", weights_only=True)["val_groups"])
     train_samples, val_samples = split_by_car(find_samples(data_dir)[0], cfg.val_fraction, cfg.split_seed)
-    train_cars = {s.car_id for s in train_samples}
-    assert val_cars == {s.car_id for s in val_samples}
-    assert val_cars and train_cars and val_cars.isdisjoint(train_cars)
+    train_groups = {s.group for s in train_samples}
+    assert val_groups == {s.group for s in val_samples}
+    assert val_groups and train_groups and val_groups.isdisjoint(train_groups)
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_is_exact(straight, data_dir, work, monkeypatch, capsys):
     _, _, straight_run = straight
     cfg = tiny_config(data_dir, work, run_name="interrupted")
@@ -194,6 +199,7 @@ def test_resume_after_an_interruption_is_exact(straight, data_dir, work, monkeyp
     assert json.loads((run / "config.json").read_text())["resume"] == ""  # replaying it starts a new run
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_with_resume_matches_a_straight_run(straight, data_dir, work):
     # Epoch 1 is exactly the warm-up (warmup_epochs=1), whose learning rates do not depend on --epochs,
     # so a 1-epoch run resumed to 2 epochs takes the same steps as a 2-epoch run.
@@ -206,6 +212,7 @@ def test_extending_a_finished_run_with_resume_matches_a_straight_run(straight, d
     assert_same_training(run, straight_run)
 
 
+@pytest.mark.slow
 def test_resume_with_crops_and_precise_bn_is_exact(data_dir, work):
     options = dict(crop_width=32, crop_height=32, precise_bn=5)
     straight_crops = tiny_config(data_dir, work, run_name="straight-crops", **options)
@@ -217,6 +224,7 @@ def test_resume_with_crops_and_precise_bn_is_exact(data_dir, work):
     assert_same_training(run, Path(straight_crops.out_dir) / "straight-crops")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_evaluate_reproduces_the_runs_own_validation_dice(data_dir, work, channels_last):
     # In-training validation and evaluate.py are one path: the score best.pt was chosen by is the one
@@ -298,18 +306,20 @@ def test_resume_refuses_other_data_fewer_epochs_and_another_run_name(straight, p
     assert (run / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_evaluate_split_train_is_the_cars_the_run_trained_on(data_dir, work):
     # --max-cars 3 of the 4 cars: 2 train, 1 validates; the 4th car was never seen and is in neither split.
     cfg = tiny_config(data_dir, work, run_name="three-cars", epochs=1, max_cars=3)
     train.train(cfg)
     checkpoint = Path(cfg.out_dir) / "three-cars" / "best.pt"
-    assert len(load_checkpoint(checkpoint)["train_cars"]) == 2
+    assert len(load_checkpoint(checkpoint)["train_groups"]) == 2
     summary = evaluate.evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), data_dir=str(data_dir),
                                                           split="train", cache_dir="", out_dir=str(work / "tc"),
                                                           device="cpu", worst_k=1, num_samples=1))
     assert summary["full_res"]["images"] == 6 and summary["cars"] == 2
 
 
+@pytest.mark.slow
 def test_a_failure_in_validation_keeps_the_trained_epoch_and_resume_validates_it(straight, data_dir, work,
                                                                                  monkeypatch):
     _, _, straight_run = straight
@@ -338,7 +348,7 @@ def test_a_failure_in_validation_keeps_the_trained_epoch_and_resume_validates_it
 def test_precise_bn_never_forms_a_batch_of_one(straight):
     cfg, _, _ = straight
     store = train.build_stores(cfg)[0]  # 9 training images
-    dataset = CarvanaDataset(store)
+    dataset = SegmentationDataset(store)
     for batch_size, precise_bn, sizes in ((8, 64, [9]), (4, 5, [5]), (4, 9, [4, 5]), (4, 8, [4, 4])):
         options = dataclasses.replace(cfg, batch_size=batch_size, precise_bn=precise_bn)
         assert [len(b) for b in train.batchnorm_batches(options, dataset, BINARY_CLASSES)] == sizes
@@ -357,7 +367,7 @@ def test_output_locations_that_cannot_be_written_are_refused_before_any_work(tin
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_an_error_naming_the_file(tiny_cfg, tmp_path, monkeypatch):
-    import atomic
+    from carseg import atomic
 
     class FullDisk(io.BytesIO):
         def write(self, data):
@@ -452,7 +462,7 @@ def independent_full_res_dice(checkpoint_path, data_dir, threshold=0.5) -> dict:
     model.eval()
     size = (checkpoint["config"]["image_width"], checkpoint["config"]["image_height"])
     dice = {}
-    for car in checkpoint["val_cars"]:
+    for car in checkpoint["val_groups"]:
         for image_path in sorted((Path(data_dir) / "train").glob(f"{car}_*.jpg")):
             truth = np.array(Image.open(Path(data_dir) / "train_masks" / f"{image_path.stem}_mask.gif")) == 1
             image, _ = load_image(image_path, size)
@@ -465,6 +475,7 @@ def independent_full_res_dice(checkpoint_path, data_dir, threshold=0.5) -> dict:
     return dice
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoint_from_the_checkpoint_and_the_data_alone(trained, data_dir, tmp_path):
     _, _, run = trained
     out = tmp_path / "eval"
@@ -490,6 +501,7 @@ def test_evaluate_checkpoint_from_the_checkpoint_and_the_data_alone(trained, dat
     assert at_half["dice"] == pytest.approx(summary["full_res"]["dice"], abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split, images", [("train", 9), ("all", 12)])
 def test_evaluate_other_splits(trained, data_dir, tmp_path, split, images):
     _, _, run = trained
@@ -500,6 +512,7 @@ def test_evaluate_other_splits(trained, data_dir, tmp_path, split, images):
     assert summary["full_res"]["images"] == images
 
 
+@pytest.mark.slow
 def test_evaluate_on_data_without_the_checkpoint_cars(trained, plain_dir, tmp_path):
     _, _, run = trained
     cfg = EvaluateConfig(checkpoint=str(run / "best.pt"), data_dir=str(plain_dir), cache_dir="",
@@ -510,6 +523,7 @@ def test_evaluate_on_data_without_the_checkpoint_cars(trained, plain_dir, tmp_pa
     assert summary["full_res"]["images"] == 6
 
 
+@pytest.mark.slow
 def test_evaluate_finds_the_data_where_train_found_it_and_an_explicit_folder_wins(data_dir, plain_dir, tmp_path,
                                                                                  monkeypatch):
     # `python train.py` without --data-dir reads $CARVANA_DIR; the checkpoint records no folder of this
@@ -670,7 +684,7 @@ def test_predict_refuses_two_inputs_with_one_output_name(trained, photos, tmp_pa
 def test_predict_submission_decodes_to_the_written_masks(trained, photos, tmp_path, name):
     import gzip
 
-    from rle import rle_decode
+    from carseg.rle import rle_decode
     _, _, run = trained
     out, csv_path = tmp_path / "out", tmp_path / name
     cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=str(run / "best.pt"), device="cpu",

@@ -15,7 +15,7 @@ from config import EvaluateConfig
 from conftest import FAKE_CARS, IMAGE_SIZE, MODEL_SIZE, VIEWS, car_picture, tiny_config, write_kaggle_dataset
 from dataset import (DatasetError, compare_csv_with_folder, find_samples, load_mask, load_samples, mask_files,
                      prepare_store)
-from rle import RleRow, read_mask_csv, rle_decode, rle_encode, write_mask_csv
+from carseg.rle import RleRow, read_mask_csv, rle_decode, rle_encode, write_mask_csv
 
 FIRST = f"{FAKE_CARS[0]}_01.jpg"
 
@@ -339,6 +339,7 @@ def test_write_refuses_a_sample_without_a_mask_file(csv_dir, tmp_path):
 
 # ---------------------------------------------------------------- train.py and evaluate.py on it
 
+@pytest.mark.slow
 def test_training_on_the_csv_is_training_on_the_gifs(tmp_path):
     gif_dir = write_kaggle_dataset(tmp_path / "gif")
     csv_dir = tmp_path / "csv"
@@ -367,8 +368,8 @@ def real_csv_dir(carvana_dir, tmp_path_factory):
     returns (folder, the real GIF-masked samples)."""
     samples, problems = find_samples(carvana_dir)
     assert problems == [], problems[:5]
-    cars = sorted({s.car_id for s in samples})[:2]
-    chosen = [s for s in samples if s.car_id in cars]
+    cars = sorted({s.group for s in samples})[:2]
+    chosen = [s for s in samples if s.group in cars]
     root = tmp_path_factory.mktemp("real-csv")
     (root / "train").mkdir()
     for sample in chosen:

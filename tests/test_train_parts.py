@@ -10,11 +10,12 @@ from PIL import Image, ImageDraw
 
 import train
 from conftest import MODEL_SIZE, parts_picture, tiny_config, write_coco_dataset
-from augment import MirrorSwappingSides, build_transform
+from carseg.augment import MirrorSwappingSides, build_transform
 from dataset import find_class_names, find_samples
 from inference import InferenceSpec, Predictor
-from labels import flip_permutation
-from model import load_checkpoint, load_model
+from carseg.labels import flip_permutation
+from model import load_model
+from carseg.checkpoint import load_checkpoint
 from test_train import assert_same_training
 
 NAMES = ["background", "left_door", "right_door", "wheel"]
@@ -46,11 +47,12 @@ def test_a_coco_folder_trains_a_multiclass_model_that_records_its_classes(straig
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("val_miou_full_res", "val_mdice_full_res", "val_pixel_accuracy_full_res", "val_miou_model_res"):
         assert 0 <= record[key] <= 1, key
-    assert summary["best_val_dice"] == max(json.loads(line)["val_miou_full_res"]
+    assert summary["best_val_score"] == max(json.loads(line)["val_miou_full_res"]
                                            for line in (run / "metrics.jsonl").read_text().splitlines())
     assert (run / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_resume_of_a_multiclass_run_is_exact(straight, parts_dir, work):
     _, summary = straight
     cfg = tiny_config(parts_dir, work, run_name="extended", epochs=1)
@@ -111,6 +113,7 @@ def test_tta_relabels_the_mirrored_answer():
         assert (a[:, :32] == 1).all() and (a[:, 32:] == 2).all()
 
 
+@pytest.mark.slow
 def test_a_class_index_png_folder_with_classes_txt_trains(tmp_path, work):
     root = tmp_path / "plain_parts"
     (root / "images").mkdir(parents=True)
@@ -145,6 +148,7 @@ def test_bad_annotations_stop_training_before_it_starts_listing_every_problem(tm
     assert not (Path(cfg.out_dir) / "bad" / "last.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0",
                                   "deeplabv3_mobilenet_v3_large"])
 def test_each_architecture_trains_on_parts_and_predicts_from_its_checkpoint(arch, parts_dir, work):

@@ -12,7 +12,6 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
@@ -20,14 +19,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
-import cutout
-import runtime
-from backends import load_source
-from config import VERSION, ServeConfig, resolve_checkpoint
-from dataset import DECODE_ERRORS, load_image
-from inference import Predictor, car_mask
-from labels import palette
-from plots import parts_overlay
+from carseg import cutout, runtime
+from carseg.images import DECODE_ERRORS, encode, load_image
+from carseg.labels import car_mask, palette
+from carseg.plots import parts_overlay
 
 JPEG_KINDS = ("JPEG", "MPO")  # MPO: the multi-picture JPEG many cameras and phones write
 ACCEPTED = JPEG_KINDS + ("PNG", "WEBP")  # decoded formats accepted, by Pillow's name
@@ -85,7 +80,7 @@ def probe(data: bytes, max_pixels: int):
 def decode(data: bytes, size=None) -> tuple:
     """Upload bytes -> (upright RGB uint8 (H, W, 3), at size=(w, h) if given; the upright full (W, H)).
 
-    dataset.load_image, the decoding predict.py gives a file (a JPEG at a reduced DCT scale, then
+    images.load_image, the decoding predict.py gives a file (a JPEG at a reduced DCT scale, then
     area-averaged), so the server's masks are predict.py's. ServeError 422 for a corrupt or truncated file.
     """
     upload = io.BytesIO(data)
@@ -118,23 +113,23 @@ def check_options(options: Options, multiclass: bool) -> Options:
 # ---------------------------------------------------------------- the model and its queue
 
 class Segmenter:
-    """The loaded model, what /api/health says about it, and the one thread all its work runs on."""
+    """The loaded model, what /api/health says about it, and the one thread all its work runs on.
 
-    def __init__(self, cfg: ServeConfig):
-        path = resolve_checkpoint(cfg.checkpoint)
-        source = load_source(path)
-        self.predictor = Predictor.from_checkpoint(source, cfg.device, cfg.precision, cfg.tta, None,
-                                                   backend=cfg.backend)
-        spec = self.predictor.spec
+    predictor: an inference.Predictor (serve.py builds it from the checkpoint); about: what health
+    reports besides the model's own facts (its file name, architecture, the limits, the version);
+    max_queue: requests that may wait behind the running one before more are answered 503.
+    """
+
+    def __init__(self, predictor, about: dict, max_queue: int):
+        self.predictor = predictor
+        spec = predictor.spec
         self.multiclass, self.colours = spec.multiclass, palette(len(spec.class_names))
-        self.info = {"status": "ok", "model": Path(path).name, "arch": source["arch"],
-                     "backend": self.predictor.backend, "precision": self.predictor.precision,
-                     "device": str(self.predictor.device), "classes": list(spec.class_names),
+        self.info = {"status": "ok", **about, "backend": predictor.backend, "precision": predictor.precision,
+                     "device": str(predictor.device), "classes": list(spec.class_names),
                      "multiclass": spec.multiclass, "palette": ["#" + bytes(c).hex() for c in self.colours],
                      "input_size": list(spec.input_size), "threshold": None if spec.multiclass else spec.threshold,
-                     "tta": cfg.tta, "max_upload_mb": cfg.max_upload_mb, "max_pixels": cfg.max_pixels,
-                     "version": VERSION}
-        self.max_waiting = cfg.max_queue
+                     "tta": predictor.tta}
+        self.max_waiting = max_queue
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.pending = 0  # accepted jobs not finished, the running one included; changed on the event loop only
         self.started = time.monotonic()
@@ -188,7 +183,7 @@ class Segmenter:
             x0, y0, x1, y1 = box
             alpha, labels, image = (None if a is None else a[y0:y1, x0:x1] for a in (alpha, labels, image))
         array, colours = self.render(options, alpha, labels, image)
-        body, size = cutout.encode(array, options.format, colours), (array.shape[1], array.shape[0])
+        body, size = encode(array, options.format, colours), (array.shape[1], array.shape[0])
         del small, alpha, labels, image, array
         if full_size[0] * full_size[1] > LARGE_PHOTO:
             runtime.release_freed_memory()  # else the process keeps the largest photo's arrays resident for good
@@ -198,12 +193,12 @@ class Segmenter:
         """Model probabilities (C, h, w) -> the car probability float32 (H, W) at full_size=(W, H) and,
         for a parts model, the class map uint8 (H, W) (else None)."""
         if not self.multiclass:
-            return Predictor.upsample(probs[:1], full_size).cpu().numpy(), None
-        car = 1.0 - Predictor.upsample(probs[:1], full_size)  # channel 0 is the background
-        return car.cpu().numpy(), Predictor.class_map(probs, full_size).to(torch.uint8).cpu().numpy()
+            return self.predictor.upsample(probs[:1], full_size).cpu().numpy(), None
+        car = 1.0 - self.predictor.upsample(probs[:1], full_size)  # channel 0 is the background
+        return car.cpu().numpy(), self.predictor.class_map(probs, full_size).to(torch.uint8).cpu().numpy()
 
     def alpha(self, prob, labels, options: Options) -> np.ndarray:
-        """The car's alpha uint8 (H, W): a parts model's hard mask is its whole car (inference.car_mask,
+        """The car's alpha uint8 (H, W): a parts model's hard mask is its whole car (labels.car_mask,
         holes between parts filled), and its soft edges keep those holes opaque."""
         threshold = self.predictor.threshold if options.threshold is None else options.threshold
         if labels is None:

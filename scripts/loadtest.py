@@ -1,8 +1,8 @@
 """Load-test serve.py: throughput, latency and memory while full-size photos arrive concurrently (issue 15).
 
-    python loadtest.py --requests 300 --concurrency 8 --backend openvino
-    python loadtest.py --requests 300 --concurrency 8 --backends torch onnxruntime openvino --out loadtest.json
-    python loadtest.py --url http://127.0.0.1:8000 --pid 1234   # a server already running (loopback only)
+    python scripts/loadtest.py --requests 300 --concurrency 8 --backend openvino
+    python scripts/loadtest.py --requests 300 --concurrency 8 --backends torch onnxruntime openvino --out loadtest.json
+    python scripts/loadtest.py --url http://127.0.0.1:8000 --pid 1234   # a server already running (loopback only)
 
 By default it starts `serve.py --port <free port> --backend X` itself, on 127.0.0.1, so it also measures
 the cold start (spawn -> first /api/health -> first /api/segment answer), the idle RSS after that first
@@ -35,7 +35,7 @@ from typing import NamedTuple
 import httpx
 import psutil
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the project, where serve.py is
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 SAMPLE_EVERY_S = 0.2  # RSS sampling period
 WINDOW = 100          # requests in the "first" and "last" RSS windows
@@ -244,10 +244,9 @@ def install_footprint() -> dict:
 # ---------------------------------------------------------------- the server
 
 def find_photos(folder: Path | None = None) -> list:
-    """The photos to send: folder, else $CARVANA_DIR/train, else ../shared/carvana/train; sorted."""
+    """The photos to send: folder, else $CARVANA_DIR/train, else data/carvana/train (as train.py finds them); sorted."""
     if folder is None:
-        carvana = Path(os.environ["CARVANA_DIR"]) if os.environ.get("CARVANA_DIR") else HERE.parent / "shared" / "carvana"
-        folder = carvana / "train"
+        folder = Path(os.environ.get("CARVANA_DIR") or ROOT / "data" / "carvana") / "train"
     photos = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in PHOTO_SUFFIXES) if Path(folder).is_dir() else []
     if not photos:
         raise FileNotFoundError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in {folder}: pass --photos DIR "
@@ -263,10 +262,10 @@ def free_port() -> int:
 
 def start_server(backend: str, port: int, log_path: Path, workers: int = 1, checkpoint: str = "") -> subprocess.Popen:
     """serve.py on 127.0.0.1:port, its output to log_path."""
-    command = [sys.executable, str(HERE / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
                "--backend", backend, "--workers", str(workers)] + (["--checkpoint", checkpoint] if checkpoint else [])
     with open(log_path, "wb") as log:
-        return subprocess.Popen(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def stop_server(proc: subprocess.Popen, grace_s: float = 15.0):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from atomic import atomic_write
+from carseg.atomic import atomic_write
 
 MASK_CSV_HEADER = "img,rle_mask"
 QUOTED_FIELD = re.compile(rb'\s*"((?:[^"]|"")*)"\s*')  # a csv-quoted field at the start of a row

@@ -9,8 +9,7 @@ mismatch.
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import distributed
-import runtime
+from carseg import distributed, runtime
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from labels import flip_permutation
+from carseg.labels import flip_permutation, is_multiclass
 
 
 class MirrorSwappingSides(A.HorizontalFlip):
@@ -34,7 +34,7 @@ def build_transform(strength: str, crop: tuple[int, int] | None = None, class_na
     warped with nearest-neighbour interpolation.
     """
     geometry, color = [], []
-    multiclass = class_names is not None and len(class_names) > 2
+    multiclass = class_names is not None and is_multiclass(class_names)
     if strength != "none":
         # the turntable views come in mirrored pairs; vertical flips never occur
         geometry = [MirrorSwappingSides(flip_permutation(class_names)) if multiclass else A.HorizontalFlip(p=0.5)]

@@ -194,3 +194,14 @@ def write_text(path, text: str):
         shown = text[max(0, err.start - 30):err.end + 10].encode("utf-8", "replace").decode()
         raise OSError(errno.EILSEQ, f"cannot write {path}: its text is not UTF-8 at {shown!r}") from err
     write_bytes(path, data)
+
+
+def shown(text) -> str:
+    """`text` (a path, or a message naming one) as it can be printed: the bytes of a file name that are
+    not UTF-8, which Python carries as lone surrogates (os.fsdecode), become U+FFFD, as `ls` shows '?'.
+    Only to show: the names themselves keep their bytes, so every output is named as its photo."""
+    text = str(text)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate no file system byte gives (from a Windows name): replaced too
+        return text.encode("utf-8", "replace").decode("utf-8")

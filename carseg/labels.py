@@ -24,12 +24,19 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 BACKGROUND = "background"
 BINARY_CLASSES = [BACKGROUND, "car"]  # what a binary (car/background) mask indexes
+
+
+def is_multiclass(classes) -> bool:
+    """Whether a model of these classes (their names, or how many) is multi-class: one output channel
+    per class (softmax, argmax) rather than one car channel (sigmoid, threshold). Decided here only."""
+    return (classes if isinstance(classes, int) else len(classes)) > 2
 EDGE_TOLERANCE = 2.0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Sasha Trubetskoy's 20 distinct colours ("List of 20 Simple, Distinct Colors", 2017), strongest first:
@@ -311,3 +318,16 @@ def palette(num_classes: int) -> np.ndarray:
         rgb = colorsys.hsv_to_rgb(hue, 0.55 + 0.45 * (i % 2), 0.6 + 0.2 * (i % 3))
         colours.append(tuple(round(255 * c) for c in rgb))
     return np.array(colours[:num_classes], dtype=np.uint8)
+
+
+def car_mask(labels: np.ndarray) -> np.ndarray:
+    """A car-parts class map (H, W) -> uint8 0/255 mask of the whole car: every non-background pixel,
+    with the holes inside each outer outline filled.
+
+    Part classes need not cover a car (the Car Parts Dataset has no roof, fender or side-panel class),
+    so the union alone has holes between the parts; filling each region's outer contour closes the
+    ones surrounded by parts. Gaps open to the background stay background.
+    """
+    union = (labels > 0).astype(np.uint8) * 255
+    contours, _ = cv2.findContours(union, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return cv2.drawContours(union, contours, -1, 255, thickness=cv2.FILLED)

@@ -5,8 +5,7 @@ import functools
 import cv2
 import numpy as np
 
-from atomic import atomic_write
-from metrics import with_current_names
+from carseg.atomic import atomic_write
 
 FALSE_POSITIVE = (230, 40, 40)   # predicted car, truly background: red
 FALSE_NEGATIVE = (30, 90, 255)   # missed car: blue
@@ -27,9 +26,9 @@ def pyplot():
 
 
 def plot_training_curves(history: list, path):
-    """Loss and the validation score per epoch from metrics.jsonl records (today's key names or older
-    ones), as a PNG: 1 - Dice for binary runs, 1 - mean IoU over the parts for multi-class ones."""
-    history = [with_current_names(record) for record in history]
+    """Loss and the validation score per epoch from metrics.jsonl records (today's key names: an older
+    run's are renamed when its checkpoint is loaded), as a PNG: 1 - Dice for binary runs, 1 - mean IoU
+    over the parts for multi-class ones."""
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_score) = pyplot().subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
@@ -245,11 +244,3 @@ def stack_rows(rows: list, title: str) -> np.ndarray:
     for row in rows:
         parts += [gap, pad(row)]
     return np.vstack(parts)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """RGB uint8 (h, w, 3) -> PNG file bytes."""
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # OpenCV wants BGR
-    if not ok:
-        raise OSError(f"PNG encoding of a {image.shape[1]}x{image.shape[0]} image failed")
-    return encoded.tobytes()

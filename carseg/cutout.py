@@ -1,21 +1,19 @@
-"""A car cut out of its photo: alpha from the model's probabilities, backgrounds, the crop box,
-overlays, and encoding to PNG, WebP or JPEG.
+"""A car cut out of its photo: alpha from the model's probabilities, backgrounds, the crop box and
+overlays (images.encode writes them as PNG, WebP or JPEG).
 
 Arrays are NumPy at the photo's full resolution, channels last: photos uint8 (H, W, 3) RGB,
 probabilities float32 (H, W) in [0, 1], alpha uint8 (H, W) with 255 = car, 0 = background.
 serve.py builds its answers from these functions; any script that writes cutouts can do the same:
 
     alpha = soft_alpha(prob, threshold)
-    png = encode(composite(image, alpha, WHITE), "png")
+    png = images.encode(composite(image, alpha, WHITE), "png")
 
 Work that needs float temporaries runs over bands of STRIP_ROWS rows, so a cutout of a 40-megapixel
 photo needs a few MB beyond its uint8 input and output, not gigabytes of float copies.
 """
-import io
 
 import cv2
 import numpy as np
-from PIL import Image
 
 EDGE_RAMP = 0.5     # soft edges: alpha goes 0 -> 255 as the probability crosses threshold -/+ EDGE_RAMP / 2
 STRIP_ROWS = 256    # rows composited at a time
@@ -24,7 +22,6 @@ TINT, TINT_STRENGTH = (0, 200, 80), 0.45  # overlay: predict.py's green
 BLUR_SIDE = 320     # the blurred background is computed on the photo shrunk to this longer side...
 BLUR_SIGMA = 6.0    # ...with a Gaussian of this many (shrunk) pixels: about 2 % of the photo's size
 WHITE = (255, 255, 255)
-MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
 def soft_alpha(prob: np.ndarray, threshold: float, opaque: np.ndarray | None = None) -> np.ndarray:
@@ -143,33 +140,6 @@ def tint(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         weight = alpha[rows, :, None].astype(np.float32) * (TINT_STRENGTH / 255.0)
         out[rows] = np.rint(image[rows] + (colour - image[rows]) * weight)
     return out
-
-
-def encode(array: np.ndarray, fmt: str, colours: np.ndarray | None = None) -> bytes:
-    """Image file bytes of uint8 (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA in fmt png, webp or jpeg.
-
-    With colours (C, 3) uint8, a 2-D array is class indices saved as a palette ("P") PNG whose values
-    stay the indices. Masks and class maps are lossless in every lossless format (WebP stores a grey
-    mask as RGB); photos are WebP quality 90 and JPEG quality 92. ValueError for JPEG with alpha.
-    """
-    image = Image.fromarray(array)
-    if colours is not None:
-        image.putpalette(np.asarray(colours, np.uint8).tobytes())  # an "L" image given a palette becomes "P"
-    buffer = io.BytesIO()
-    if fmt == "png":
-        image.save(buffer, format="PNG", compress_level=1)  # fast; masks and label maps compress well anyway
-    elif fmt == "webp":
-        if array.ndim == 2:  # lossless; quality is then the compression effort
-            image.save(buffer, format="WEBP", lossless=True, quality=20, method=1)
-        else:
-            image.save(buffer, format="WEBP", quality=90, method=2)
-    elif fmt == "jpeg":
-        if image.mode not in ("L", "RGB"):
-            raise ValueError(f"jpeg has no alpha channel or palette (image mode {image.mode})")
-        image.save(buffer, format="JPEG", quality=92)
-    else:
-        raise ValueError(f"unknown image format {fmt!r}: png, webp or jpeg")
-    return buffer.getvalue()
 
 
 def _strips(height: int):

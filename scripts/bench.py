@@ -1,11 +1,11 @@
 """Measure training and inference speed on this machine; prints a table and writes JSON.
 
-    python bench.py                                   # the CPU recipe's U-Net, fp32 (+ bf16 where native) x layouts
-    python bench.py --compile --base-channels 16 32   # add torch.compile rows, two network widths
-    python bench.py --predict-images 64               # also time predict.py end to end on 64 Carvana photos
-    python bench.py --arch unet unet_efficientnet_lite0 deeplabv3_mobilenet_v3_large --layouts channels_last
-    python bench.py --deploy --predict-images 96      # the bundled model on each --backend, predict.py as a process
-    python bench.py --out bench.json --overwrite      # replace the repository's quoted numbers
+    python scripts/bench.py                                   # the CPU recipe's U-Net, fp32 (+ bf16 where native) x layouts
+    python scripts/bench.py --compile --base-channels 16 32   # add torch.compile rows, two network widths
+    python scripts/bench.py --predict-images 64               # also time predict.py end to end on 64 Carvana photos
+    python scripts/bench.py --arch unet unet_efficientnet_lite0 deeplabv3_mobilenet_v3_large --layouts channels_last
+    python scripts/bench.py --deploy --predict-images 96      # the bundled model on each --backend, predict.py as a process
+    python scripts/bench.py --out bench.json --overwrite      # replace the repository's quoted numbers
 
 Results go to bench-<date>-<time>.json in the current folder unless --out names a file; an existing
 file is replaced only with --overwrite (the repository's bench.json holds the numbers the docs quote).
@@ -31,13 +31,16 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import atomic
-import runtime
-from backends import TorchRunner
-from config import ARCHS, BACKENDS, PredictConfig, TrainConfig, resolve_checkpoint, resolve_data_dir
-from inference import InferenceSpec, Predictor
-from losses import BCEDiceLoss, CEDiceLoss
-from model import build_model, checkpoint_for, save_checkpoint
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python scripts/bench.py` puts scripts/ on the path, not the project
+
+from backends import TorchRunner  # noqa: E402 (the project, found through the line above)
+from carseg import atomic, runtime  # noqa: E402
+from config import ARCHS, BACKENDS, PredictConfig, TrainConfig, resolve_checkpoint, resolve_data_dir  # noqa: E402
+from inference import InferenceSpec, Predictor  # noqa: E402
+from losses import BCEDiceLoss, CEDiceLoss  # noqa: E402
+from model import build_model  # noqa: E402
+from carseg.checkpoint import checkpoint_for, save_checkpoint  # noqa: E402
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -164,7 +167,7 @@ def bench_backend(checkpoint: str, backend: str, n_images: int, repeats: int) ->
     photos = sorted((resolve_data_dir("") / "train").glob("*.jpg"))[:n_images]
     if photos:
         with tempfile.TemporaryDirectory() as tmp:
-            command = [sys.executable, str(Path(__file__).with_name("predict.py")), *map(str, photos),
+            command = [sys.executable, str(ROOT / "predict.py"), *map(str, photos),
                        "--checkpoint", checkpoint, "--backend", backend, "--out-dir", tmp]
             start = time.perf_counter()
             subprocess.run(command, check=True, capture_output=True)
