@@ -89,7 +89,7 @@ class TrainConfig:
     channels_last: bool = _opt(True, "use the channels_last memory format (faster convolutions)")
     compile: bool = _opt(False, "torch.compile the model (slow start, faster steps)")
     sync_bn: bool = _opt(False, "under torchrun: each BatchNorm normalises over the global batch instead of its "
-                                "process's share (SyncBatchNorm on GPUs, batchnorm.GlooSyncBatchNorm on CPUs)")
+                                "process's share (SyncBatchNorm on GPUs, carseg.batchnorm.GlooSyncBatchNorm on CPUs)")
     # evaluation during training
     threshold: float = _opt(0.5, "binary: probability above which a pixel is car (stored in the checkpoint); "
                                  "multi-class models take each pixel's most probable class")

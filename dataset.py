@@ -1,11 +1,11 @@
 """Finding image/mask pairs on disk, checking them, the car-id split, preprocessing and augmentation.
 
-Preprocessing is plain functions (`load_image`, `image_to_tensor`, `load_mask`, `shrink_mask`) so
-that predict.py runs exactly the code training ran. Masks come from files, from the rows of Kaggle's
-train_masks.csv (run-length encoded, read by rle.py) or from COCO shapes. Decoding a full-size
-Carvana JPEG costs more than a training step of a small U-Net, so every sample is decoded once into a
-`SampleStore` (RAM, and optionally a disk cache keyed by file identity and size) and later epochs
-never touch the files.
+Preprocessing is plain functions (`image_to_tensor`, `load_mask`, `shrink_mask` here, `load_image` in
+carseg/images.py) so that predict.py runs exactly the code training ran. Masks come from files, from
+the rows of Kaggle's train_masks.csv (run-length encoded, read by carseg/rle.py) or from COCO shapes.
+Decoding a full-size Carvana JPEG costs more than a training step of a small U-Net, so every sample is
+decoded once into a `SampleStore` (RAM, and optionally a disk cache keyed by file identity and size)
+and later epochs never touch the files.
 """
 import argparse
 import dataclasses
@@ -548,8 +548,8 @@ def compare_csv_with_folder(csv_path, data_dir) -> dict:
 def main(argv=None):
     """python dataset.py write-csv DATA_DIR OUT.csv | compare-csv CSV DATA_DIR (Kaggle's train_masks.csv).
 
-    The encoding and the CSV are rle.py's; these commands live here because they read a data folder's
-    pairs (find_samples, load_mask), and rle.py sits below dataset.py in the import order.
+    The encoding and the CSV are carseg/rle.py's; these commands live here because they read a data
+    folder's pairs (find_samples, load_mask), and carseg/ sits below dataset.py in the import order.
     """
     parser = argparse.ArgumentParser(description="Kaggle's train_masks.csv: write one from a data folder's mask "
                                                  "files, or check one against them.")

@@ -6,7 +6,7 @@ metadata (architecture and weights through `model.load_model`, input size, thres
 normalisation) and owns every step between a decoded photo and its full-size mask: reading a photo
 at the model's input size, preprocessing a batch, logits, probabilities upsampled to each photo's
 own size, and hard masks. evaluate.py (and through it train.py's validation), predict.py, export.py
-and bench.py all go through it.
+and scripts/bench.py all go through it.
 
 The network itself runs behind a *runner* (backends.py): a callable taking a preprocessed batch
 (B, 3, h, w) to fp32 logits (B, C, h, w), on PyTorch, ONNX Runtime or OpenVINO. Everything else,
@@ -108,7 +108,7 @@ class Predictor:
     def read(self, path):
         """Decode a photo upright at the model's input size: (uint8 (h, w, 3), full (width, height)).
 
-        Raises ValueError naming the file when it cannot be read (see dataset.load_image).
+        Raises ValueError naming the file when it cannot be read (see images.load_image).
         """
         return load_image(path, self.input_size)
 

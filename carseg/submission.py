@@ -2,7 +2,7 @@
 shard per process under torchrun merged into the file one process writes, and a killed run's shards
 removed.
 
-The rows' masks are run-length encoded by rle.py; predict.py decides what goes in them.
+The rows' masks are run-length encoded by carseg/rle.py; predict.py decides what goes in them.
 """
 import csv
 import glob

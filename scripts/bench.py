@@ -211,7 +211,8 @@ def describe(arch: dict) -> str:
 def default_out() -> str:
     """bench-<date>-<time>.json: each run's own file. A run measures a moment of a shared machine, so
     earlier runs are worth keeping beside it, and a fixed name (bench.json) replaced the repository's
-    tracked results; refusing that fixed name instead would fail every second plain `python bench.py`."""
+    tracked results; refusing that fixed name instead would fail every second plain
+    `python scripts/bench.py`."""
     return time.strftime("bench-%Y%m%d-%H%M%S.json")
 
 

@@ -6,8 +6,9 @@
 #   d. predict.py's throughput (images/s, end to end) with the bundled model and the one just trained
 #   e. train.py under torchrun (--nproc_per_node=1 by default: NCCL, DDP and SyncBatchNorm layers), --sync-bn
 #
-#   python scripts/make_gpu_subset.py     # once, here: gpu_data/ = 24 Carvana cars + the missing wheels
-#   bash scripts/gpu_check.sh [RESULTS]   # there, from the repo root; RESULTS default: $OUT, else checkpoints/gpu-check
+#   python scripts/make_gpu_subset.py     # once, where the data is: gpu_data/ = 24 Carvana cars + the missing wheels
+#   bash scripts/gpu_check.sh [RESULTS]   # on the GPU machine, from the repo root; RESULTS default: $OUT if set,
+#                                         # else checkpoints/gpu-check
 #   CARSEG_GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh /tmp/dry   # every step on the CPU, tiny settings
 #
 # RESULTS gets summary.json (every step's status and time, the numbers measured) and gpu_check.log
@@ -27,7 +28,7 @@ results=${1:-${OUT:-checkpoints/gpu-check}}
 data=${CARSEG_GPU_CHECK_DATA:-gpu_data/carvana}
 wheels=${CARSEG_GPU_CHECK_WHEELS:-gpu_data/wheels}
 work=${CARSEG_GPU_CHECK_WORK:-$(mktemp -d /tmp/carseg-gpu-check.XXXXXX)}
-# The GPU machine's python3 holds PyTorch (no venv travels); here the project's venv does.
+# On a GPU machine without the project's venv, its python3 holds PyTorch; elsewhere the venv does.
 if [[ -n ${CARSEG_PYTHON:-} ]]; then PY=$CARSEG_PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
 else PY=python3; fi
@@ -80,14 +81,14 @@ step_preflight() {
     command -v nvidia-smi > /dev/null && nvidia-smi || echo "(no nvidia-smi on this machine)"
     if ! "$PY" -c "import albumentations, pycocotools" 2> /dev/null; then
         [[ -d $wheels ]] || { echo "error: $PY lacks albumentations/pycocotools and there is no $wheels:" \
-                                   "run scripts/make_gpu_subset.py where pip works, and carry gpu_data" >&2; return 1; }
+                                   "run scripts/make_gpu_subset.py where pip works, and copy gpu_data/ here" >&2; return 1; }
         echo "installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $work/site"
         limit preflight "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$work/site" "$wheels"/*.whl
         echo "$work/site" > "$work/pythonpath"
         export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    [[ -d $data/train ]] || { echo "error: no $data/train: run scripts/make_gpu_subset.py and carry gpu_data" >&2
+    [[ -d $data/train ]] || { echo "error: no $data/train: run scripts/make_gpu_subset.py and copy gpu_data/ here" >&2
                               return 1; }
     echo "data: $(ls "$data/train" | wc -l) photos in $data/train"
     limit preflight "$PY" - "$work/device.json" "$mode" <<'EOF'

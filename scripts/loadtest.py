@@ -1,4 +1,4 @@
-"""Load-test serve.py: throughput, latency and memory while full-size photos arrive concurrently (issue 15).
+"""Load-test serve.py: throughput, latency and memory while full-size photos arrive concurrently.
 
     python scripts/loadtest.py --requests 300 --concurrency 8 --backend openvino
     python scripts/loadtest.py --requests 300 --concurrency 8 --backends torch onnxruntime openvino --out loadtest.json
@@ -8,7 +8,7 @@ By default it starts `serve.py --port <free port> --backend X` itself, on 127.0.
 the cold start (spawn -> first /api/health -> first /api/segment answer), the idle RSS after that first
 answer and the server's RSS (its child processes included, for --workers > 1) every 0.2 s through the
 run; the mean RSS over the first and the last 100 requests shows whether memory stays flat. Photos
-cycle through --photos, else $CARVANA_DIR/train, else ../shared/carvana/train. Each backend gets a
+cycle through --photos, else $CARVANA_DIR/train, else data/carvana/train. Each backend gets a
 fresh server; the table compares them, --out writes it all as JSON (and each server's log beside
 it), and the exit status is 1 when any request failed. A server started here is stopped however
 the script ends.

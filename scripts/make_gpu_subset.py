@@ -1,12 +1,12 @@
 """Fill gpu_data/, the one folder scripts/gpu_check.sh needs beside the checkout on a fresh GPU machine.
 
-    python scripts/make_gpu_subset.py                  # 24 cars x 8 views of $CARVANA_DIR (else ../shared/carvana)
+    python scripts/make_gpu_subset.py                  # 24 cars x 8 views of $CARVANA_DIR (else data/carvana)
     python scripts/make_gpu_subset.py --cars 16 --views all --jpeg-quality 75
 
-A lent GPU machine receives the git checkout plus the ignored folders a call carries, 64 MiB in all,
-and nothing else: not ../shared, not .venv. Its own python3 has torch, torchvision, numpy, OpenCV,
-SciPy, Pillow, matplotlib, tqdm and pytest, but not albumentations or pycocotools, which the
-project imports (/work/.library/device/KINDS.md, read 2026-11-17). So this writes:
+Run it where the Carvana data and pip's index can be reached, then copy the checkout with gpu_data/ to
+the GPU machine, which needs nothing else there: no data folder, no venv. The GPU machines it was
+written for have a python3 with torch, torchvision, numpy, OpenCV, SciPy, Pillow, matplotlib, tqdm
+and pytest, but not albumentations or pycocotools, which the project imports. So this writes:
 
   gpu_data/carvana/train/<car>_<NN>.jpg, train_masks/<car>_<NN>_mask.gif: Kaggle's layout, full
       1918x1280 resolution (the competition metric is full-resolution Dice). The cars are the first
@@ -19,8 +19,8 @@ project imports (/work/.library/device/KINDS.md, read 2026-11-17). So this write
   gpu_data/wheels/*.whl: albumentations and pycocotools with the dependencies missing there, at the
       versions installed here, built for the machine's CPython (--wheel-python) on x86-64 Linux.
 
-It prints the sizes and what would travel in all (the checkout's tracked and untracked-not-ignored
-files plus gpu_data/), and fails if that exceeds the 64 MiB a call may carry.
+It prints the sizes and what is copied in all (the checkout's tracked and untracked-not-ignored
+files plus gpu_data/), and fails if that exceeds SIZE_LIMIT (64 MiB), so the copy stays small.
 """
 import argparse
 import hashlib
@@ -33,10 +33,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CARRY_LIMIT = 64 * 2**20  # what one device call may carry: the checkout and the carried folders
-HEADROOM = 8 * 2**20      # left free for the checkout to grow
-# Imported by the project, absent from the GPU machine's image: albumentations (augment.py), its
-# dependencies that the image lacks, and pycocotools (labels.py). The image has numpy, scipy, PyYAML
+SIZE_LIMIT = 64 * 2**20  # the most the checkout and gpu_data/ may weigh together
+HEADROOM = 8 * 2**20     # left free for the checkout to grow
+# Imported by the project, absent from the GPU machine's python3: albumentations (carseg/augment.py),
+# its dependencies that python3 lacks, and pycocotools (carseg/labels.py). It has numpy, scipy, PyYAML
 # and opencv-python-headless, the rest of their dependencies.
 WHEELS = ("albumentations", "albucore", "simsimd", "stringzilla", "pydantic", "pydantic_core", "annotated_types",
           "typing_inspection", "typing_extensions", "pycocotools")
@@ -46,7 +46,7 @@ ODD_VIEWS = [f"{v:02d}" for v in range(1, 17, 2)]  # every other angle: the whol
 
 
 def default_source() -> Path:
-    return Path(os.environ.get("CARVANA_DIR") or ROOT.parent / "shared" / "carvana")
+    return Path(os.environ.get("CARVANA_DIR") or ROOT / "data" / "carvana")
 
 
 def choose_cars(source: Path, count: int) -> list:
@@ -110,7 +110,7 @@ def write_subset(source: Path, out: Path, cars: list, views: list, quality: int)
 
 def refuse_foreign(out: Path, ours, why: str):
     """SystemExit unless `out` is missing or `ours(out)` says this script made it: `out` is replaced whole
-    (rmtree), and --out ../shared would otherwise have deleted the Carvana set itself."""
+    (rmtree), and --out data would otherwise have deleted data/carvana, the Carvana set itself."""
     if out.exists() and not (out.is_dir() and ours(out)):
         raise SystemExit(f"error: {out} exists and is not one this script made ({why}); it is replaced whole, "
                          "so remove it yourself or give another --out")
@@ -138,7 +138,7 @@ def folder_bytes(path: Path) -> int:
 
 
 def checkout_bytes() -> int:
-    """Bytes of what travels besides carried folders: tracked files and untracked files git does not ignore."""
+    """Bytes of the checkout as copied: tracked files and untracked files git does not ignore."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, check=True).stdout.decode().split("\0")
     return sum((ROOT / name).stat().st_size for name in listed if name and (ROOT / name).is_file())
@@ -151,7 +151,7 @@ def mib(n: int) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=None, help="Kaggle layout folder (default: $CARVANA_DIR, "
-                                                                  "else ../shared/carvana)")
+                                                                  "else data/carvana)")
     parser.add_argument("--out", type=Path, default=ROOT / "gpu_data", help="default: gpu_data/ (git-ignored)")
     parser.add_argument("--cars", type=int, default=24, help="how many cars (the first in sorted id order)")
     parser.add_argument("--views", default=",".join(ODD_VIEWS),
@@ -170,8 +170,8 @@ def main(argv=None):
         parser.error(f"{source} has no train/ folder (Kaggle layout); pass --source or set CARVANA_DIR")
     manifest = write_subset(source, args.out / "carvana", choose_cars(source, args.cars), views, args.jpeg_quality)
     if subprocess.run(["git", "check-ignore", "-q", str(args.out)], cwd=ROOT).returncode:
-        print(f"warning: {args.out} is not ignored by git, so it travels (and could be committed) "
-              "whether carried or not", file=sys.stderr)
+        print(f"warning: {args.out} is not ignored by git, so it could be committed, and it counts as part "
+              "of the checkout", file=sys.stderr)
     if args.wheels:
         download_wheels(args.out / "wheels", args.wheel_python)
     data = folder_bytes(args.out / "carvana")
@@ -180,11 +180,11 @@ def main(argv=None):
     total = checkout + data + wheels
     print(f"{args.out / 'carvana'}: {manifest['images']} photos + masks of {len(manifest['cars'])} cars, {mib(data)}")
     print(f"{args.out / 'wheels'}: {mib(wheels)}")
-    print(f"checkout (tracked + untracked-not-ignored): {mib(checkout)}; with {args.out.name}/: {mib(total)} of the "
-          f"{mib(CARRY_LIMIT)} a device call may carry")
-    if total > CARRY_LIMIT:
-        raise SystemExit(f"error: {mib(total)} would not travel: use fewer --cars or --views")
-    if total > CARRY_LIMIT - HEADROOM:
+    print(f"checkout (tracked + untracked-not-ignored): {mib(checkout)}; with {args.out.name}/: {mib(total)} of "
+          f"{mib(SIZE_LIMIT)} at most")
+    if total > SIZE_LIMIT:
+        raise SystemExit(f"error: {mib(total)} is more than {mib(SIZE_LIMIT)}: use fewer --cars or --views")
+    if total > SIZE_LIMIT - HEADROOM:
         print(f"warning: less than {mib(HEADROOM)} left for the checkout to grow", file=sys.stderr)
 
 
