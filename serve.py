@@ -23,12 +23,16 @@ import unicodedata
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi_offline import FastAPIOffline
-from pydantic import TypeAdapter, ValidationError
-from starlette.datastructures import FormData, QueryParams, UploadFile
+try:
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi_offline import FastAPIOffline
+    from pydantic import TypeAdapter, ValidationError
+    from starlette.datastructures import FormData, QueryParams, UploadFile
+except ModuleNotFoundError as missing:  # the base install (requirements.txt) has no web application
+    raise SystemExit(f"serve.py needs {missing.name}, which the base install leaves out: "
+                     "pip install -r requirements-deploy.txt") from None
 
 from carseg import images
 from backends import load_source
