@@ -7,8 +7,8 @@
 #   e. train.py under torchrun (--nproc_per_node=1 by default: NCCL, DDP and SyncBatchNorm layers), --sync-bn
 #
 #   python scripts/make_gpu_subset.py     # once, where the data is: gpu_data/ = 24 Carvana cars + the missing wheels
-#   bash scripts/gpu_check.sh [RESULTS]   # on the GPU machine, from the repo root; RESULTS default: $OUT if set,
-#                                         # else checkpoints/gpu-check
+#   bash scripts/gpu_check.sh [RESULTS]   # on the GPU machine, from the repo root; RESULTS default:
+#                                         # checkpoints/gpu-check
 #   CARSEG_GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh /tmp/dry   # every step on the CPU, tiny settings
 #
 # RESULTS gets summary.json (every step's status and time, the numbers measured) and gpu_check.log
@@ -24,7 +24,7 @@ export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 
 mode=${CARSEG_GPU_CHECK_DEVICE:-cuda}
 case $mode in cuda | cpu) ;; *) echo "error: CARSEG_GPU_CHECK_DEVICE must be cuda or cpu, not '$mode'" >&2; exit 2 ;; esac
-results=${1:-${OUT:-checkpoints/gpu-check}}
+results=${1:-checkpoints/gpu-check}
 data=${CARSEG_GPU_CHECK_DATA:-gpu_data/carvana}
 wheels=${CARSEG_GPU_CHECK_WHEELS:-gpu_data/wheels}
 work=${CARSEG_GPU_CHECK_WORK:-$(mktemp -d /tmp/carseg-gpu-check.XXXXXX)}
@@ -111,7 +111,8 @@ if info["cuda_available"]:
     torch.cuda.synchronize()
     info["bf16_matmul_tflops"] = round(10 * 2 * 4096**3 / (time.perf_counter() - start) / 1e12, 1)
 import albumentations, pycocotools  # noqa: E401  the packages gpu_data/wheels provide
-import train, evaluate, predict, distributed  # noqa: E401  every project module the steps run
+import train, evaluate, predict  # noqa: E401  every project module the steps run
+from carseg import distributed  # noqa: F401
 info["albumentations"] = albumentations.__version__
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info, indent=2))
