@@ -1,4 +1,4 @@
-"""atomic.py beyond its everyday use (covered wherever files are written): temporaries that killed writers left."""
+"""carseg/atomic.py beyond its everyday use (covered wherever files are written): temporaries that killed writers left."""
 import os
 import subprocess
 import sys

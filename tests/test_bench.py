@@ -1,4 +1,4 @@
-"""Protects bench.py from rotting: it runs on tiny models and writes a complete JSON report (no timing asserted)."""
+"""Protects scripts/bench.py from rotting: it runs on tiny models and writes a complete JSON report (no timing asserted)."""
 import json
 
 import pytest

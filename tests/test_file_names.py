@@ -1,4 +1,4 @@
-"""Protects predict.py, evaluate.py and atomic.py against awkward file names: glob characters in existing
+"""Protects predict.py, evaluate.py and carseg/atomic.py against awkward file names: glob characters in existing
 paths, names that are not UTF-8, and names near the file system's 255-byte limit."""
 import csv
 import errno

@@ -1,4 +1,4 @@
-"""Protects labels.py: COCO reading and rasterising (overlap rule, problems), class masks and lists, flips, colours."""
+"""Protects carseg/labels.py: COCO reading and rasterising (overlap rule, problems), class masks and lists, flips, colours."""
 import copy
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Protects loadtest.py: its percentiles, RSS windows and report on hand-computed runs, its refusal of
+"""Protects scripts/loadtest.py: its percentiles, RSS windows and report on hand-computed runs, its refusal of
 non-loopback servers, stopping the server it started on Ctrl-C, and one tiny real run against serve.py."""
 import json
 import subprocess

@@ -1,4 +1,4 @@
-"""Protects serve.py and cutout.py: each output at the photo's own size, mode and values (the same masks
+"""Protects serve.py and carseg/cutout.py: each output at the photo's own size, mode and values (the same masks
 as predict.py's), options read alike from the form and the query string (unknown, repeated, conflicting,
 empty ones refused), each refusal with its status and message, safe file names, /api/health, concurrent
 requests, the busy and timeout answers, and an offline page under a strict Content-Security-Policy."""

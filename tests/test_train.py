@@ -163,7 +163,7 @@ def test_bf16_autocast_training_keeps_fp32_weights(tiny_cfg):
     assert all(v.dtype == torch.float32 for v in checkpoint["model"].values() if v.is_floating_point())
 
 
-def test_checkpoint_val_cars_are_the_car_split(straight, data_dir):
+def test_checkpoint_val_groups_are_the_car_split(straight, data_dir):
     cfg, _, run = straight
     val_groups = set(torch.load(run / "last.pt", weights_only=True)["val_groups"])
     train_samples, val_samples = split_by_car(find_samples(data_dir)[0], cfg.val_fraction, cfg.split_seed)
