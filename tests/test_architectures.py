@@ -76,7 +76,7 @@ def test_timms_network_with_the_mapped_weights_computes_what_the_packages_own_mo
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        skip_unless_required("efficientnet-lite-pytorch (the weights' reference model, in requirements.txt) "
+        skip_unless_required("efficientnet-lite-pytorch (the weights' reference model, in requirements-dev.txt) "
                              "is not installed")
     import timm
     reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=encoders.lite0_weights_path()).eval()

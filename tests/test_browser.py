@@ -42,7 +42,7 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        skip_unless_required("the playwright package is not installed (pip install -r requirements.txt)")
+        skip_unless_required("the playwright package is not installed (pip install -r requirements-dev.txt)")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=path, headless=True, args=LAUNCH_ARGS)
         yield chromium
