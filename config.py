@@ -25,7 +25,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 BACKEND_HELP = ("what runs the network: torch, onnxruntime or openvino (CPU; a .pt checkpoint is exported to ONNX "
                 "once and cached); auto = openvino on the CPU, torch on a GPU")
-AUGMENTATIONS = ("none", "flip", "light")
+AUGMENTATIONS = ("none", "flip", "light", "strong")
 # model.ARCHITECTURES' names (config imports nothing heavy; tests/test_model.py checks the two agree)
 ARCHS = ("unet", "unet_efficientnet_lite0", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50",
          "deeplabv3_efficientnet_lite0")
@@ -56,7 +56,8 @@ class TrainConfig:
     max_cars: int = _opt(0, "use only this many cars (0 = all); for quick runs")
     cache_dir: str = _opt(".cache", "where decoded, resized samples are kept between runs ('' = RAM only)")
     augment: str = _opt("flip", "training augmentation: none; flip (mirror + color jitter, no resampling); "
-                                "light (+ a small affine warp)", choices=AUGMENTATIONS)
+                                "light (+ a small affine warp); strong (+ scale 0.6-1.2, shifts, turns, blur, "
+                                "noise: everyday photos)", choices=AUGMENTATIONS)
     crop_width: int = _opt(256, "train on random crops this wide (0 = whole images); validation sees whole images")
     crop_height: int = _opt(256, "train on random crops this high (0 = whole images)")
     # model

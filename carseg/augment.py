@@ -25,9 +25,15 @@ class MirrorSwappingSides(A.HorizontalFlip):
         return self.permutation[super().apply_to_mask(mask, **params)]
 
 
+# (scale range, shift as a share of the side, rotation in degrees) of the affine warp. light: the
+# turntable's own jitter; strong: everyday photos, where the car fills anything from half the frame
+# to more than all of it, and the camera is rarely level.
+WARPS = {"light": ((0.95, 1.05), 0.02, 2), "strong": ((0.6, 1.2), 0.1, 6)}
+
+
 def build_transform(strength: str, crop: tuple[int, int] | None = None, class_names=None):
-    """Training augmentation: mirror (and warp, for light), an optional random (width, height) crop,
-    then colour jitter; None for strength "none" without a crop.
+    """Training augmentation: mirror (and warp, for light and strong), an optional random (width,
+    height) crop, then colour jitter (and blur or noise, for strong); None for strength "none" without a crop.
 
     Binary masks are soft, so they are warped with bilinear interpolation too. With `class_names`
     (more than two: class-index masks), mirroring swaps every left/right class pair and masks are
@@ -38,12 +44,16 @@ def build_transform(strength: str, crop: tuple[int, int] | None = None, class_na
     if strength != "none":
         # the turntable views come in mirrored pairs; vertical flips never occur
         geometry = [MirrorSwappingSides(flip_permutation(class_names)) if multiclass else A.HorizontalFlip(p=0.5)]
-        if strength == "light":
-            geometry.append(A.Affine(scale=(0.95, 1.05), translate_percent=(-0.02, 0.02), rotate=(-2, 2),
+        if strength in WARPS:
+            scale, shift, turn = WARPS[strength]
+            geometry.append(A.Affine(scale=scale, translate_percent=(-shift, shift), rotate=(-turn, turn),
                                      interpolation=cv2.INTER_LINEAR,
                                      mask_interpolation=cv2.INTER_NEAREST if multiclass else cv2.INTER_LINEAR,
-                                     border_mode=cv2.BORDER_REFLECT_101, p=0.5))
+                                     border_mode=cv2.BORDER_REFLECT_101, p=0.5 if strength == "light" else 0.8))
         color = [A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5)]
+        if strength == "strong":  # phone photos: soft focus, motion, sensor noise
+            color.append(A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 7)),
+                                  A.GaussNoise(std_range=(0.02, 0.06))], p=0.3))
     # Convolutions do not care where a crop came from, and a smaller crop is a cheaper step (and a
     # cheaper color jitter, which therefore comes after it).
     crop = [A.RandomCrop(width=crop[0], height=crop[1])] if crop else []

@@ -114,10 +114,10 @@ def test_the_runner_uses_the_memory_format_it_is_given(channels_last):
 # support package comes first and imports only itself; the scripts at the top level stand on it, and
 # the lab instruments under scripts/ on everything.
 PACKAGE = ["runtime", "distributed", "atomic", "labels", "rle", "jpeg", "images", "augment", "plots", "cutout",
-           "encoders", "checkpoint", "batchnorm", "submission", "segmenter"]
+           "encoders", "checkpoint", "batchnorm", "submission", "everyday", "teacher", "segmenter"]
 TOP = ["config", "metrics", "losses", "model", "dataset", "backends", "inference", "evaluate", "train", "predict",
        "export", "serve"]
-SCRIPTS = ["bench", "loadtest"]
+SCRIPTS = ["bench", "loadtest", "make_everyday_data", "everyday_eval"]
 LAYERS = [f"carseg.{name}" for name in PACKAGE] + TOP + SCRIPTS
 FILES = {**{f"carseg.{name}": REPO_ROOT / "carseg" / f"{name}.py" for name in PACKAGE},
          **{name: REPO_ROOT / f"{name}.py" for name in TOP}, **{name: REPO_ROOT / "scripts" / f"{name}.py" for name in SCRIPTS}}
