@@ -160,3 +160,19 @@ def test_class_map_in_bands_takes_the_argmax_of_the_bilinear_upsampling(full_siz
     got = Predictor.class_map(probs, full_size)
     assert got.shape == (h, w)
     assert (got == expected).float().mean().item() > 0.99999  # equal but for float-rounding ties
+
+
+def test_quality_counts_unsure_pixels_per_outline_pixel_by_hand():
+    predictor = Predictor(lambda images: images, InferenceSpec((10, 10), 0.5, {"mean": [0] * 3, "std": [1] * 3}))
+    probs = torch.zeros(3, 1, 10, 10)
+    probs[0, 0, 3:7, 3:7] = 1.0                    # a sharp 4x4 car: no unsure pixel
+    probs[1, 0, 3:7, 3:7] = 0.6                    # its ring of 12 pixels unsure (0.6 is still car)...
+    probs[1, 0, 4:6, 4:6] = 1.0                    # ...around 4 sure ones
+    # the outline (3x3 dilation minus erosion) of a 4x4 square: 6x6 - 2x2 = 32 pixels
+    sharp, ringed, empty = predictor.quality(probs)
+    assert sharp == pytest.approx(1.0)
+    assert ringed == pytest.approx(1 / (1 + 12 / 32))
+    assert empty == 0.0                            # no car found: nothing to trust
+    blob = probs[:1].clone()
+    blob[0, 0, 0, 0] = 0.3                         # an unsure speck away from the car lowers the score too
+    assert predictor.quality(blob)[0] == pytest.approx(1 / (1 + 1 / 32))
