@@ -8,19 +8,24 @@ With a car-parts (multi-class) checkpoint, OUT_DIR/<stem>_parts.png is also writ
 ("P") PNG whose pixel values index the class names listed one per line in OUT_DIR/classes.txt, and
 the mask is the whole car (the parts' union, holes filled); --overlay then colours the parts and
 adds a legend of the classes present under the photo.
-A file that cannot be read is reported with its reason and the rest are still processed; the exit
-status is 1 if any input failed. Outputs are written atomically and never over an input; an existing
---submission file is replaced only with --overwrite (or --skip-existing), and never by a run that
-yields no row.
+A file that cannot be read, or an entry named as a photo that is no photo file (a dangling link, a
+named pipe), is reported with its reason and the rest are still processed; the exit status is 1 if
+any input failed. Each input is named as given: a link's outputs and row are named after the link.
+Outputs are written atomically and never over an input, and --out-dir is created only once the run
+starts. The --submission file is never an input, the checkpoint or an output, and an existing one is
+replaced only with --overwrite (or --skip-existing, if it is a submission: its first line is
+img,rle_mask), and never by a run that yields no row.
 
     torchrun --standalone --nproc_per_node=4 predict.py test/ --out-dir masks/ --submission sub.csv.gz
 
 splits the inputs between the processes (one per GPU); the submission is the one a single process writes.
 """
+import errno
 import glob
 import hashlib
 import logging
 import os
+import stat
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +44,8 @@ from carseg.labels import car_mask
 from carseg.labels import palette
 from carseg.plots import parts_overlay, with_legend
 from carseg.rle import rle_encode
-from carseg.submission import merge_submission, remove_shards, submission_rows, write_row
+from carseg.submission import (merge_submission, refuse_existing_submission, remove_shards, submission_rows,
+                               write_row)
 
 log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = ("_mask.png", "_parts.png", "_overlay.jpg", "_cutout.png")
@@ -55,6 +61,11 @@ def collect_inputs(inputs, recursive=False):
     A path that exists is used as given, whatever its name holds (brackets, '*', '?', spaces): a folder
     "shoot[2024]" or a photo "car[1].png" is that file, not a pattern. Only a path that does not exist
     is read as a pattern (_matches).
+
+    Each path keeps its own name (_entries): a symbolic link "link.jpg" to "sp ace.jpg" is an input of
+    its own, whose outputs and submission row are named link; only one name given twice (a folder and a
+    photo in it) is predicted once. An entry that is no regular file (a dangling link, a named pipe) is
+    a problem with its reason, given by name or found in a folder alike, as an unreadable photo is.
     """
     paths, problems = [], []
     for item in inputs:
@@ -62,17 +73,46 @@ def collect_inputs(inputs, recursive=False):
         if not matches:
             problems.append(_no_match(item))
         for path in matches:
+            found = [path]
             if path.is_dir():
                 found = _folder_images(path, recursive)
                 if not found:
                     problems.append(f"{path}: folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-                paths += found
-            elif path.is_file():
-                paths.append(path)
-            else:
-                problems.append(f"{path}: {'not a file or folder' if path.exists() else 'does not exist'}")
-    unique = list(dict.fromkeys(p.resolve() for p in paths))
-    return unique, problems
+            for image in found:
+                problem = _not_a_photo(image)
+                if problem:
+                    problems.append(problem)
+                else:
+                    paths.append(image)
+    return list(dict.fromkeys(_entries(paths))), problems
+
+
+def _entries(paths) -> list:
+    """Each path as the name it is in its folder: absolute, the folder's symbolic links resolved (one
+    call per folder), the last name kept as given even where it is a link."""
+    folders = {}
+    for path in paths:
+        if path.parent not in folders:
+            folders[path.parent] = path.parent.resolve()
+    return [folders[path.parent] / path.name for path in paths]
+
+
+def _not_a_photo(path: Path) -> str | None:
+    """Why `path` cannot be read as a photo, said without opening it (a named pipe would block the read
+    for ever); None for a regular file, or a link to one."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        missing = "does not exist" if err.errno == errno.ENOENT else f"cannot be read ({err.strerror or err})"
+        if path.is_symlink():
+            return f"{path}: a symbolic link to {os.readlink(path)}, which {missing}"
+        return f"{path}: {missing}"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{path}: {kind}, not a photo file"
 
 
 def _matches(item: str, recursive: bool) -> list:
@@ -84,7 +124,7 @@ def _matches(item: str, recursive: bool) -> list:
     Why only then: where the pattern matches (a folder shoot2/), the shell would have expanded it the
     same way, and it passes a word on unchanged, as here, only when it matched nothing.
     """
-    if os.path.exists(item):
+    if os.path.lexists(item):  # a dangling link too: _not_a_photo says what it is
         return [Path(item)]
     if not glob.has_magic(item):
         return []
@@ -116,10 +156,13 @@ def _no_match(item: str) -> str:
 
 
 def _folder_images(folder: Path, recursive: bool) -> list:
-    """The images in `folder` (and below, if `recursive`), sorted; hidden files left out. The folder is
-    the base of Path.rglob, not part of its pattern, so glob characters in its name are taken literally."""
+    """The entries of `folder` (and below, if `recursive`) named as images, sorted; hidden ones and
+    folders left out. The folder is the base of Path.rglob, not part of its pattern, so glob characters
+    in its name are taken literally. Not only regular files: a dangling link or a named pipe called
+    x.jpg is listed, for collect_inputs to report, as it is given by name (before, a scan skipped it
+    silently and the run ended with exit status 0)."""
     return sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir())
 
 
 def output_paths(paths, out_dir: Path):
@@ -132,7 +175,7 @@ def output_paths(paths, out_dir: Path):
                              "predict them into different --out-dir folders")
         seen[mask_path] = path
         outputs[path] = mask_path
-    inputs = set(paths)
+    inputs = input_places(paths)
     if out_dir.resolve() / CLASSES_FILE in inputs:
         raise ValueError(f"refusing to write over input {CLASSES_FILE}; choose another --out-dir")
     for mask_path in outputs.values():
@@ -141,6 +184,33 @@ def output_paths(paths, out_dir: Path):
                 raise ValueError(f"refusing to write over input {sibling(mask_path, suffix).name}; "
                                  "choose another --out-dir")
     return outputs
+
+
+def input_places(paths) -> dict:
+    """{each file name whose replacement would change an input: that input}: the input's own name and,
+    for a symbolic link, the file it points to (writing there would change what the link shows)."""
+    places = {path: path for path in paths}
+    for path in paths:
+        if path.is_symlink():
+            places.setdefault(path.resolve(), path)
+    return places
+
+
+def refuse_out_dir_in_input_folders(cfg: PredictConfig):
+    """Refuse an --out-dir that is a folder given as input (or, with --recursive, lies inside one).
+
+    The first run works, but every later run over that folder takes the outputs for photos: its
+    `<stem>_mask.png` are inputs whose own outputs it refuses to write over, so --skip-existing can
+    never finish a killed run, and --recursive finds the masks of masks. Told now, before any work.
+    """
+    out_dir = Path(cfg.out_dir).resolve()
+    for item in cfg.inputs:
+        for folder in (match.resolve() for match in _matches(item, cfg.recursive) if match.is_dir()):
+            if out_dir == folder or (cfg.recursive and folder in out_dir.parents):
+                where = "is" if out_dir == folder else "is inside"
+                raise ValueError(f"--out-dir {cfg.out_dir} {where} the input folder {folder}: the next run over it "
+                                 "would take the masks written there for photos (and --skip-existing could not "
+                                 "finish this one); choose another --out-dir")
 
 
 def sibling(mask_path: Path, suffix: str) -> Path:
@@ -172,28 +242,109 @@ def refuse_long_names(paths, outputs, suffixes, out_dir):
     return kept, refused
 
 
-def prepare_outputs(cfg: PredictConfig):
-    """Refuse --submission and --out-dir locations that cannot be written, and an existing --submission
-    without --overwrite or --skip-existing, then create --out-dir: before any work."""
-    if cfg.submission:
-        csv_path = Path(cfg.submission)
-        if csv_path.is_dir():
-            raise ValueError(f"--submission {csv_path} is a folder; give a file name, e.g. {csv_path / 'submission.csv.gz'}")
-        if not csv_path.parent.is_dir():
-            raise ValueError(f"--submission {csv_path}: {csv_path.parent} is not an existing folder")
-        problem = atomic.folder_problem(csv_path.parent)
-        if problem is not None:
-            raise ValueError(f"--submission {csv_path}: {problem}")
-        # --skip-existing finishes the run that wrote it: its rows are all rebuilt, from the masks.
-        atomic.refuse_existing(csv_path, cfg.overwrite or cfg.skip_existing,
-                               " (or --skip-existing to finish the run that wrote it), or give another --submission")
+def prepare_outputs(cfg: PredictConfig, paths, outputs, checkpoint_path):
+    """Refuse --submission and --out-dir locations that cannot be written, a --submission that would
+    replace an input, the checkpoint or an output of this run (even with --overwrite), and an existing
+    --submission without --overwrite (or --skip-existing, for a submission file only): before any work.
+
+    --out-dir itself is created only once the run starts (start_out_dir): a refused run leaves no folder.
+    """
     problem = atomic.folder_problem(cfg.out_dir)
     if problem is not None:
         raise ValueError(f"--out-dir {cfg.out_dir}: {problem}")
+    if not cfg.submission:
+        return
+    csv_path = Path(cfg.submission)
+    if csv_path.is_dir():
+        raise ValueError(f"--submission {csv_path} is a folder; give a file name, "
+                         f"e.g. {csv_path / 'submission.csv.gz'}")
+    if not csv_path.parent.is_dir() and csv_path.parent.resolve() != Path(cfg.out_dir).resolve():
+        raise ValueError(f"--submission {csv_path}: {csv_path.parent} is not an existing folder")
+    problem = atomic.folder_problem(csv_path.parent)
+    if problem is not None:
+        raise ValueError(f"--submission {csv_path}: {problem}")
+    refuse_submission_over_inputs(cfg, paths, outputs, checkpoint_path)
+    refuse_existing_submission(csv_path, cfg.overwrite, cfg.skip_existing)
+
+
+def refuse_submission_over_inputs(cfg: PredictConfig, paths, outputs, checkpoint_path):
+    """ValueError naming both if the --submission file is an input photo, the checkpoint, or one of the
+    files this run writes in --out-dir (a photo's outputs, classes.txt), whatever --overwrite says: written
+    last, the CSV would replace it. Compared as names in their folders and, for a file that exists, as
+    files (device and inode), so a link or a name spelled otherwise is caught too. A name with a photo's
+    extension is refused too: `--submission *.jpg`, which the shell expands to `--submission a.jpg
+    b.jpg`, makes a.jpg, not an input then, the submission (it replaced a.jpg with CSV text)."""
+    csv_path = Path(cfg.submission)
+    target = csv_path.parent.resolve() / csv_path.name
+    inputs = input_places(paths)
+    if target in inputs:
+        raise ValueError(f"--submission {csv_path} is the input {inputs[target]}: the submission would replace "
+                         "it; give another --submission")
+    makers = {mask_path: path for path, mask_path in outputs.items()}
+    for suffix in OUTPUT_SUFFIXES:
+        made_by = makers.get(target.with_name(target.name[:-len(suffix)] + "_mask.png"))
+        if target.name.endswith(suffix) and made_by is not None:
+            raise ValueError(f"--submission {csv_path} is the output {target.name} of {made_by}: the submission "
+                             "would replace it; give another --submission")
+    if target == Path(cfg.out_dir).resolve() / CLASSES_FILE:
+        raise ValueError(f"--submission {csv_path} is the {CLASSES_FILE} a parts model writes in --out-dir; "
+                         "give another --submission")
+    if csv_path.is_file():
+        same = _file_id(csv_path)
+        for other in [Path(checkpoint_path), *paths]:
+            if _file_id(other) == same:
+                what = "the checkpoint" if other == Path(checkpoint_path) else "the input"
+                raise ValueError(f"--submission {csv_path} is {what} {other} (the same file): the submission would "
+                                 "replace it; give another --submission")
+    if csv_path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"--submission {csv_path}: a photo's name ({csv_path.suffix}), not a CSV: give FILE.csv or "
+                         "FILE.csv.gz (a pattern such as *.jpg right after --submission gives it the first photo)")
+
+
+def _file_id(path: Path):
+    """(device, inode) of the file `path` names, None if it cannot be read: equal for one file's names."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def start_out_dir(cfg: PredictConfig, class_names=None):
+    """Create --out-dir once every check has passed (a run refused before any work leaves no empty
+    folder behind), and write a parts model's classes.txt there first, so that even an interrupted run's
+    part maps say what their values mean."""
     try:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--out-dir {cfg.out_dir}: cannot create the folder: {err.strerror or err}")
+    if class_names:
+        atomic.write_text(Path(cfg.out_dir) / CLASSES_FILE, classes_text(class_names))
+
+
+def classes_text(class_names) -> str:
+    """classes.txt's text: the class names, one per line, in the order of the part maps' values."""
+    return "".join(f"{name}\n" for name in class_names)
+
+
+def refuse_other_classes(cfg: PredictConfig, class_names):
+    """Refuse an --out-dir whose classes.txt is not this model's, whatever --overwrite says.
+
+    It is a user's own file or an earlier run's with another parts model; either way replacing it would
+    make the part maps already there mean other classes (and --skip-existing would keep them). The
+    same text is rewritten unchanged: a rerun or a resumed run with the same model.
+    """
+    path = Path(cfg.out_dir) / CLASSES_FILE
+    if not os.path.lexists(path):
+        return
+    try:
+        same = path.is_file() and path.read_bytes() == classes_text(class_names).encode("utf-8")
+    except OSError:
+        same = False
+    if not same:
+        raise ValueError(f"{path} exists and does not list this model's {len(class_names)} classes "
+                         f"({', '.join(class_names)}): the part maps there would be read with the wrong names; "
+                         "choose another --out-dir, or remove it if it is an earlier run's")
 
 
 def write_outputs(path: Path, mask_path: Path, prediction, cfg: PredictConfig):
@@ -309,7 +460,9 @@ def predict_files(cfg: PredictConfig):
     log.info("predicting with %s", atomic.shown(checkpoint_path))
     paths, problems = collect_inputs(cfg.inputs, cfg.recursive)
     outputs = output_paths(paths, Path(cfg.out_dir))
-    prepare_outputs(cfg)  # before any work: a folder that cannot be written fails now, not after every image
+    refuse_out_dir_in_input_folders(cfg)
+    # Before any work: a folder that cannot be written fails now, not after every image.
+    prepare_outputs(cfg, paths, outputs, checkpoint_path)
     device = distributed.device_for(cfg.device, distributed.current())
     predictor = Predictor.from_checkpoint(checkpoint_path, device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
     log.info("%s", predictor.describe())
@@ -317,6 +470,7 @@ def predict_files(cfg: PredictConfig):
     paths, refused = refuse_long_names(paths, outputs, output_suffixes(cfg, multiclass), cfg.out_dir)
     problems = {**{problem: problem for problem in problems}, **refused}  # the same on every rank
     write = _writer(predictor, cfg)
+    start_out_dir(cfg, predictor.spec.class_names if multiclass else None)
     # Joined only now: every check above fails alike on every rank, so a bad option ends each process
     # at once rather than leaving the others waiting for it in a collective.
     world = distributed.start(predictor.device)
@@ -411,16 +565,15 @@ def _predict(predictor, images, full_sizes, cfg: PredictConfig) -> list:
 
 def _writer(predictor, cfg: PredictConfig):
     """The per-photo writer for the predictor's kind of model: write_outputs for a car/background
-    model; for a multi-class one write_part_outputs bound to its class names, after writing
-    OUT_DIR/classes.txt (first, so that even an interrupted run's part maps say what their values mean)."""
+    model; for a multi-class one write_part_outputs bound to its class names, once its options and the
+    classes.txt of --out-dir are found right for it (start_out_dir writes that file)."""
     if not predictor.spec.multiclass:
         return write_outputs
     if cfg.threshold is not None:  # refused as evaluate.py refuses it, before anything is written
         raise ValueError(f"--threshold {cfg.threshold}: the checkpoint is a {len(predictor.spec.class_names)}-class "
                          "parts model; each pixel takes its most probable class (argmax), which has no threshold")
-    class_names = predictor.spec.class_names
-    atomic.write_text(Path(cfg.out_dir) / CLASSES_FILE, "".join(f"{name}\n" for name in class_names))
-    return partial(write_part_outputs, class_names=class_names)
+    refuse_other_classes(cfg, predictor.spec.class_names)
+    return partial(write_part_outputs, class_names=predictor.spec.class_names)
 
 
 def _report(cfg: PredictConfig, multiclass: bool, written, failures):

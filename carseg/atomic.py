@@ -11,10 +11,12 @@ import glob
 import hashlib
 import logging
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+_writing, _writing_lock = set(), threading.Lock()  # the temporaries this process has open (atomic_write)
 NAME_MAX = 255  # bytes in a file name where the file system does not say (ext4, XFS, Btrfs, ZFS, APFS)
 PID_DIGITS = 10  # the longest process id a temporary's name leaves room for (32-bit; Linux's have at most 7 digits)
 DIGEST_CHARS = 16  # hex digits of the hash that stands for a long name's middle: 64 bits
@@ -28,9 +30,20 @@ def atomic_write(path, mode: str = "wb"):
     On any exception (OSError for a full disk, KeyboardInterrupt...) the temporary file is removed
     and `path` keeps what it held before. The temporary (temporary_path) is hidden, differs between
     processes writing the same folder, and fits the file system wherever `path`'s own name does.
+
+    Two writes of one `path` at once in one process (two threads, or a stream still open) would share
+    that temporary: the second truncated the first's, the first then found it renamed away ("[Errno 2]
+    cannot write") and its bytes had gone into the second's file (predict.py's submission named as a
+    mask). The second write is refused instead, an OSError saying so, before it touches anything.
     """
     path = Path(path)
     tmp = temporary_path(path)
+    key = os.path.join(os.path.realpath(tmp.parent), tmp.name)  # one key for a relative and an absolute name
+    with _writing_lock:
+        if key in _writing:
+            raise OSError(errno.EBUSY, f"cannot write {path}: this process is writing it already "
+                                       "(two outputs with one name)")
+        _writing.add(key)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -44,6 +57,9 @@ def atomic_write(path, mode: str = "wb"):
     except BaseException:
         _discard(tmp)
         raise
+    finally:
+        with _writing_lock:
+            _writing.discard(key)
 
 
 def _discard(tmp: Path):
@@ -130,10 +146,12 @@ def temporary_target(tmp) -> Path:
 
 
 def name_max(folder) -> int:
-    """The longest file name, in bytes, that `folder`'s file system takes (NAME_MAX where it cannot say)."""
+    """The longest file name, in bytes, that `folder`'s file system takes (NAME_MAX where it cannot say).
+    A folder not created yet is asked of through its nearest existing ancestor, where it will be created."""
+    folder = _nearest_existing(folder)
     try:
         limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), a folder not created yet
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), a file where a folder should be
         return NAME_MAX
     return limit if limit > 0 else NAME_MAX  # -1: no limit the system knows of
 
@@ -154,14 +172,20 @@ def folder_problem(folder) -> str | None:
     Checks the nearest existing ancestor: it must be a folder, writable and searchable (a read-only
     mount, missing permissions, or a file where a folder should be all show here, before any work).
     """
-    existing = Path(folder).absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
         return f"{existing} is not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
     return None
+
+
+def _nearest_existing(folder) -> Path:
+    """`folder` (absolute) if it exists, else its nearest ancestor that does."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
 
 
 def refuse_existing(path, overwrite: bool, why: str = ""):

@@ -9,6 +9,8 @@ import glob
 import gzip
 import io
 import logging
+import os
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,6 +52,41 @@ def submission_rows(path, world: distributed.World | None = None):
                 raise _NoRows
     except _NoRows:
         _log_no_rows(path)
+
+
+def is_submission(path) -> bool:
+    """Whether the file at `path` begins with Kaggle's header line img,rle_mask (gzip-decoded when the
+    name ends in .gz), as every submission this tool writes does: the only kind of existing file that
+    predict.py --skip-existing may rebuild without --overwrite. A file that cannot be read (or
+    decompressed) is not one. Call it on a regular file only: opening a named pipe waits for a writer."""
+    header = ",".join(SUBMISSION_HEADER).encode()
+    try:
+        with (gzip.open if _compressed(path) else open)(path, "rb") as f:
+            line = f.readline(len(header) + 2)  # the header and its line end; no more of a large file
+    except (OSError, EOFError, zlib.error):  # gzip.BadGzipFile is an OSError; EOFError: a cut gzip stream
+        return False
+    return line.rstrip(b"\r\n") == header
+
+
+def refuse_existing_submission(path, overwrite: bool, skip_existing: bool):
+    """FileExistsError naming `path` if it exists and may not be replaced: predict.py's --overwrite
+    replaces any file; --skip-existing (which rebuilds every row, from the masks) only a submission
+    (is_submission), so that it never replaces a user's own file. The advice names only what would work.
+    Called before any work, so a refusal costs nothing."""
+    path = Path(path)
+    if overwrite or not os.path.lexists(path):
+        return
+    if not path.is_file():
+        raise FileExistsError(f"{path} exists already and is not a regular file; give another --submission")
+    if is_submission(path):
+        if skip_existing:
+            return
+        raise FileExistsError(f"{path} exists already: pass --overwrite to replace it (or --skip-existing to "
+                              "finish the run that wrote it), or give another --submission")
+    header = ",".join(SUBMISSION_HEADER)
+    alone = ", which --skip-existing alone never replaces" if skip_existing else ""
+    raise FileExistsError(f"{path} exists already and is not a submission (its first line is not {header}){alone}: "
+                          "pass --overwrite to replace it, or give another --submission")
 
 
 class _CountingRows:
