@@ -114,7 +114,7 @@ def test_the_runner_uses_the_memory_format_it_is_given(channels_last):
 # support package comes first and imports only itself; the scripts at the top level stand on it, and
 # the lab instruments under scripts/ on everything.
 PACKAGE = ["runtime", "distributed", "atomic", "labels", "rle", "jpeg", "images", "augment", "plots", "cutout",
-           "encoders", "checkpoint", "batchnorm", "submission", "everyday", "teacher", "segmenter"]
+           "encoders", "checkpoint", "batchnorm", "submission", "inputs", "everyday", "teacher", "segmenter"]
 TOP = ["config", "metrics", "losses", "model", "dataset", "backends", "inference", "evaluate", "train", "predict",
        "export", "serve"]
 SCRIPTS = ["bench", "loadtest", "make_everyday_data", "everyday_eval"]
