@@ -24,7 +24,7 @@ import torch
 
 from carseg import atomic, runtime
 from model import load_model
-from carseg.checkpoint import INFERENCE_OPTIONS, load_checkpoint, with_current_keys
+from carseg.checkpoint import INFERENCE_OPTIONS, load_checkpoint, with_current_keys, written_by_torch
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def load_source(path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist")
     except Exception as err:  # noqa: BLE001 (protobuf's DecodeError and friends for a file that is not ONNX)
-        raise ValueError(f"{path} is not a readable ONNX model: {type(err).__name__}: {err}") from None
+        raise ValueError(f"{path} is not a readable ONNX model: {not_onnx_because(path, err)}") from None
     props = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in props:
         raise ValueError(f"{path} holds no {METADATA_KEY} metadata: export it with `python export.py CHECKPOINT "
@@ -87,6 +87,19 @@ def load_source(path) -> dict:
         raise ValueError(f"{path}: its {METADATA_KEY} metadata is not valid JSON ({err}); export the file again "
                          "with `python export.py CHECKPOINT --format onnx`") from None
     return {**with_current_keys(metadata), "onnx_path": str(path)}  # a file exported by an earlier version too
+
+
+def not_onnx_because(path, err: Exception) -> str:
+    """Why onnx.load refused `path`: a torch.save file named .onnx is named as one (load_source decides
+    by the name), anything else by onnx's error."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        head = b""
+    if written_by_torch(head):
+        return "it is a PyTorch checkpoint: give it a .pt name, by which every script loads it as one"
+    return f"{type(err).__name__}: {err}"
 
 
 def make_runner(source: dict, backend: str, device, precision: str):
@@ -152,7 +165,10 @@ class OnnxRuntimeRunner:
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # The model's bytes, not its path: ONNX Runtime takes a path only as a str it can encode to UTF-8,
+        # so a name with other bytes (m\xff.onnx, which Python carries as lone surrogates) was a TypeError,
+        # and bytes it would read as the model itself. Exported files hold no external data to find beside them.
+        self.session = ort.InferenceSession(Path(path).read_bytes(), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -176,7 +192,13 @@ class OpenVINORunner:
     def __init__(self, path, precision: str, input_size):
         import openvino as ov
         core = ov.Core()
-        core.set_property({"CACHE_DIR": str(cache_dir() / "openvino")})
+        blobs = str(cache_dir() / "openvino")
+        try:
+            blobs.encode("utf-8")  # OpenVINO takes no other bytes there (read_model's path may hold them)
+            core.set_property({"CACHE_DIR": blobs})
+        except UnicodeEncodeError:
+            log.info("OpenVINO compiles without its cache: the cache folder %s is not UTF-8 ($CARSEG_CACHE_DIR)",
+                     atomic.shown(blobs))
         model = core.read_model(str(path))
         width, height = input_size
         model.reshape({model.input(0): ov.PartialShape([-1, 3, height, width])})

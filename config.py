@@ -3,13 +3,15 @@
 Each script has one dataclass here, so all options are documented in one place. Every field is a
 plain str/int/float/bool (a list of str for predict inputs), which keeps `dataclasses.asdict` valid
 JSON: train.py writes it to `config.json` and into every checkpoint, and `--config that.json`
-replays a run.
+replays a run. A value out of range is refused naming the option as it is typed (`--threshold 0.0:
+must be greater than 0 and less than 1`), whichever of the two gave it.
 """
 import argparse
 import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,11 +102,12 @@ class TrainConfig:
     num_workers: int = _opt(0, "DataLoader worker processes (0 is fastest with the RAM cache on 2 cores)")
     seed: int = _opt(42, "seed for weights, shuffling and augmentation")
     out_dir: str = _opt("checkpoints", "runs are written to OUT_DIR/RUN_NAME/")
-    run_name: str = _opt("", "name of this run's folder; default: a timestamp")
+    run_name: str = _opt("", "name of this run's folder, new or empty (one holding files is refused); default: the "
+                             "start time, then -2, -3... if a run that started the same second took it")
     resume: str = _opt("", "continue from this last.pt (or its run folder), exactly where it stopped")
 
     def __post_init__(self):
-        _check(self, "val_fraction", 0 < self.val_fraction < 1, "must be between 0 and 1")
+        _check(self, "val_fraction", 0 < self.val_fraction < 1, "must be greater than 0 and less than 1")
         _check(self, "max_cars", self.max_cars >= 0, "must be >= 0")
         _check(self, "group_by", self.group_by in ("car-id", "none") or _is_regex(self.group_by),
                "must be car-id, none or a regular expression")
@@ -113,21 +116,22 @@ class TrainConfig:
         _check(self, "pretrained_backbone", not self.pretrained_backbone or self.arch in DOWNLOADED_PRETRAINED,
                f"applies to {' and '.join(DOWNLOADED_PRETRAINED)} only (EfficientNet-Lite0 encoders use --pretrained)")
         _check(self, "base_channels", self.base_channels >= 1, "must be >= 1")
-        _check(self, "depth", 1 <= self.depth <= 6, "must be between 1 and 6")
+        _check(self, "depth", 1 <= self.depth <= 6, "must be from 1 to 6")
         # The U-Net max-pools depth times and needs sizes it can halve; the other models interpolate.
         if self.arch == "unet":
-            step, least, rule = 2 ** self.depth, 2 ** self.depth, f"a positive multiple of 2**depth = {2 ** self.depth}"
+            step = least = 2 ** self.depth
+            rule = f"a positive multiple of 2**{self.depth} = {step} (--depth {self.depth})"
         else:
             step, least, rule = 1, 32, "at least 32"
         for name in ("image_width", "image_height"):
             _check(self, name, getattr(self, name) % step == 0 and getattr(self, name) >= least,
                    f"must be {rule}")
-        for name, full in (("crop_width", self.image_width), ("crop_height", self.image_height)):
-            crop = getattr(self, name)
+        for name, size in (("crop_width", "image_width"), ("crop_height", "image_height")):
+            crop, full = getattr(self, name), getattr(self, size)
             _check(self, name, crop == 0 or (crop % step == 0 and least <= crop <= full),
-                   f"must be 0 or {rule} up to the input size {full}")
+                   f"must be 0 or {rule} up to the input size {option_shown(size, full)}")
         _check(self, "crop_width", (self.crop_width == 0) == (self.crop_height == 0),
-               "crop_width and crop_height must be both set or both 0")
+               f"must be set or 0 together with --crop-height, which is {self.crop_height}")
         # BatchNorm cannot train on one value per channel: the fewest are at the bottleneck.
         cells, shape = self.bottleneck_cells(), self.training_input()
         why = (f"the {shape[0]}x{shape[1]} training input shrinks to a 1x1 bottleneck at --depth {self.depth}, "
@@ -148,8 +152,8 @@ class TrainConfig:
         _check(self, "dice_weight", self.dice_weight >= 0, "must be >= 0")
         _check(self, "boundary_weight", self.boundary_weight >= 0, "must be >= 0")
         _check(self, "bce_weight", self.bce_weight + self.dice_weight > 0,
-               "bce_weight and dice_weight cannot both be 0")
-        _check(self, "threshold", 0 < self.threshold < 1, "must be between 0 and 1")
+               "--bce-weight and --dice-weight cannot both be 0")
+        _check(self, "threshold", 0 < self.threshold < 1, "must be greater than 0 and less than 1")
         _check(self, "num_workers", self.num_workers >= 0, "must be >= 0")
         _check(self, "run_name", "/" not in self.run_name and self.run_name not in (".", ".."),
                "must be a plain folder name")
@@ -174,6 +178,8 @@ class EvaluateConfig:
     split: str = _opt("val", "val = the checkpoint's validation cars; train; all = every image found",
                       choices=("val", "train", "all"))
     out_dir: str = _opt("", "where reports go; default: <checkpoint folder>/eval-<checkpoint stem>-<split>")
+    overwrite: bool = _opt(False, "replace (or remove) report files in the report folder that no earlier evaluation "
+                                  "wrote there (its .evaluation.json lists what it wrote); without it they are refused")
     batch_size: int = _opt(8, "images per forward pass")
     threshold: float = _opt(None, THRESHOLD_HELP)
     precision: str = _opt("fp32", "inference precision (fp32: the reference score; auto = bf16 where native)",
@@ -233,12 +239,31 @@ def _is_regex(text: str) -> bool:
 
 def _check_threshold(cfg):
     _check(cfg, "threshold", cfg.threshold is None or 0 < cfg.threshold < 1,
-           "must be between 0 and 1 (leave it out to use the checkpoint's)")
+           "must be greater than 0 and less than 1 (leave it out to use the checkpoint's)")
 
 
 def _check(cfg, name, ok, why):
+    """ValueError naming the option as it is typed (`--threshold 0.0: why`) unless `ok`.
+
+    The option, not the field (PredictConfig.threshold): a command line or a --config file is what
+    the user wrote, and the two spell it alike but for the dashes.
+    """
     if not ok:
-        raise ValueError(f"{type(cfg).__name__}.{name} = {getattr(cfg, name)!r}: {why}")
+        positional = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata.get("positional")
+        raise ValueError(f"{name if positional else option_shown(name, getattr(cfg, name))}: {why}")
+
+
+def option_shown(name: str, value) -> str:
+    """An option as typed on a command line: `--threshold 0.0`, `--run-name 'my run'`, `--no-bilinear`."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {shlex.quote(str(value))}"
+
+
+def counted(count: int, noun: str, plural: str = "") -> str:
+    """`count` with its noun, plural unless it is 1: "1 car", "3 cars", "2 processes" (plural="processes")."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def resolve_data_dir(data_dir: str) -> Path:
@@ -363,7 +388,7 @@ class ServeConfig:
     max_queue: int = _opt(16, "requests that may wait for the model; more are answered 503 busy")
 
     def __post_init__(self):
-        _check(self, "port", 0 <= self.port <= 65535, "must be between 0 and 65535")
+        _check(self, "port", 0 <= self.port <= 65535, "must be from 0 to 65535")
         _check(self, "workers", self.workers >= 1, "must be >= 1")
         _check(self, "max_upload_mb", self.max_upload_mb > 0, "must be > 0")
         _check(self, "max_pixels", self.max_pixels >= 1, "must be >= 1")

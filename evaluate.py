@@ -20,7 +20,9 @@ Parts Dataset of Pasupa et al. 2021, "Evaluation of deep learning algorithms for
 segmentation of car parts", Complex & Intelligent Systems, doi 10.1007/s40747-021-00397-8; note
 that the paper's headline numbers are instance-segmentation mAP (HTC 55.2), not this mIoU. Per-image
 mIoU (per_image.csv) only ranks the worst images. Reports: summary.json, per_class.csv,
-per_image.csv, confusion.png, worst.png and samples.png.
+per_image.csv, confusion.png, worst.png and samples.png, and .evaluation.json, the list of those it
+wrote: a later evaluation replaces or removes only the files listed there, and refuses a folder holding
+other files of those names (the user's own, say) before scoring, unless --overwrite.
 """
 import csv
 import dataclasses
@@ -38,7 +40,7 @@ from tqdm import tqdm
 
 from carseg import atomic, distributed, plots, runtime
 from backends import load_source
-from config import EvaluateConfig, parse_config, resolve_checkpoint, resolve_data_dir
+from config import EvaluateConfig, counted, parse_config, resolve_checkpoint, resolve_data_dir
 from dataset import SegmentationDataset, find_class_names, find_samples, prepare_store, regroup
 from carseg.images import encode, load_image
 from inference import Predictor
@@ -50,6 +52,7 @@ SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8)
 # Every file an evaluation writes, for either kind of model: the reports of one run (remove_stale_reports).
 REPORT_FILES = ("summary.json", "per_image.csv", "per_class.csv", "threshold_sweep.png", "confusion.png",
                 "worst.png", "samples.png")
+MANIFEST = ".evaluation.json"  # in the report folder: the REPORT_FILES an evaluation wrote there (report_files_owned)
 
 
 def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None, world=distributed.SOLO) -> dict:
@@ -222,8 +225,9 @@ def refuse_names_csv_cannot_hold(samples):
     bad = [sample.image for sample in samples if not _is_utf8(sample.name)]
     if bad:
         names = ", ".join(os.fsencode(path).decode("utf-8", "backslashreplace") for path in bad[:3])
-        raise ValueError(f"{len(bad)} photo name(s) are not UTF-8, which per_image.csv cannot hold unchanged: "
-                         f"{names}{', ...' if len(bad) > 3 else ''}; rename them")
+        raise ValueError(f"{counted(len(bad), 'photo name')} {'is' if len(bad) == 1 else 'are'} not UTF-8, which "
+                         f"per_image.csv cannot hold unchanged: {names}{', ...' if len(bad) > 3 else ''}; rename "
+                         f"{'it' if len(bad) == 1 else 'them'}")
 
 
 def _is_utf8(name: str) -> bool:
@@ -245,7 +249,9 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     """Score a checkpoint and write the reports (see the module docstring); returns the summary.
 
     Raises ValueError for a --threshold given to a car-parts checkpoint, data whose classes differ
-    from the checkpoint's, or a split with none of the checkpoint's images (all before any scoring).
+    from the checkpoint's, or a split with none of the checkpoint's images, and FileExistsError for a
+    report folder holding files of the reports' names that no evaluation wrote (check_report_folder),
+    all before any scoring.
     """
     cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or str(default_out_dir(cfg.checkpoint, cfg.split)))
@@ -253,6 +259,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     problem = atomic.folder_problem(cfg.out_dir)
     if problem is not None:  # before scoring, not after
         raise ValueError(f"--out-dir {cfg.out_dir}: reports cannot be written there: {problem}")
+    replaceable = check_report_folder(Path(cfg.out_dir), cfg.overwrite)
     checkpoint = load_source(cfg.checkpoint)  # a .pt checkpoint, or an exported .onnx file's metadata
     classes = len(checkpoint["class_names"])
     if is_multiclass(classes) and cfg.threshold is not None:
@@ -271,8 +278,14 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
                               (binary_summary, write_reports, draw_examples))
     summary, ranked = summarise(head, result, predictor, dataset.store, cfg, time.perf_counter() - start)
     try:
-        written = write(Path(cfg.out_dir), summary, ranked) + draw(predictor, dataset, ranked, cfg)
-        remove_stale_reports(Path(cfg.out_dir), written)
+        out_dir = Path(cfg.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Every report's name is listed before any is written, so that a run killed midway still owns
+        # what it wrote (check_report_folder made sure no other file of those names is there).
+        record_report_files(out_dir, REPORT_FILES)
+        written = write(out_dir, summary, ranked) + draw(predictor, dataset, ranked, cfg)
+        remove_stale_reports(out_dir, written, replaceable)
+        record_report_files(out_dir, written)
     except OSError as err:  # the scores are still worth having: main prints them, then fails
         summary["report_error"] = str(err)
     return summary
@@ -303,14 +316,56 @@ def parts_summary(head: dict, result: dict, predictor: Predictor, store, cfg, se
     return summary, ranked
 
 
-def remove_stale_reports(out_dir: Path, written: list) -> list:
-    """Delete the REPORT_FILES in out_dir that this evaluation did not write; returns their names.
+def report_files_owned(out_dir: Path) -> set:
+    """The REPORT_FILES that an earlier evaluation recorded writing in out_dir (its MANIFEST); none
+    without a readable one. Names the manifest holds besides REPORT_FILES are ignored: it never
+    makes evaluate.py touch another file."""
+    try:
+        files = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):  # none, unreadable, not JSON, not an object
+        return set()
+    return set(files) & set(REPORT_FILES) if isinstance(files, list) and all(isinstance(f, str) for f in files) \
+        else set()
+
+
+def check_report_folder(out_dir: Path, overwrite: bool) -> list:
+    """Before scoring: the REPORT_FILES in out_dir this evaluation may replace or remove, in REPORT_FILES order.
+
+    Those an earlier evaluation wrote (report_files_owned); the others present too with `overwrite`.
+    Without it, such a file (the user's own summary.json, or reports of a version that kept no
+    manifest) is a FileExistsError naming it; a folder at a report's name always is.
+    """
+    present = [name for name in REPORT_FILES if os.path.lexists(out_dir / name)]
+    folders = [name for name in present if (out_dir / name).is_dir()]
+    if folders:
+        raise FileExistsError(f"the report folder {out_dir} holds folders named as reports ({', '.join(folders)}); "
+                              "move them, or choose another --out-dir")
+    owned = report_files_owned(out_dir)
+    foreign = [name for name in present if name not in owned]
+    if foreign and not overwrite:
+        why = (f"its {MANIFEST} does not list them" if (out_dir / MANIFEST).exists() else
+               f"it has no {MANIFEST}; reports of a version before it carry no record either")
+        raise FileExistsError(f"the report folder {out_dir} holds {', '.join(foreign)}, which no earlier evaluation "
+                              f"recorded writing there ({why}): pass --overwrite to replace or remove them, or "
+                              "choose another --out-dir")
+    return present
+
+
+def record_report_files(out_dir: Path, names):
+    """Write out_dir's MANIFEST: the report files this evaluation writes there, which a later one may replace."""
+    names = [name for name in REPORT_FILES if name in set(names)]
+    atomic.write_text(out_dir / MANIFEST, json.dumps({"written_by": "evaluate.py", "files": names}, indent=2) + "\n")
+
+
+def remove_stale_reports(out_dir: Path, written: list, replaceable) -> list:
+    """Delete the `replaceable` report files (check_report_folder's) this evaluation did not write; returns their names.
 
     They are an earlier evaluation's whose other files this one has just replaced: another model's
     confusion.png beside this one's summary.json, or a worst.png that --worst-k 0 no longer draws,
     would read as this run's. Only after every report is written, so a failed run removes nothing.
     """
-    stale = [name for name in REPORT_FILES if name not in written and (out_dir / name).is_file()]
+    stale = [name for name in REPORT_FILES
+             if name in replaceable and name not in written and (out_dir / name).is_file()]
     for name in stale:
         (out_dir / name).unlink()
     if stale:
@@ -349,7 +404,7 @@ def write_parts_reports(out_dir: Path, summary: dict, ranked: list) -> list:
     atomic.write_text(out_dir / "summary.json", compact_json(summary))
     plots.plot_confusion_matrix(summary["full_res"]["confusion"], summary["class_names"], out_dir / "confusion.png",
                                 title=f"full-resolution confusion, {summary['split']} split: "
-                                      f"{Path(summary['checkpoint']).name}")
+                                      f"{atomic.shown(Path(summary['checkpoint']).name)}")
     return ["per_image.csv", "per_class.csv", "summary.json", "confusion.png"]
 
 
@@ -394,7 +449,7 @@ def draw_examples(predictor: Predictor, dataset: SegmentationDataset, ranked: li
             rows.append({"image": store.images[index], "pred": pred,
                          "target": store.full_mask(index).astype(bool), "label": f"{name}  Dice {dice[name]:.4f}"})
         plots.plot_prediction_panels(rows, Path(cfg.out_dir) / filename,
-                                     title=f"{filename[:-4]}: {Path(cfg.checkpoint).name}")
+                                     title=f"{filename[:-4]}: {atomic.shown(Path(cfg.checkpoint).name)}")
     return list(picks)
 
 
@@ -416,7 +471,7 @@ def draw_parts_examples(predictor: Predictor, dataset: SegmentationDataset, rank
             # from the file: the store holds the photo squashed to the model's input size
             photo, _ = load_image(sample.image, plots.panel_size(truth.shape))
             rows.append(plots.parts_row(photo, truth, pred, names, colours, f"{sample.name}  {score}"))
-        title = f"{filename[:-4]}: {Path(cfg.checkpoint).name}, {cfg.split} split"
+        title = f"{filename[:-4]}: {atomic.shown(Path(cfg.checkpoint).name)}, {cfg.split} split"
         atomic.write_bytes(Path(cfg.out_dir) / filename, encode(plots.stack_rows(rows, title), "png"))
     return list(picks)
 
@@ -428,8 +483,8 @@ def format_summary(summary: dict) -> str:
     if "class_names" in summary:
         return format_parts_summary(summary)
     full, small = summary["full_res"], summary["model_res"]
-    lines = [f"{summary['split']} split: {full['images']} images of {summary['cars']} cars from {summary['data_dir']}; "
-             f"{summary.get('backend', 'torch')} {summary['precision']}",
+    lines = [f"{summary['split']} split: {counted(full['images'], 'image')} of {counted(summary['cars'], 'car')} from "
+             f"{atomic.shown(summary['data_dir'])}; {summary.get('backend', 'torch')} {summary['precision']}",
              f"full resolution   mean Dice {full['dice']:.5f}  mean IoU {full['iou']:.5f}  "
              f"pooled Dice {full['dice_pooled']:.5f}  pixel accuracy {full['pixel_accuracy']:.5f}",
              f"model resolution  mean Dice {small['dice']:.5f}  mean IoU {small['iou']:.5f}  "
@@ -445,13 +500,14 @@ def format_parts_summary(summary: dict) -> str:
     over the parts, pixel accuracy, the model-resolution means and the worst images."""
     full, small, names = summary["full_res"], summary["model_res"], summary["class_names"]
     scored = sum(full["per_class"][n]["iou"] is not None for n in names[1:])
-    parts = f"{len(names) - 1} parts" + (f" ({scored} occur)" if scored < len(names) - 1 else "")
+    parts = f"{len(names) - 1} parts" + (f" ({scored} occur{'s' if scored == 1 else ''})" if scored < len(names) - 1
+                                         else "")
     means = [(f"mean IoU over the {parts}", full["miou"]), (f"mean Dice over the {parts}", full["mdice"]),
              ("pixel accuracy", full["pixel_accuracy"])]
     width = max(len(n) + 2 for n in names + ["class"])
     width = max([width] + [len(label) for label, _ in means])
-    lines = [f"{summary['split']} split: {summary['images']} images ({summary['groups']} groups) from "
-             f"{summary['data_dir']}; model {summary['model_size'][0]}x{summary['model_size'][1]}, "
+    lines = [f"{summary['split']} split: {counted(summary['images'], 'image')} ({counted(summary['groups'], 'group')}) "
+             f"from {atomic.shown(summary['data_dir'])}; model {summary['model_size'][0]}x{summary['model_size'][1]}, "
              f"{summary.get('backend', 'torch')} {summary['precision']}{', flip TTA' if summary.get('tta') else ''}",
              "full resolution, scored from one confusion matrix over all pixels:"]
     lines += class_table(full, names, width)
@@ -484,11 +540,11 @@ def main(argv=None):
     try:
         summary = evaluate_checkpoint(cfg)
     except (OSError, ValueError) as err:  # FileNotFoundError, a folder that cannot be written...
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {atomic.shown(err)}")  # a name that is not UTF-8 shows as U+FFFD
     print(format_summary(summary))
     if "report_error" in summary:
-        raise SystemExit(f"error: the reports could not be written: {summary['report_error']}")
-    print(f"reports in {summary['out_dir']}")
+        raise SystemExit(f"error: the reports could not be written: {atomic.shown(summary['report_error'])}")
+    print(f"reports in {atomic.shown(summary['out_dir'])}")
     return summary
 
 

@@ -33,7 +33,7 @@ import torch
 
 from carseg import atomic, runtime
 from backends import export_onnx, installed, load_source, openvino_native_bf16
-from config import BUNDLED_CHECKPOINT, BUNDLED_PARTS_CHECKPOINT, resolve_data_dir
+from config import BUNDLED_CHECKPOINT, BUNDLED_PARTS_CHECKPOINT, counted, resolve_data_dir
 from evaluate import select_samples
 from inference import Predictor
 from metrics import dice_per_image
@@ -199,10 +199,30 @@ def refuse_training_source(source, out):
         raise ValueError(f"--out {out} is the training checkpoint itself; exporting would drop its optimizer state")
 
 
-def check_out(source, out: Path, overwrite: bool):
-    """Before any work: refuse writing over the training checkpoint read (refuse_training_source), and an
-    existing `out` without --overwrite (atomic.refuse_existing), saying for a bundled model what it is and
-    how its shipped file comes back."""
+# The names each --format's file needs: every script decides by the name whether a file is ONNX
+# (backends.load_source), so a checkpoint named .onnx, or an ONNX file named .pt, would not load.
+SUFFIXES = {"pt": (".pt", ".pth"), "onnx": (".onnx",)}
+
+
+def check_out(source, out: Path, overwrite: bool, fmt: str = "pt"):
+    """Before any work: refuse an `out` that is a folder, one whose name does not end as `fmt`'s files do
+    (SUFFIXES), one in a folder that cannot be written, writing over the training checkpoint read
+    (refuse_training_source), and an existing `out` without --overwrite (atomic.refuse_existing), saying
+    for a bundled model what it is and how its shipped file comes back."""
+    if out.is_dir():  # --overwrite or not: a folder is never replaced by a file
+        example = out / default_out(source, fmt).name
+        raise ValueError(f"--out {out} is a folder: give the file's name, e.g. --out {example}")
+    if out.suffix.lower() not in SUFFIXES[fmt]:
+        other = next(name for name in SUFFIXES if name != fmt)
+        swapped = out.suffix.lower() in SUFFIXES[other]  # x.onnx -> x.pt; model -> model.pt
+        named = out.with_suffix(SUFFIXES[fmt][0]) if swapped else out.with_name(out.name + SUFFIXES[fmt][0])
+        kind = "an ONNX model" if fmt == "onnx" else "a PyTorch checkpoint"
+        raise ValueError(f"--out {out}: --format {fmt} writes {kind}, whose name must end in "
+                         f"{' or '.join(SUFFIXES[fmt])}, as every script decides by the name how to load a file: "
+                         f"use --out {named}" + (f", or --format {other} for a {out.suffix} file" if swapped else ""))
+    problem = atomic.folder_problem(out.parent)
+    if problem is not None:
+        raise ValueError(f"--out {out}: cannot be written: {problem}")
     refuse_training_source(source, out)
     shipped = bundled_name(out)
     why = (f": it is the bundled model every script loads by default ({RESTORE.format(shipped)})" if shipped else
@@ -215,8 +235,9 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt) or a bundled one")
     parser.add_argument("--format", choices=("pt", "onnx"), default="pt",
                         help="pt: slim fp16 checkpoint (default); onnx: for --backend onnxruntime/openvino")
-    parser.add_argument("--out", help="where to write (default: beside the checkpoint, pt: <stem>.slim.pt, "
-                                      "onnx: <stem>.onnx)")
+    parser.add_argument("--out", help="the file to write, named .pt (or .pth) for pt, .onnx for onnx: every script "
+                                      "decides by the name how to load it (default: beside the checkpoint, pt: "
+                                      "<stem>.slim.pt, onnx: <stem>.onnx)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out, e.g. a bundled model: --out "
                              f"checkpoints/{BUNDLED_CHECKPOINT.name} or checkpoints/{BUNDLED_PARTS_CHECKPOINT.name}")
@@ -227,16 +248,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         out = Path(args.out or default_out(args.checkpoint, args.format))
-        check_out(args.checkpoint, out, args.overwrite)
+        check_out(args.checkpoint, out, args.overwrite, args.format)
         if args.format == "pt":
             export_checkpoint(args.checkpoint, out)
         else:
             export_onnx_main(args, out)
     except (OSError, ValueError) as err:  # FileNotFoundError, a folder that cannot be written...
-        raise SystemExit(f"error: {err}")
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        raise SystemExit(f"error: {atomic.shown(err)}")  # a name that is not UTF-8 shows as U+FFFD
+    print(f"wrote {atomic.shown(out)} ({out.stat().st_size / 1e6:.1f} MB)")
     if bundled_name(out):
-        print(f"{out} is now the bundled model every script loads by default; {RESTORE.format(bundled_name(out))}")
+        print(f"{atomic.shown(out)} is now the bundled model every script loads by default; "
+              f"{RESTORE.format(bundled_name(out))}")
 
 
 def export_onnx_main(args, out):
@@ -244,9 +266,9 @@ def export_onnx_main(args, out):
         raise ValueError("--format onnx: the onnx package is not installed; pip install -r requirements-deploy.txt")
     photos = parity_photos(args.checkpoint, args.check_images, args.data_dir)
     print(f"CPU: {runtime.cpu_description()}")
-    print(f"parity on {len(photos)} photo(s)" if photos else
+    print(f"parity on {counted(len(photos), 'photo')}" if photos else
           "parity on 2 random images only: no --check-images given and no validation photos found under "
-          f"{resolve_data_dir(args.data_dir)}")
+          f"{atomic.shown(resolve_data_dir(args.data_dir))}")
     for row in export_onnx_checked(args.checkpoint, out, photos):
         print(format_parity(row))
 

@@ -6,16 +6,21 @@
     torchrun --standalone --nproc_per_node=4 train.py --sync-bn   # DDP, one process per GPU (docs/distributed.md)
 
 Writes checkpoints/<run>/: config.json, last.pt (every epoch, atomically), best.pt (best validation
-Dice), metrics.jsonl (one line per epoch) and curves.png.
+Dice), metrics.jsonl (one line per epoch) and curves.png. <run> is --run-name (a new or empty folder)
+or the start time; each run creates its own folder (create_run_dir), so no run writes into another's.
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import math
+import os
 import random
+import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from tqdm import tqdm
 from carseg import atomic, distributed, plots, runtime
 from backends import TorchRunner
 from carseg.batchnorm import recompute_batchnorm, synchronise
-from config import TrainConfig, parse_config, resolve_data_dir
+from config import TrainConfig, counted, option_shown, parse_config, resolve_data_dir
 from carseg.augment import build_transform
 from dataset import (SegmentationDataset, describe_split, find_class_names, find_samples, prepare_store,
                      regroup, split_by_car)
@@ -177,9 +182,9 @@ def build_stores(cfg: TrainConfig):
                          "annotation list, or masks saved without their labels?)")
     n = len(train_samples)
     train_store, val_store = store.subset(range(n)), store.subset(range(n, len(store)))
-    log.info("data %s: %d training images of %d cars, %d validation images of %d cars, at %dx%d",
-             data_dir, len(train_store), len({s.group for s in train_samples}), len(val_store),
-             len({s.group for s in val_samples}), *size)
+    log.info("data %s: %s of %s, %s of %s, at %dx%d", data_dir, counted(len(train_store), "training image"),
+             counted(len({s.group for s in train_samples}), "car"), counted(len(val_store), "validation image"),
+             counted(len({s.group for s in val_samples}), "car"), *size)
     if is_multiclass(class_names):
         log.info("%d classes: %s", len(class_names), ", ".join(class_names))
     return train_store, val_store, class_names
@@ -396,14 +401,117 @@ def resume_path(resume: str) -> Path:
     return path / "last.pt" if path.is_dir() else path
 
 
-def run_dir_for(cfg: TrainConfig) -> Path:
+@contextmanager
+def run_folder(cfg: TrainConfig, world=distributed.SOLO):
+    """The run's folder (run_dir_for), for the `with` block that trains in it.
+
+    A new run's folder that holds nothing but its config.json when the block fails (bad data, an
+    interrupt while decoding) is removed again: a failed start leaves no empty run behind, and the
+    same --run-name can be given again.
+    """
+    run_dir, made = run_dir_for(cfg, world)
+    try:
+        yield run_dir
+    except BaseException:
+        if world.main and not cfg.resume:
+            discard_unused_run_dir(run_dir, made)
+        raise
+
+
+def run_dir_for(cfg: TrainConfig, world=distributed.SOLO) -> tuple:
+    """(the run folder, whether this run made it): --resume's folder, else a new one the first process
+    creates (create_run_dir) and names to the others. Every process raises the first one's refusal."""
     if cfg.resume:
-        return resume_path(cfg.resume).parent
-    run_dir = Path(cfg.out_dir) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+        run_dir = resume_path(cfg.resume).parent
+        problem = atomic.folder_problem(run_dir)
+        if problem is not None:  # before any work, not after decoding the whole data set
+            raise ValueError(f"--resume {cfg.resume}: the run folder {run_dir} cannot be written: {problem}")
+        return run_dir, False
+    outcome = None
+    if world.main:
+        try:
+            outcome = create_run_dir(cfg)
+        except (OSError, ValueError) as err:
+            outcome = err
+    outcome = distributed.broadcast(outcome, world)  # the name is the first process's clock
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def create_run_dir(cfg: TrainConfig) -> tuple:
+    """Create a new run's folder under --out-dir and claim it with its config.json; returns (folder, made).
+
+    os.mkdir, which fails where the folder exists, so that two runs never share one and neither
+    replaces the other's checkpoints: the default name is the time to the second, and a run started
+    in the same second as another takes the next free <time>-2, -3... An explicit --run-name must be
+    new or an empty folder (a run there continues with --resume); one holding files is refused.
+    """
+    out_dir = Path(cfg.out_dir)
+    problem = atomic.folder_problem(out_dir)
+    if problem is not None:  # before any work, not after decoding the whole data set
+        raise ValueError(f"--out-dir {cfg.out_dir}: the run folder cannot be created there: {problem}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.run_name:
+        run_dir = out_dir / cfg.run_name
+        try:
+            os.mkdir(run_dir)
+            made = True
+        except FileExistsError:
+            refuse_used_run_dir(run_dir)
+            made = False
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for n in itertools.count(1):
+            run_dir = out_dir / (stamp if n == 1 else f"{stamp}-{n}")
+            try:
+                os.mkdir(run_dir)
+                break
+            except FileExistsError:
+                continue
+        made = True
+    try:
+        write_config(run_dir, cfg, claim=True)
+    except FileExistsError:  # another run given the same --run-name claimed the empty folder first
+        refuse_used_run_dir(run_dir)
+        raise
+    return run_dir, made
+
+
+def refuse_used_run_dir(run_dir: Path):
+    """FileExistsError naming `run_dir` unless it is an empty folder: a run's to --resume, or someone's files."""
+    if not run_dir.is_dir():
+        raise FileExistsError(f"--run-name {run_dir.name}: {run_dir} exists and is not a folder; choose another "
+                              "--run-name")
     if (run_dir / "last.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir / 'last.pt'} "
-                              "or choose another --run-name")
-    return run_dir
+        raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume "
+                              f"{shlex.quote(str(run_dir / 'last.pt'))} or choose another --run-name")
+    held = sorted(os.listdir(run_dir))
+    if held:
+        raise FileExistsError(f"--run-name {run_dir.name}: {run_dir} exists and holds {', '.join(held[:4])}"
+                              f"{', ...' if len(held) > 4 else ''}, and no run to --resume (no last.pt): choose "
+                              "another --run-name, or empty the folder")
+
+
+def write_config(run_dir: Path, cfg: TrainConfig, claim: bool = False):
+    """<run>/config.json: the options as given, minus --resume, so that replaying the file with --config
+    starts a new run. `claim`: create it first with O_EXCL, FileExistsError if it exists already."""
+    if claim:
+        open(run_dir / "config.json", "x").close()
+    replay = dataclasses.asdict(dataclasses.replace(cfg, resume=""))
+    atomic.write_text(run_dir / "config.json", json.dumps(replay, indent=2) + "\n")
+
+
+def discard_unused_run_dir(run_dir: Path, made: bool):
+    """Remove the config.json of a new run that wrote nothing else, and its folder if this run made it."""
+    try:
+        if os.listdir(run_dir) != ["config.json"]:
+            return
+        (run_dir / "config.json").unlink()
+        if made:
+            run_dir.rmdir()
+    except OSError as err:  # never in place of the error that stopped the run
+        log.warning("could not remove the unused run folder %s: %s", run_dir, err.strerror or err)
 
 
 def check_resumable(cfg: TrainConfig, checkpoint: dict) -> dict:
@@ -416,12 +524,12 @@ def check_resumable(cfg: TrainConfig, checkpoint: dict) -> dict:
     for key in FIXED_ON_RESUME:
         value = used.get(key, BEFORE_OPTION[key])
         if value != getattr(cfg, key):
-            raise ValueError(f"--resume {cfg.resume}: the run used {key}={value!r}, "
-                             f"this command says {getattr(cfg, key)!r}; drop the flag to continue the run")
+            raise ValueError(f"--resume {cfg.resume}: the run used {option_shown(key, value)}, this command says "
+                             f"{option_shown(key, getattr(cfg, key))}; drop the flag to continue the run")
     if "optimizer" not in checkpoint:
         raise ValueError(f"--resume {cfg.resume}: this checkpoint holds weights only; resume from last.pt")
     if cfg.epochs < checkpoint["epoch"]:
-        raise ValueError(f"--resume {cfg.resume}: the run has done {checkpoint['epoch']} epochs already; "
+        raise ValueError(f"--resume {cfg.resume}: the run has done {counted(checkpoint['epoch'], 'epoch')} already; "
                          f"--epochs {cfg.epochs} would end it before that")
     data_dir = resolve_data_dir(cfg.data_dir)
     found = find_class_names(data_dir)  # cheap: before any image is decoded
@@ -434,65 +542,58 @@ def check_resumable(cfg: TrainConfig, checkpoint: dict) -> dict:
 def check_same_cars(cfg: TrainConfig, checkpoint: dict, state: "TrainState"):
     """A resumed run must validate on the cars it validated on: the data folder found now must be the run's."""
     if checkpoint["val_groups"] != state.val_groups:
-        raise ValueError(f"--resume {cfg.resume}: the run validated on {len(checkpoint['val_groups'])} cars "
-                         f"({', '.join(checkpoint['val_groups'][:3])}...), the data in "
-                         f"{resolve_data_dir(cfg.data_dir)} gives {len(state.val_groups)} others; point --data-dir "
-                         "at the run's data")
+        groups = checkpoint["val_groups"]
+        raise ValueError(f"--resume {cfg.resume}: the run validated on {counted(len(groups), 'car')} "
+                         f"({', '.join(groups[:3])}{', ...' if len(groups) > 3 else ''}), the data in "
+                         f"{resolve_data_dir(cfg.data_dir)} gives {counted(len(state.val_groups), 'other')}; point "
+                         "--data-dir at the run's data")
 
 
 def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     """Train to cfg.epochs, continuing cfg.resume if given; returns the last epoch's record, run_dir and best_val_score.
 
     `resumed` is cfg.resume's checkpoint when the caller has loaded it already (main does, for its options).
-    Under torchrun this runs in every process (DDP); see docs/distributed.md.
+    Under torchrun this runs in every process (DDP); the first creates the run folder; see docs/distributed.md.
     """
     device = runtime.resolve_device(distributed.device_for(cfg.device, distributed.current()))
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device)
     world = distributed.start(device)
-    # Every process checks the folder (and fails alike); the name is the first process's clock.
-    run_dir = distributed.broadcast(run_dir_for(cfg), world)
-    problem = atomic.folder_problem(run_dir)
-    if problem is not None:  # before any work, not after decoding the whole data set
-        raise ValueError(f"{'--resume' if cfg.resume else '--out-dir'} {cfg.resume or cfg.out_dir}: the run folder "
-                         f"{run_dir} cannot be written: {problem}")
-    if cfg.resume:  # fail fast, before decoding
-        resumed = check_resumable(cfg, resumed if resumed is not None else load_checkpoint(resume_path(cfg.resume)))
-    train_store, val_store, class_names = build_stores(cfg)
-    seed_everything(cfg.seed)
-    raw_model = build_model_for(cfg, class_names).to(device)
-    if cfg.sync_bn and world.distributed:
-        raw_model = synchronise(raw_model, device)
-    if cfg.channels_last:
-        raw_model = raw_model.to(memory_format=torch.channels_last)
-    loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization, class_names, world)
-    optimizer, scheduler = build_optimizer(cfg, raw_model, len(loaders[0]))
-    state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),
-                       val_groups=sorted({s.group for s in val_store.samples}),
-                       train_groups=sorted({s.group for s in train_store.samples}), class_names=class_names,
-                       world_size=world.size, steps_per_epoch=len(loaders[0]))
-    if resumed is not None:
-        check_same_cars(cfg, resumed, state)
-        state.restore(resumed)
-        follow_schedule(cfg, state, resumed)
-    check_batchnorm_share(cfg, len(train_store), world)
-    run = Run(cfg, run_dir, device, precision, build_loss(cfg, class_names), world, len(val_store))
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # The options as given, minus --resume: replaying the file with --config starts a new run.
-        replay = dataclasses.asdict(dataclasses.replace(cfg, resume=""))
-        atomic.write_text(run_dir / "config.json", json.dumps(replay, indent=2) + "\n")
-    log.info("run %s: %s, %s%s", run_dir, device, precision,
-             f", {world.size} process(es), global batch {cfg.batch_size * world.size}" if world.distributed else "")
-    try:
-        run_epochs(run, training_models(cfg, raw_model, world, device), state, loaders)
-    except KeyboardInterrupt:
-        # last.pt (the last whole epoch) stays the resume point: resuming from mid-epoch weights
-        # could not replay the epoch exactly. The weights of the moment go to interrupted.pt.
-        run.save("interrupted.pt", state, resumable=False)
-        log.warning("interrupted during epoch %d: weights of this moment in %s; resume from %s",
-                    state.epoch + (state.pending is None), run_dir / "interrupted.pt", run_dir / "last.pt")
-        raise
+    with run_folder(cfg, world) as run_dir:
+        if cfg.resume:  # fail fast, before decoding
+            resumed = check_resumable(cfg, resumed if resumed is not None else load_checkpoint(resume_path(cfg.resume)))
+        train_store, val_store, class_names = build_stores(cfg)
+        seed_everything(cfg.seed)
+        raw_model = build_model_for(cfg, class_names).to(device)
+        if cfg.sync_bn and world.distributed:
+            raw_model = synchronise(raw_model, device)
+        if cfg.channels_last:
+            raw_model = raw_model.to(memory_format=torch.channels_last)
+        loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization, class_names, world)
+        optimizer, scheduler = build_optimizer(cfg, raw_model, len(loaders[0]))
+        state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),
+                           val_groups=sorted({s.group for s in val_store.samples}),
+                           train_groups=sorted({s.group for s in train_store.samples}), class_names=class_names,
+                           world_size=world.size, steps_per_epoch=len(loaders[0]))
+        if resumed is not None:
+            check_same_cars(cfg, resumed, state)
+            state.restore(resumed)
+            follow_schedule(cfg, state, resumed)
+        check_batchnorm_share(cfg, len(train_store), world)
+        run = Run(cfg, run_dir, device, precision, build_loss(cfg, class_names), world, len(val_store))
+        if world.main and cfg.resume:  # a new run's folder got its config.json when it was created
+            write_config(run_dir, cfg)
+        log.info("run %s: %s, %s%s", run_dir, device, precision, f", {world.size} processes, global batch "
+                 f"{cfg.batch_size * world.size}" if world.distributed else "")
+        try:
+            run_epochs(run, training_models(cfg, raw_model, world, device), state, loaders)
+        except KeyboardInterrupt:
+            # last.pt (the last whole epoch) stays the resume point: resuming from mid-epoch weights
+            # could not replay the epoch exactly. The weights of the moment go to interrupted.pt.
+            run.save("interrupted.pt", state, resumable=False)
+            log.warning("interrupted during epoch %d: weights of this moment in %s; resume from %s",
+                        state.epoch + (state.pending is None), run_dir / "interrupted.pt", run_dir / "last.pt")
+            raise
     distributed.stop(world)
     return {"run_dir": str(run_dir), "best_val_score": state.best_val_score, **state.history[-1]}
 
@@ -502,8 +603,8 @@ def check_batchnorm_share(cfg: TrainConfig, train_images: int, world):
     count = min(cfg.precise_bn, train_images)
     if cfg.precise_bn and count < world.size:
         raise ValueError(f"--precise-bn {cfg.precise_bn}: each of the {world.size} processes needs at least one of the "
-                         f"{count} images BatchNorm statistics are recomputed on; use --precise-bn {world.size} or "
-                         "more, or 0")
+                         f"{counted(count, 'image')} BatchNorm statistics are recomputed on; use --precise-bn "
+                         f"{world.size} or more, or 0")
 
 
 def training_models(cfg: TrainConfig, raw_model, world, device):
@@ -578,13 +679,13 @@ def main(argv=None):
         cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], base=base)
         summary = train(cfg, resumed)
     except (OSError, ValueError, FloatingPointError) as err:  # OSError: a missing file, a full disk...
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {atomic.shown(err)}")  # a name that is not UTF-8 shows as U+FFFD
     except KeyboardInterrupt:
         if distributed.first_process():
             print("interrupted: last.pt holds the last completed epoch; continue with --resume <run>/last.pt",
                   file=sys.stderr)
         raise SystemExit(130)
-    best = Path(summary["run_dir"]) / "best.pt"
+    best = shlex.quote(str(Path(summary["run_dir"]) / "best.pt"))  # to paste: a space or [ ] stays in the path
     log.info("done: best validation %s %.5f; next:\n  python evaluate.py --checkpoint %s"
              "\n  python predict.py PHOTOS... --checkpoint %s --out-dir masks/",
              "mIoU" if "val_miou_model_res" in summary else "Dice", summary["best_val_score"], best, best)

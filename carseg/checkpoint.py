@@ -17,6 +17,7 @@ and a file carrying code is refused, never run:
 Users hold checkpoints of earlier versions: `load_checkpoint` upgrades formats 1 and 2 in memory,
 here and nowhere else, so every script reads one format.
 """
+import importlib.util
 import os
 import pickle
 import re
@@ -51,6 +52,9 @@ FILE_SIGNATURES = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"
 ZIP_START = b"PK\x03\x04"  # torch.save writes a zip archive holding <name>/data.pkl first
 # torch.save before PyTorch 1.6 (still read by torch.load): a pickled magic number, then the pickles.
 LEGACY_TORCH_START = b"\x80\x02\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little") + b"."
+# An ONNX file is a ModelProto: field 1 (ir_version, a small varint: tag 0x08) comes first, then the tag
+# of another of its fields (producer_name 0x12 ... graph 0x3a, opset_import 0x42, metadata_props 0x72).
+ONNX_SECOND_TAGS = b"\x12\x1a\x22\x28\x32\x3a\x42\x72"
 
 
 def checkpoint_for(model, config: dict, **extra) -> dict:
@@ -95,7 +99,7 @@ def load_checkpoint(path) -> dict:
     names, out_channels = checkpoint["class_names"], checkpoint["model_args"].get("out_channels", 1)
     if not (isinstance(names, list) and len(names) >= 2 and out_channels == output_channels(names)):
         raise ValueError(f"checkpoint {path}: its class_names {names!r} do not fit a model of {out_channels} "
-                         "output channel(s) (one for two classes, else one per class)")
+                         f"output channel{'' if out_channels == 1 else 's'} (one for two classes, else one per class)")
     config = checkpoint["config"]
     sizes_ok = all(isinstance(config[k], int) and config[k] > 0 for k in ("image_width", "image_height"))
     if not (sizes_ok and isinstance(config["threshold"], (int, float)) and 0 < config["threshold"] < 1):
@@ -149,7 +153,7 @@ def _refusal(path, err: Exception) -> str:
             head = f.read(512)
     except OSError as io_err:  # permission denied, an unreadable disk...
         return f"checkpoint {path} cannot be read: {io_err.strerror or io_err}"
-    if head.startswith(LEGACY_TORCH_START) or (head.startswith(ZIP_START) and b"data.pkl" in head):
+    if written_by_torch(head):
         return (f"{path} is not a complete PyTorch checkpoint: it is cut short or damaged ({size:,} bytes, "
                 f"{type(err).__name__}); copy it or save it again")
     return f"{path} is not a PyTorch checkpoint ({_file_kind(path, head, size)})"
@@ -162,6 +166,9 @@ def _file_kind(path, head: bytes, size: int) -> str:
     kind = next((what for start, what in FILE_SIGNATURES if head.startswith(start)), None)
     if kind:
         return kind
+    if is_onnx(path, head):  # named otherwise, as every script decides by the name, it would not run as one
+        return "an ONNX model" + ("" if Path(path).suffix.lower() == ".onnx" else
+                                  ": give it a .onnx name, by which every script runs it with ONNX Runtime or OpenVINO")
     if head.startswith(ZIP_START):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -173,7 +180,33 @@ def _file_kind(path, head: bytes, size: int) -> str:
     if head.startswith(b"\x80"):  # pickle's PROTO opcode
         return "a Python pickle, not written by torch.save"
     text = _text_start(head)
-    return f"a text file beginning {text!r}" if text is not None else f"{size:,} bytes of unrecognised data"
+    if text is not None:
+        return f"a text file beginning {text!r}"
+    return f"{size:,} byte{'' if size == 1 else 's'} of unrecognised data"
+
+
+def written_by_torch(head: bytes) -> bool:
+    """Whether a file beginning with `head` (its first 512 bytes) was written by torch.save, whole or not."""
+    return head.startswith(LEGACY_TORCH_START) or (head.startswith(ZIP_START) and b"data.pkl" in head)
+
+
+def is_onnx(path, head: bytes) -> bool:
+    """Whether the file at `path`, beginning with `head`, is an ONNX model.
+
+    Its first bytes decide where the onnx package is not installed (the base install); where it is,
+    a file that begins so must also load as one (without external data), as three bytes alone could
+    begin other data.
+    """
+    if not (len(head) > 2 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] in ONNX_SECOND_TAGS):
+        return False
+    if importlib.util.find_spec("onnx") is None:
+        return True
+    import onnx
+    try:
+        onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 (protobuf's DecodeError and friends: not ONNX after all)
+        return False
+    return True
 
 
 def _text_start(head: bytes):
@@ -196,8 +229,8 @@ def _not_a_checkpoint_because(checkpoint):
     keys = ", ".join(map(str, list(checkpoint)[:6])) + (", ..." if len(checkpoint) > 6 else "")
     if "format_version" not in checkpoint:
         if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            return (f"it is a bare state_dict ({len(checkpoint)} tensors), without the architecture and options a "
-                    "checkpoint records")
+            tensors = f"{len(checkpoint)} tensor{'' if len(checkpoint) == 1 else 's'}"
+            return f"it is a bare state_dict ({tensors}), without the architecture and options a checkpoint records"
         return f"it has no format_version; its keys: {keys or 'none'}"
     if checkpoint["format_version"] not in range(1, CHECKPOINT_FORMAT + 1):  # an old one here lacks keys
         return f"its format_version is {checkpoint['format_version']!r}; this version reads 1 to {CHECKPOINT_FORMAT}"

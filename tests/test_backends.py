@@ -1,5 +1,6 @@
 """The ONNX export and the two CPU engines behind --backend: the same logits and masks as PyTorch for
 every architecture and size, the metadata inside the file, the export cache, and each refusal."""
+import importlib.util
 import json
 
 import onnx
@@ -267,3 +268,27 @@ def test_broken_metadata_and_a_folder_are_named(unet_onnx, tmp_path):
         backends.load_source(tmp_path / "broken.onnx")
     with pytest.raises(ValueError, match="is a folder; give the file in it"):
         backends.load_source(tmp_path)
+
+
+def test_an_onnx_file_named_pt_and_a_checkpoint_named_onnx_are_named_as_what_they_are(unet_onnx, tmp_path,
+                                                                                       monkeypatch):
+    # load_source decides by the name; the refusal says what the file really is and which name it needs.
+    checkpoint, path = unet_onnx
+    (tmp_path / "model.pt").write_bytes(path.read_bytes())
+    for onnx_installed in (True, False):  # the base install has no onnx package: the first bytes decide
+        if not onnx_installed:
+            real_find_spec = importlib.util.find_spec
+            monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else
+                                real_find_spec(name, *a))
+        with pytest.raises(ValueError, match=r"model.pt is not a PyTorch checkpoint \(an ONNX model: give it a "
+                                             r"\.onnx name"):
+            backends.load_source(tmp_path / "model.pt")
+    monkeypatch.undo()
+    torch.save(checkpoint, tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match=r"model.onnx is not a readable ONNX model: it is a PyTorch checkpoint: "
+                                         r"give it a \.pt name"):
+        backends.load_source(tmp_path / "model.onnx")
+    # Other bytes that begin as a protobuf might are not taken for ONNX where onnx can tell.
+    (tmp_path / "other.pt").write_bytes(b"\x08\x01\x12\x00" + bytes(range(256)) * 2)
+    with pytest.raises(ValueError, match=r"other.pt is not a PyTorch checkpoint \(\d+ bytes of unrecognised data\)"):
+        backends.load_source(tmp_path / "other.pt")

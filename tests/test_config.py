@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from carseg import runtime
-from config import (EvaluateConfig, PredictConfig, TrainConfig, load_config_file, parse_config,
-                    resolve_data_dir)
+from config import (EvaluateConfig, PredictConfig, ServeConfig, TrainConfig, counted, load_config_file,
+                    option_shown, parse_config, resolve_data_dir)
 
 
 def write_json(path: Path, values) -> str:
@@ -118,25 +118,53 @@ def test_bool_flag_beats_file(tmp_path):
     (["--crop-width", "0"], "crop_width"),                             # the height is still 256
     (["--boundary-weight", "-1"], "boundary_weight"),
 ])
-def test_range_checks_name_the_field(capsys, argv, field):
+def test_range_checks_name_the_option(capsys, argv, field):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(TrainConfig, argv)
     assert exit_info.value.code == 2
-    assert f"TrainConfig.{field}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: --{field.replace('_', '-')} " in err and "Config." not in err
 
 
 def test_range_check_in_the_dataclass_itself():
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ValueError, match="--val-fraction 1.5: must be greater than 0 and less than 1"):
         TrainConfig(val_fraction=1.5)
-    with pytest.raises(ValueError, match="image_height"):
+    with pytest.raises(ValueError, match=r"--image-height 33: must be a positive multiple of 2\*\*1 = 2 \(--depth 1\)"):
         TrainConfig(image_height=33, depth=1)
+
+
+@pytest.mark.parametrize("cls, argv, message", [
+    # an open range says so: 0 and 1 are out ("between 0 and 1" read as if they were in)
+    (PredictConfig, ["a.jpg", "--threshold", "0"], "--threshold 0.0: must be greater than 0 and less than 1"),
+    (EvaluateConfig, ["--threshold", "1"], "--threshold 1.0: must be greater than 0 and less than 1"),
+    (TrainConfig, ["--run-name", "runs/a b"], "--run-name 'runs/a b': must be a plain folder name"),
+    (TrainConfig, ["--depth", "7"], "--depth 7: must be from 1 to 6"),
+    (TrainConfig, ["--crop-width", "0"], "--crop-width 0: must be set or 0 together with --crop-height, which is 256"),
+    (TrainConfig, ["--pretrained-backbone"], "--pretrained-backbone: applies to deeplabv3_mobilenet_v3_large"),
+    (ServeConfig, ["--port", "70000"], "--port 70000: must be from 0 to 65535"),
+    (PredictConfig, [], "inputs: give at least one image file, folder or glob"),
+])
+def test_a_refused_value_is_named_as_the_option_is_typed(capsys, cls, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Config." not in err
+
+
+def test_option_shown_and_counted():
+    assert option_shown("image_width", 480) == "--image-width 480"
+    assert option_shown("run_name", "a b") == "--run-name 'a b'"
+    assert (option_shown("bilinear", True), option_shown("bilinear", False)) == ("--bilinear", "--no-bilinear")
+    assert [counted(n, "car") for n in (0, 1, 2)] == ["0 cars", "1 car", "2 cars"]
+    assert counted(1, "process", "processes") == "1 process" and counted(4, "process", "processes") == "4 processes"
 
 
 def test_bad_choice_flag_is_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_config(TrainConfig, ["--augment", "strong"])
+        parse_config(TrainConfig, ["--augment", "extreme"])
     assert exit_info.value.code == 2
-    assert "strong" in capsys.readouterr().err
+    assert "extreme" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cfg", [TrainConfig(), EvaluateConfig(), PredictConfig(inputs=["a.jpg", "dir/"])])

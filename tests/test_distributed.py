@@ -245,6 +245,19 @@ def test_too_few_precise_bn_images_for_the_processes_is_refused_before_training(
     assert not (work / "runs" / "too-few" / "last.pt").exists()
 
 
+def test_a_run_name_holding_files_is_refused_by_every_process_and_none_waits(setup):
+    # The first process creates the run folder; its refusal must reach the others, which would otherwise
+    # wait for a folder name until the process group times out.
+    data, work, config = setup
+    taken = work / "runs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(AssertionError) as failed:
+        launch("train.py", ["--config", config, "--run-name", "taken", "--epochs", 1], timeout=300)
+    assert str(failed.value).count(f"error: --run-name taken: {taken} exists and holds notes.txt") == 2
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
+
+
 def test_two_processes_without_sync_bn_train_and_validate_every_image_once(setup):
     data, work, config = setup
     run_dir = torchrun_train(work, config, "ddp-local-bn", 1)

@@ -47,3 +47,42 @@ def test_a_parts_model_exports_with_its_classes_beside_its_source_by_default(tmp
     slim = load_checkpoint(run / "best.slim.pt")
     assert slim["class_names"] == ["background", "left_door", "right_door", "wheel"]
     assert slim["model_args"]["out_channels"] == 4
+
+
+def tiny_source(path: Path) -> Path:
+    """An untrained tiny checkpoint at `path`: the refusals below come before any export."""
+    from model import UNet
+    from carseg.checkpoint import checkpoint_for, save_checkpoint
+    save_checkpoint(path, checkpoint_for(UNet(base_channels=4, depth=2),
+                                         {"image_width": 64, "image_height": 48, "threshold": 0.5}))
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--out", "x.onnx"], r"--out .*x.onnx: --format pt writes a PyTorch checkpoint, whose name must end in .pt or "
+                          r".pth, .*use --out .*x.pt, or --format onnx for a .onnx file"),
+    (["--format", "onnx", "--out", "y.pt"], r"--out .*y.pt: --format onnx writes an ONNX model, whose name must end "
+                                            r"in .onnx, .*use --out .*y.onnx, or --format pt for a .pt file"),
+    (["--out", "model"], r"--out .*model: --format pt .* use --out .*model.pt$"),
+    (["--out", "folder", "--overwrite"], r"--out .*folder is a folder: give the file's name, e.g. --out "
+                                         r".*folder/model.slim.pt"),
+    (["--format", "onnx", "--out", "folder"], r"--out .*folder is a folder: .*folder/model.onnx"),
+])
+def test_an_out_whose_name_does_not_fit_the_format_or_that_is_a_folder_is_refused_before_any_work(
+        tmp_path, monkeypatch, extra, message):
+    # Every script decides by the name whether a file is ONNX: x.onnx holding a checkpoint loaded as neither.
+    source = tiny_source(tmp_path / "model.pt")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for work in ("export_checkpoint", "export_onnx_main"):
+        monkeypatch.setattr(export, work, lambda *a: pytest.fail("exported before the refusal"))
+    with pytest.raises(SystemExit, match=message):
+        export.main([str(source), *extra])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "model.pt"]
+    assert not any((tmp_path / "folder").iterdir())
+
+
+def test_a_pth_name_is_a_checkpoint_too(tmp_path):
+    source = tiny_source(tmp_path / "model.pt")
+    export.main([str(source), "--out", str(tmp_path / "ship.pth")])
+    assert load_checkpoint(tmp_path / "ship.pth")["model_args"]["base_channels"] == 4

@@ -42,7 +42,7 @@ def test_config_files_are_accepted_or_refused_cleanly(tmp_path, values):
     try:
         TrainConfig(**parsed)
     except ValueError as err:
-        assert "TrainConfig." in str(err)  # a range check naming the field
+        assert str(err).startswith("--")  # a range check naming the option
 
 
 flag_names = st.sampled_from(["--epochs", "--lr", "--image-width", "--precision", "--device", "--bilinear", "--no-bilinear",

@@ -3,6 +3,7 @@ default location is each output's own, and a run that yields nothing replaces no
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -126,10 +127,10 @@ def test_the_two_bundled_models_evaluated_in_turn_leave_two_report_folders(two_m
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["eval-carparts-all", "eval-carvana_unet-all"]
     binary, parts = folder / "eval-carvana_unet-all", folder / "eval-carparts-all"
-    assert sorted(p.name for p in binary.iterdir()) == ["per_image.csv", "samples.png", "summary.json",
-                                                        "threshold_sweep.png", "worst.png"]
-    assert sorted(p.name for p in parts.iterdir()) == ["confusion.png", "per_class.csv", "per_image.csv",
-                                                       "samples.png", "summary.json", "worst.png"]
+    assert sorted(p.name for p in binary.iterdir()) == [evaluate.MANIFEST, "per_image.csv", "samples.png",
+                                                        "summary.json", "threshold_sweep.png", "worst.png"]
+    assert sorted(p.name for p in parts.iterdir()) == [evaluate.MANIFEST, "confusion.png", "per_class.csv",
+                                                       "per_image.csv", "samples.png", "summary.json", "worst.png"]
 
 
 @pytest.mark.slow
@@ -142,9 +143,59 @@ def test_an_out_dir_reused_by_another_model_keeps_none_of_the_earlier_reports(tw
     assert "report_error" not in summary
     # The parts model's confusion matrix and per-class table are gone, and so is its worst.png,
     # which --worst-k 0 no longer draws over.
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "per_image.csv", "samples.png", "summary.json",
-                                                     "threshold_sweep.png"]
+    assert sorted(p.name for p in out.iterdir()) == [evaluate.MANIFEST, "notes.txt", "per_image.csv", "samples.png",
+                                                     "summary.json", "threshold_sweep.png"]
     assert "removed an earlier evaluation's per_class.csv, confusion.png, worst.png" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["--out-dir", "the default folder"])
+def test_evaluate_refuses_report_names_it_did_not_write_before_scoring_and_replaces_them_with_overwrite(
+        tmp_path, monkeypatch, where):
+    checkpoint, data = tiny_checkpoint(tmp_path / "models" / "tiny.pt"), write_kaggle_dataset(tmp_path / "kaggle")
+    out = tmp_path / "mine" if where == "--out-dir" else tmp_path / "models" / "eval-tiny-all"
+    out.mkdir()
+    mine = {"confusion.png": b"my figure", "samples.png": b"my photos", "per_class.csv": b"my table",
+            "summary.json": b'{"mine": true}', "notes.txt": b"not a report name"}
+    for name, data_bytes in mine.items():
+        (out / name).write_bytes(data_bytes)
+    options = {"out_dir": str(out)} if where == "--out-dir" else {}
+    real_evaluate = evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("scored before the refusal"))
+    with pytest.raises(FileExistsError, match=f"the report folder {out} holds summary.json, per_class.csv, "
+                                              "confusion.png, samples.png, which no earlier evaluation recorded "
+                                              r"writing there \(it has no .evaluation.json.*--overwrite"):
+        run_evaluate(checkpoint, data, **options)
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+    monkeypatch.setattr(evaluate, "evaluate", real_evaluate)
+    summary = run_evaluate(checkpoint, data, overwrite=True, **options)
+    assert "report_error" not in summary
+    # --overwrite: this (binary) evaluation's reports replace the user's, and the parts reports it does not
+    # write are removed; a file of another name is never touched.
+    assert sorted(p.name for p in out.iterdir()) == [evaluate.MANIFEST, "notes.txt", "per_image.csv", "samples.png",
+                                                     "summary.json", "threshold_sweep.png", "worst.png"]
+    assert (out / "notes.txt").read_bytes() == b"not a report name"
+    assert json.loads((out / evaluate.MANIFEST).read_text())["files"] == ["summary.json", "per_image.csv",
+                                                                         "threshold_sweep.png", "worst.png",
+                                                                         "samples.png"]
+
+
+def test_evaluate_replaces_its_own_reports_but_not_one_the_user_added_beside_them(tmp_path):
+    checkpoint, data = tiny_checkpoint(tmp_path / "models" / "tiny.pt"), write_kaggle_dataset(tmp_path / "kaggle")
+    out = tmp_path / "reports"
+    run_evaluate(checkpoint, data, out_dir=str(out), worst_k=0)
+    first = (out / "summary.json").read_bytes()
+    run_evaluate(checkpoint, data, out_dir=str(out), num_samples=0)  # its own files: no --overwrite needed
+    assert (out / "worst.png").is_file() and not (out / "samples.png").exists()  # the earlier samples.png: removed
+    assert json.loads((out / "summary.json").read_bytes())["split"] == json.loads(first)["split"]
+    (out / "per_class.csv").write_text("my own table")  # a report's name, not written by an evaluation
+    with pytest.raises(SystemExit, match=r"holds per_class.csv, which no earlier evaluation recorded writing there "
+                                         r"\(its .evaluation.json does not list them\)"):
+        evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(data), "--split", "all", "--device", "cpu",
+                       "--cache-dir", "", "--out-dir", str(out)])
+    assert (out / "per_class.csv").read_text() == "my own table"
+    (out / "samples.png").mkdir()  # a folder at a report's name is never replaced, --overwrite or not
+    with pytest.raises(FileExistsError, match="holds folders named as reports \\(samples.png\\)"):
+        run_evaluate(checkpoint, data, out_dir=str(out), overwrite=True)
 
 
 # ---------------------------------------------------------------- bench.py

@@ -3,6 +3,7 @@ import csv
 import dataclasses
 import io
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -262,10 +263,10 @@ def test_resume_of_a_missing_checkpoint_names_the_option(tmp_path):
 def test_resume_refuses_a_different_architecture(straight, tmp_path):
     _, _, straight_run = straight
     run = shutil.copytree(straight_run, tmp_path / "copy")
-    with pytest.raises(SystemExit, match="base_channels"):
+    with pytest.raises(SystemExit, match="the run used --base-channels 4, this command says --base-channels 8"):
         train.main(["--resume", str(run / "last.pt"), "--base-channels", "8"])
     cfg = parse_config(TrainConfig, ["--resume", str(run)], base=train.resume_defaults(["--resume", str(run)])[0])
-    with pytest.raises(ValueError, match="image_width"):
+    with pytest.raises(ValueError, match="--image-width"):
         train.train(dataclasses.replace(cfg, image_width=32))
 
 
@@ -297,11 +298,11 @@ def test_resume_refuses_other_data_fewer_epochs_and_another_run_name(straight, p
     _, _, straight_run = straight
     run = shutil.copytree(straight_run, tmp_path / "copy")
     before = (run / "last.pt").read_bytes()
-    with pytest.raises(SystemExit, match="validated on 1 cars"):
+    with pytest.raises(SystemExit, match=r"validated on 1 car \(\w+\), the data in .* gives 1 other;"):
         train.main(["--resume", str(run), "--data-dir", str(plain_dir)])
     with pytest.raises(SystemExit, match="done 2 epochs already"):
         train.main(["--resume", str(run), "--epochs", "1"])
-    with pytest.raises(SystemExit, match="run_name"):
+    with pytest.raises(SystemExit, match="the run used --run-name straight, this command says --run-name other"):
         train.main(["--resume", str(run), "--run-name", "other"])
     assert (run / "last.pt").read_bytes() == before
 
@@ -428,6 +429,55 @@ def test_train_refuses_to_reuse_a_run_folder(straight):
     with pytest.raises(SystemExit, match="already holds a run"):
         train.main(["--config", config_file(cfg, run.parent / "again.json")])
     assert (run / "last.pt").read_bytes() == before
+
+
+def test_two_runs_started_in_the_same_second_get_a_folder_each_and_say_it_pasteably(data_dir, tmp_path, monkeypatch,
+                                                                                     caplog):
+    # The default run name is the time to the second: a second run started while the first was still
+    # reading its data took the same folder, and the two wrote over each other's checkpoints.
+    monkeypatch.setattr(train.time, "strftime", lambda *a: "20250101-120000")
+    out_dir = tmp_path / "runs [x]" / "ü run*?"  # what a shell would split or expand
+    cfg = tiny_config(data_dir, tmp_path, epochs=1, run_name="", out_dir=str(out_dir))
+    argv = ["--config", config_file(cfg, tmp_path / "cfg.json")]
+    real_build_stores, second = train.build_stores, []
+
+    def second_run_starts_meanwhile(cfg):
+        if not second:
+            second.append(None)
+            second.append(Path(train.main(argv)["run_dir"]))
+        return real_build_stores(cfg)
+
+    monkeypatch.setattr(train, "build_stores", second_run_starts_meanwhile)
+    with caplog.at_level("INFO", logger="train"):
+        first = Path(train.main(argv)["run_dir"])
+    assert (first.name, second[1].name) == ("20250101-120000", "20250101-120000-2")
+    for run in (first, second[1]):
+        assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
+        assert len(read_jsonl(run / "metrics.jsonl")) == 1
+    # The closing commands can be pasted into a shell: the path comes back whole.
+    evaluate_line = [line for line in caplog.text.splitlines() if "python evaluate.py" in line][-1]
+    assert shlex.split(evaluate_line)[-1] == str(first / "best.pt")
+    assert f"--checkpoint {shlex.quote(str(first / 'best.pt'))} --out-dir masks/" in caplog.text
+
+
+def test_an_explicit_run_name_holding_files_is_refused_naming_it_and_an_empty_one_is_used(data_dir, tmp_path,
+                                                                                           monkeypatch):
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "config.json").write_text('{"my": "notes"}')
+    (mine / "curves.png").write_bytes(b"my plot")
+    monkeypatch.setattr(train, "build_stores", lambda *a: pytest.fail("the data was read before the refusal"))
+    cfg = tiny_config(data_dir, tmp_path, run_name="mine")
+    with pytest.raises(SystemExit, match=f"--run-name mine: {mine} exists and holds config.json, curves.png, and "
+                                         r"no run to --resume \(no last.pt\)"):
+        train.main(["--config", config_file(cfg, tmp_path / "cfg.json")])
+    assert (mine / "config.json").read_text() == '{"my": "notes"}' and (mine / "curves.png").read_bytes() == b"my plot"
+    (tmp_path / "runs" / "empty").mkdir()
+    run_dir, made = train.create_run_dir(dataclasses.replace(cfg, run_name="empty"))
+    assert run_dir == tmp_path / "runs" / "empty" and not made
+    assert json.loads((run_dir / "config.json").read_text())["run_name"] == "empty"
+    with pytest.raises(FileExistsError, match="--run-name empty: .*holds config.json"):  # claimed: taken now
+        train.create_run_dir(dataclasses.replace(cfg, run_name="empty"))
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_epoch(tiny_cfg, monkeypatch):
