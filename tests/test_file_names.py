@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from carseg import atomic
+from carseg.inputs import collect_inputs
 import predict
 from config import PredictConfig
 from conftest import car_picture
@@ -62,7 +63,7 @@ def shoot(tmp_path) -> Path:
 
 @pytest.mark.parametrize("name", ODD_NAMES)
 def test_an_existing_file_is_used_as_given_whatever_its_name_holds(shoot, name):
-    paths, problems = predict.collect_inputs([str(shoot / name)])
+    paths, problems = collect_inputs([str(shoot / name)])
     assert paths == [(shoot / name).resolve()] and problems == []
 
 
@@ -82,11 +83,11 @@ def test_a_pattern_inside_a_folder_with_glob_characters_is_read_in_that_folder(s
     for pattern, names in [("shoot[2024]/*.png", ODD_NAMES + [DECOY]),
                            ("shoot[2024]/car*", ["car[1].png", "car*.png", DECOY]),
                            (f"{shoot}/wh?t*", ["what?.png"])]:
-        paths, problems = predict.collect_inputs([pattern])
+        paths, problems = collect_inputs([pattern])
         assert problems == [] and sorted(p.name for p in paths) == sorted(names), pattern
     (shoot.parent / "shoot2").mkdir()  # where the pattern matches, it is a pattern (as the shell reads it)
     write_photo(shoot.parent / "shoot2" / "other.png")
-    assert [p.name for p in predict.collect_inputs(["shoot[2024]/*.png"])[0]] == ["other.png"]
+    assert [p.name for p in collect_inputs(["shoot[2024]/*.png"])[0]] == ["other.png"]
 
 
 def test_recursive_search_descends_into_folders_with_glob_characters(shoot):
@@ -95,14 +96,14 @@ def test_recursive_search_descends_into_folders_with_glob_characters(shoot):
     write_photo(nested / "deep[1].png")
     every = sorted(ODD_NAMES + [DECOY, "deep[1].png"])
     for given in (shoot.parent, f"{shoot.parent}/**/*.png"):
-        paths, problems = predict.collect_inputs([str(given)], recursive=True)
+        paths, problems = collect_inputs([str(given)], recursive=True)
         assert problems == [] and sorted(p.name for p in paths) == every, given
-    paths, _ = predict.collect_inputs([str(shoot)])
+    paths, _ = collect_inputs([str(shoot)])
     assert "deep[1].png" not in [p.name for p in paths]  # not without --recursive
 
 
 def test_a_missing_path_is_named_as_missing_and_a_pattern_matching_nothing_as_a_pattern(shoot):
-    _, problems = predict.collect_inputs([str(shoot / "gone.png"), str(shoot / "gone[1].png"), str(shoot / "*.tif")])
+    _, problems = collect_inputs([str(shoot / "gone.png"), str(shoot / "gone[1].png"), str(shoot / "*.tif")])
     assert problems == [f"{shoot / 'gone.png'}: does not exist",
                         f"{shoot / 'gone[1].png'}: no such file, and no file matches it as a pattern",
                         f"{shoot / '*.tif'}: no such file, and no file matches it as a pattern"]
