@@ -12,12 +12,15 @@ after --timeout seconds is answered 504. Answers are at the photo's own, EXIF-up
 import base64
 import dataclasses
 import difflib
+import errno
 import hashlib
 import inspect
+import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 import time
 import unicodedata
 from contextlib import asynccontextmanager
@@ -35,6 +38,7 @@ except ModuleNotFoundError as missing:  # the base install (requirements.txt) ha
                      "pip install -r requirements-deploy.txt") from None
 
 from carseg import images
+from carseg.atomic import shown
 from backends import load_source
 from config import VERSION, ServeConfig, parse_config, resolve_checkpoint
 from carseg.segmenter import Options, Segmenter, ServeError, check_options, probe
@@ -70,13 +74,19 @@ cropped) and Content-Disposition.
 - output: `mask` (grey alpha: soft 0-255 or hard 0/255), `cutout` (the car over `background`),
   `overlay` (the photo with the car tinted, or its parts coloured), `parts` (palette PNG of class
   indices; car-parts models only).
-- format: png, webp or jpeg. background (cutout only): transparent, white, blur or #rrggbb.
-- threshold (0-1, car/background models): probability above which a pixel is car; default the model's.
-- edges: soft (anti-aliased) or hard. crop: crop to the car plus a small margin.
+- format: png, webp or jpeg (parts: png).
+- background (cutout only): transparent, white, blur or #rrggbb.
+- threshold (car/background models: mask, cutout, overlay): a number between 0 and 1, the probability
+  above which a pixel is car; default the model's.
+- edges (mask and cutout; overlay too on car/background models): soft (anti-aliased) or hard.
+- crop (every output): `true` or `false`, crop to the car plus a small margin.
 
 Each option may be given as a form field (`-F output=mask`, as listed below) or as a query parameter
-(`/api/segment?output=mask`), with the same values. An unknown option (names are case-sensitive), one
-given twice, in both places, empty or as a file is refused with 422 naming it, never ignored.
+(`/api/segment?output=mask`), with the same values. Names and values are case-sensitive; crop is
+`true` or `false` (not `True`, `yes` or `1`). An unknown option, one given twice, in both places,
+empty or as a file is refused with 422 naming it, never ignored; so is an option given a value other
+than its default where it changes nothing (`background=white` with `output=mask`). At its default,
+any option passes with any output.
 
 Errors are JSON `{"detail": "..."}`: 413 upload or image too large, 415 not a JPEG/PNG/WebP, 422 bad
 option or corrupt image, 503 busy, 504 timed out, 500 internal error."""
@@ -87,7 +97,8 @@ def load_segmenter(cfg: ServeConfig) -> Segmenter:
     path = resolve_checkpoint(cfg.checkpoint)
     source = load_source(path)
     predictor = Predictor.from_checkpoint(source, cfg.device, cfg.precision, cfg.tta, None, backend=cfg.backend)
-    about = {"model": Path(path).name, "arch": source["arch"], "max_upload_mb": cfg.max_upload_mb,
+    # shown(): a file name's bytes that are not UTF-8 would make every /api/health answer a 500.
+    about = {"model": shown(Path(path).name), "arch": shown(source["arch"]), "max_upload_mb": cfg.max_upload_mb,
              "max_pixels": cfg.max_pixels, "version": VERSION}
     return Segmenter(predictor, about, cfg.max_queue)
 
@@ -359,21 +370,66 @@ def app_from_environment() -> FastAPI:
     return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])))
 
 
+def listen_addresses(host: str, port: int) -> list:
+    """The addresses uvicorn will listen on for --host/--port, each found free by binding it as uvicorn
+    will (SO_REUSEADDR; IPv6 sockets IPv6 only), so that a port in use is said before the model loads
+    rather than after. ValueError for an empty host (asyncio's "every address": 0.0.0.0 and ::), a
+    host that is no address of this machine, or a port in use."""
+    if not host.strip():
+        raise ValueError("--host is empty, which would listen on every address (0.0.0.0 and ::): give "
+                         "127.0.0.1 (this machine only, the default), or 0.0.0.0 to be reached from other machines")
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host}: not an address this machine can listen on ({err.strerror})") from None
+    addresses = []
+    for family, kind, proto, _, address in dict.fromkeys(found):  # each once: getaddrinfo may repeat one
+        with socket.socket(family, kind, proto) as probe_socket:
+            probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe_socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe_socket.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise ValueError(f"--port {port} is in use; choose another with --port") from None
+                raise ValueError(f"cannot listen on --host {host} --port {port}: {err.strerror}") from None
+        addresses.append(address[0])
+    return addresses
+
+
+def warn_if_reachable(host: str, addresses: list):
+    """A warning in the log when the server listens on more than this machine's loopback."""
+    outside = [a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_loopback]
+    if outside:
+        where = ", ".join("every address" if ipaddress.ip_address(a.split("%")[0]).is_unspecified else a
+                          for a in outside)
+        log.warning("--host %s listens on %s: the page and the API (which ask for no password) can be reached "
+                    "from other machines, not only this one; --host 127.0.0.1 keeps them to this machine", host, where)
+
+
 def serve(cfg: ServeConfig):
     """Load the model, then answer requests until interrupted (uvicorn)."""
     import uvicorn
+    warn_if_reachable(cfg.host, listen_addresses(cfg.host, cfg.port))  # before the model's seconds of loading
     cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
     common = {"host": cfg.host, "port": cfg.port, "log_config": None, "access_log": False}
-    if cfg.workers == 1:
-        uvicorn.run(create_app(cfg, load_segmenter(cfg)), **common)
-        return
-    load_source(cfg.checkpoint)  # fail here, once, rather than in every worker
-    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
-    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:  # recent uvicorn only
-        # A worker importing torch and loading the model answers no health check for a while: uvicorn's
-        # default 5 s had slow laptops restart workers that were only starting.
-        common["timeout_worker_healthcheck"] = WORKER_START_S
-    uvicorn.run("serve:app_from_environment", factory=True, workers=cfg.workers, **common)
+    try:
+        if cfg.workers == 1:
+            uvicorn.run(create_app(cfg, load_segmenter(cfg)), **common)
+            return
+        load_source(cfg.checkpoint)  # fail here, once, rather than in every worker
+        os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:  # recent uvicorn only
+            # A worker importing torch and loading the model answers no health check for a while: uvicorn's
+            # default 5 s had slow laptops restart workers that were only starting.
+            common["timeout_worker_healthcheck"] = WORKER_START_S
+        uvicorn.run("serve:app_from_environment", factory=True, workers=cfg.workers, **common)
+    except SystemExit as stop:
+        if stop.code == uvicorn.config.STARTUP_FAILURE:  # its own exit 3, after logging why (the port taken since...)
+            raise ValueError(f"the server did not start on --host {cfg.host} --port {cfg.port}: the error above "
+                             "says why") from None
+        raise
 
 
 def main(argv=None):
@@ -381,8 +437,8 @@ def main(argv=None):
     cfg = parse_config(ServeConfig, argv, description=__doc__.splitlines()[0])
     try:
         serve(cfg)
-    except (OSError, ValueError) as err:  # no checkpoint, a backend this machine cannot run...
-        raise SystemExit(f"error: {err}")
+    except (OSError, ValueError) as err:  # no checkpoint, a backend this machine cannot run, a port in use...
+        raise SystemExit(f"error: {shown(err)}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from pydantic import Field
+from pydantic import Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from carseg import cutout, runtime
+from carseg.atomic import shown
 from carseg.images import DECODE_ERRORS, encode, load_image
 from carseg.labels import car_mask, palette
 from carseg.plots import parts_overlay
@@ -28,6 +30,7 @@ JPEG_KINDS = ("JPEG", "MPO")  # MPO: the multi-picture JPEG many cameras and pho
 ACCEPTED = JPEG_KINDS + ("PNG", "WEBP")  # decoded formats accepted, by Pillow's name
 LARGE_PHOTO = 12_000_000  # pixels; after a larger photo the freed memory is handed back to the kernel
 BACKGROUND = re.compile(r"transparent|white|blur|#[0-9a-fA-F]{6}")
+OUTPUTS = ("mask", "cutout", "overlay", "parts")
 
 
 class ServeError(Exception):
@@ -42,6 +45,25 @@ class Cancelled(Exception):
     """A job whose request has already been answered 504."""
 
 
+def _boolean(value, handler):
+    """crop's values: true or false, case-sensitive as every other option's values are (pydantic alone
+    also took yes, on, 1, TRUE...: spellings the other options do not get)."""
+    if isinstance(value, bool) or value in ("true", "false"):
+        return handler(value == "true" if isinstance(value, str) else value)
+    raise PydanticCustomError("boolean", "use true or false (lower case)")
+
+
+def _threshold(value, handler):
+    """threshold's value, or one message for every way of missing it (nan and inf included: pydantic
+    said "Input should be less than 1" of nan)."""
+    try:
+        return handler(value)
+    except ValidationError:
+        given = value if not isinstance(value, str) or len(value) <= 20 else value[:20] + "..."
+        raise PydanticCustomError("threshold", "must be a number between 0 and 1 (0 and 1 excluded); got {given}",
+                                  {"given": repr(given)}) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """One /api/segment request's options, named as on the wire (form fields or query parameters): their
@@ -51,10 +73,13 @@ class Options:
                     "tinted or its parts coloured), parts (palette PNG of class indices; car-parts models)")] = "cutout"
     format: Annotated[Literal["png", "webp", "jpeg"], Field(description="the returned file's format")] = "png"
     background: Annotated[str, Field(description="cutout only: transparent, white, blur or #rrggbb")] = "transparent"
-    threshold: Annotated[float | None, Field(gt=0, lt=1, description="car/background models only: probability "
-                                             "above which a pixel is car; default the model's")] = None
-    edges: Annotated[Literal["soft", "hard"], Field(description="soft (anti-aliased) or hard")] = "soft"
-    crop: Annotated[bool, Field(description="crop to the car plus a small margin")] = False
+    threshold: Annotated[Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None, WrapValidator(_threshold),
+                         Field(description="car/background models only (mask, cutout, overlay): probability above "
+                                           "which a pixel is car; default the model's")] = None
+    edges: Annotated[Literal["soft", "hard"], Field(description="the mask's edge, soft (anti-aliased) or hard: mask "
+                                                    "and cutout, and overlay on car/background models")] = "soft"
+    crop: Annotated[bool, WrapValidator(_boolean), Field(description="true or false: crop to the car plus a small "
+                                                         "margin (every output)")] = False
 
 
 # ---------------------------------------------------------------- decoding uploads
@@ -93,7 +118,9 @@ def decode(data: bytes, size=None) -> tuple:
 
 def check_options(options: Options, multiclass: bool) -> Options:
     """The options, or ServeError 422 naming the one that cannot be honoured (each one's type and range
-    are already checked by serve.py)."""
+    are already checked by serve.py): an option given a value other than its default where it changes
+    nothing (background on a mask...) is refused, never ignored; at its default it passes with any
+    output, since /docs' "Try it out" and the page send every field they show."""
     if not BACKGROUND.fullmatch(options.background):
         shown = options.background if len(options.background) <= 40 else options.background[:40] + "..."
         raise ServeError(422, f"background {shown!r}: use transparent, white, blur or a colour #rrggbb")
@@ -102,12 +129,37 @@ def check_options(options: Options, multiclass: bool) -> Options:
                               "car/background: use mask, cutout or overlay")
     if options.output == "parts" and options.format != "png":
         raise ServeError(422, f"format {options.format}: output parts is a palette PNG of class indices; use png")
-    if options.threshold is not None and multiclass:
+    if options.threshold is not None and options.output not in outputs_changed_by("threshold", multiclass):
         raise ServeError(422, "threshold applies to car/background models; this parts model takes each "
-                              "pixel's most probable class")
+                              "pixel's most probable class: leave threshold out")
+    defaults = Options()
+    for name in ("background", "edges"):
+        value = getattr(options, name)
+        if value != getattr(defaults, name) and options.output not in outputs_changed_by(name, multiclass):
+            raise ServeError(422, not_applied(name, value, options.output, multiclass, getattr(defaults, name)))
     if options.format == "jpeg" and options.output == "cutout" and options.background == "transparent":
         raise ServeError(422, "jpeg has no alpha channel; choose a background or png/webp")
     return options
+
+
+def outputs_changed_by(name: str, multiclass: bool) -> tuple:
+    """The outputs whose answer an option changes, for a car-parts model or a car/background one."""
+    if name == "background":
+        return ("cutout",)
+    if name == "edges":  # a parts model's overlay and parts draw its class map, which has no soft edge
+        return ("mask", "cutout") if multiclass else ("mask", "cutout", "overlay")
+    if name == "threshold":
+        return () if multiclass else ("mask", "cutout", "overlay")
+    return OUTPUTS  # output, format (parts: png only) and crop (every answer is cropped to the car)
+
+
+def not_applied(name: str, value, output: str, multiclass: bool, default) -> str:
+    """Why `name`'s value is refused with this output, and where it does apply."""
+    outputs = outputs_changed_by(name, multiclass)
+    where = " and ".join(filter(None, (", ".join(outputs[:-1]), outputs[-1])))
+    parts_model = " with this car-parts model (its overlay and parts draw the class map)"
+    return (f"{name} {value}: applies to output {where} only{parts_model if multiclass and name == 'edges' else ''}, "
+            f"not to output {output}; leave {name} out or give its default, {default}")
 
 
 # ---------------------------------------------------------------- the model and its queue
@@ -125,7 +177,7 @@ class Segmenter:
         spec = predictor.spec
         self.multiclass, self.colours = spec.multiclass, palette(len(spec.class_names))
         self.info = {"status": "ok", **about, "backend": predictor.backend, "precision": predictor.precision,
-                     "device": str(predictor.device), "classes": list(spec.class_names),
+                     "device": str(predictor.device), "classes": [shown(name) for name in spec.class_names],
                      "multiclass": spec.multiclass, "palette": ["#" + bytes(c).hex() for c in self.colours],
                      "input_size": list(spec.input_size), "threshold": None if spec.multiclass else spec.threshold,
                      "tta": predictor.tta}

@@ -10,8 +10,9 @@ answer and the server's RSS (its child processes included, for --workers > 1) ev
 run; the mean RSS over the first and the last 100 requests shows whether memory stays flat. Photos
 cycle through --photos, else $CARVANA_DIR/train, else data/carvana/train. Each backend gets a
 fresh server; the table compares them, --out writes it all as JSON (and each server's log beside
-it), and the exit status is 1 when any request failed. A server started here is stopped however
-the script ends.
+it: --out run.json, run-<backend>-server.log), and the exit status is 1 when any request failed.
+An existing --out or server log is replaced only with --overwrite, which is checked before the load
+starts. A server started here is stopped however the script ends.
 """
 import argparse
 import importlib.metadata
@@ -32,10 +33,18 @@ import urllib.parse
 from pathlib import Path
 from typing import NamedTuple
 
-import httpx
-import psutil
+try:
+    import httpx
+    import psutil
+except ModuleNotFoundError as missing:  # the base install (requirements.txt) has neither
+    raise SystemExit(f"loadtest.py needs {missing.name}, which the base install leaves out: "
+                     "pip install -r requirements-deploy.txt") from None
 
 ROOT = Path(__file__).resolve().parents[1]  # the project, where serve.py is
+sys.path.insert(0, str(ROOT))  # `python scripts/loadtest.py` puts scripts/ on the path, not the project
+
+from carseg import atomic  # noqa: E402 (the project, found through the line above)
+
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 SAMPLE_EVERY_S = 0.2  # RSS sampling period
 WINDOW = 100          # requests in the "first" and "last" RSS windows
@@ -69,12 +78,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, to sample its RSS")
     parser.add_argument("--start-timeout", type=float, default=600.0,
                         help="seconds the started server may take to answer (an ONNX export included)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here, and each started server's "
+                                                 "log beside it (run.json: run-<backend>-server.log)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out and server logs")
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1 or args.max_seconds <= 0:
-        parser.error("--requests and --concurrency must be >= 1, --max-seconds > 0")
+    if args.requests < 1 or args.concurrency < 1 or args.workers < 1 or args.max_seconds <= 0:
+        parser.error("--requests, --concurrency and --workers must be >= 1, --max-seconds > 0")
     if args.url and args.backends:
         parser.error("--backends starts one server per backend: it cannot be combined with --url")
+    # Options that would be silently ignored: the server's own ones with --url, --pid without it.
+    ignored = [f"--{name.replace('_', '-')}" for name in ("backend", "workers", "checkpoint", "start_timeout")
+               if args.url and getattr(args, name) != parser.get_default(name)]
+    if ignored:
+        parser.error(f"{' '.join(ignored)}: --url tests a server already running, which was started with its own")
+    if args.pid and not args.url:
+        parser.error("--pid goes with --url: the server started here is sampled by its own process id")
+    if args.backends and args.backend != parser.get_default("backend"):
+        parser.error("--backend and --backends: give the backends to compare with --backends only")
+    repeated = sorted({b for b in args.backends or [] if args.backends.count(b) > 1})
+    if repeated:
+        parser.error(f"--backends: {', '.join(repeated)} given more than once")
     return args
 
 
@@ -350,7 +373,9 @@ def send_one(client: httpx.Client, url: str, photo: Path, fields: dict) -> Answe
     kind = mimetypes.guess_type(photo.name)[0] or "application/octet-stream"
     started = time.monotonic()
     try:
-        response = client.post(url + "/api/segment", files={"image": (photo.name, data, kind)}, data=fields)
+        # shown(): a file name's bytes that are not UTF-8 cannot go into the form (httpx raised, killing the thread)
+        response = client.post(url + "/api/segment", files={"image": (atomic.shown(photo.name), data, kind)},
+                               data=fields)
         status, received = response.status_code, len(response.content)
         detail = "" if status == 200 else response.text[:300]
     except httpx.HTTPError as err:
@@ -398,12 +423,30 @@ def run_load(url: str, photos: list, args, pid: int | None) -> dict:
     return summarize(answers, wall_s, samples, stopped)
 
 
+def server_log(out: Path, backend: str) -> Path:
+    """Where the server started for `backend` writes its log (a line per request), beside --out."""
+    return out.with_name(f"{out.stem}-{backend}-server.log")
+
+
+def check_outputs(args):
+    """FileExistsError or OSError, before any server starts, for an --out or server log that exists
+    (without --overwrite) or a folder they cannot be written in: a refusal costs nothing then."""
+    if not args.out:
+        return
+    paths = [args.out] + ([] if args.url else [server_log(args.out, b) for b in args.backends or [args.backend]])
+    for path in paths:
+        atomic.refuse_existing(path, args.overwrite, ", or give another --out")
+    problem = atomic.folder_problem(args.out.absolute().parent)
+    if problem:
+        raise OSError(f"cannot write --out {args.out}: {problem}")
+
+
 def measure_started(backend: str, photos: list, args) -> dict:
     """One backend on a fresh server: cold start, idle RSS after warm-up, then the load; the server
     is stopped however this ends."""
     port = free_port()
     if args.out:  # the server's log (a line per request) is kept beside the results
-        log_path = args.out.with_name(f"{args.out.stem}-{backend}-server.log")
+        log_path = server_log(args.out, backend)
     else:
         log_path = Path(tempfile.mkstemp(prefix=f"loadtest-{backend}-", suffix=".log")[1])
     spawned = time.monotonic()
@@ -428,7 +471,8 @@ def measure_started(backend: str, photos: list, args) -> dict:
             log_path.unlink(missing_ok=True)
     _add_idle(report["rss_mb"], idle)
     return {"label": health["backend"], "backend_asked": backend, "health": _health_summary(health),
-            "cold_start_s": cold, "server_pid": proc.pid, "server_log": str(log_path) if args.out else None, **report}
+            "cold_start_s": cold, "server_pid": proc.pid, "server_log": atomic.shown(log_path) if args.out else None,
+            **report}
 
 
 def measure_running(url: str, photos: list, args) -> dict:
@@ -455,20 +499,25 @@ def main(argv=None) -> int:
         if args.url:
             check_loopback(args.url)
         photos = find_photos(args.photos)
+        check_outputs(args)
         if args.url:
             reports = [measure_running(args.url.rstrip("/"), photos, args)]
         else:
             reports = [measure_started(backend, photos, args) for backend in args.backends or [args.backend]]
     except (OSError, ValueError, RuntimeError, httpx.HTTPError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {atomic.shown(err)}")
     footprint = install_footprint()
     print(f"{args.requests} requests ({args.output} PNG of {len(photos)} photo(s), cycled), concurrency "
           f"{args.concurrency}, " + (f"server at {args.url}" if args.url else f"--workers {args.workers}"))
     print(format_table(reports))
     print(format_footprint(footprint))
     if args.out:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.out.write_text(json.dumps({"settings": settings, "runs": reports, "footprint": footprint}, indent=2))
+        settings = {k: atomic.shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        try:
+            atomic.write_text(args.out, json.dumps({"settings": settings, "runs": reports, "footprint": footprint},
+                                                   indent=2) + "\n")
+        except OSError as err:  # the table above has the numbers
+            raise SystemExit(f"error: {atomic.shown(err)}")
     return 1 if any(r["errors"] for r in reports) else 0
 
 

@@ -4,9 +4,10 @@
     python scripts/make_gpu_subset.py --cars 16 --views all --jpeg-quality 75
 
 Run it where the Carvana data and pip's index can be reached, then copy the checkout with gpu_data/ to
-the GPU machine, which needs nothing else there: no data folder, no venv. The GPU machines it was
-written for have a python3 with torch, torchvision, numpy, OpenCV, SciPy, Pillow, matplotlib, tqdm
-and pytest, but not albumentations or pycocotools, which the project imports. So this writes:
+the GPU machine, which needs nothing else there: no data folder, no venv. The target machine: its
+python3 has torch, torchvision, numpy, OpenCV, SciPy, Pillow, matplotlib, tqdm and pytest, but not
+albumentations or pycocotools, which the project imports; it has no copy of the Carvana data; and
+what is copied to it (the checkout and gpu_data/) may weigh at most SIZE_LIMIT. So this writes:
 
   gpu_data/carvana/train/<car>_<NN>.jpg, train_masks/<car>_<NN>_mask.gif: Kaggle's layout, full
       1918x1280 resolution (the competition metric is full-resolution Dice). The cars are the first

@@ -149,3 +149,68 @@ def test_a_tiny_real_run_against_the_server_it_starts(tmp_path, capsys):
     assert not psutil.pid_exists(run["server_pid"])
     assert "POST /api/segment 200" in (tmp_path / "run-torch-server.log").read_text()
     assert "requests/s" in capsys.readouterr().out
+
+
+def fake_report(*args):
+    return {"label": "torch", **loadtest.summarize(fake_run(10, errors=()), 1.0, [], stopped_early=False)}
+
+
+@pytest.mark.parametrize("existing", ["run.json", "run-torch-server.log", "run-openvino-server.log"])
+def test_an_existing_out_or_server_log_is_refused_before_any_server_starts(tmp_path, monkeypatch, existing):
+    monkeypatch.setattr(loadtest, "start_server", lambda *args, **kwargs: pytest.fail("a server was started"))
+    (tmp_path / "car.jpg").write_bytes(b"not read")
+    (tmp_path / existing).write_text("earlier results")
+    with pytest.raises(SystemExit, match=rf"^error: .*{existing} exists already: pass --overwrite to replace it"):
+        loadtest.main(["--photos", str(tmp_path), "--backends", "torch", "openvino",
+                       "--out", str(tmp_path / "run.json")])
+    assert (tmp_path / existing).read_text() == "earlier results"
+
+
+def test_out_is_replaced_with_overwrite_and_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(loadtest, "measure_started", fake_report)
+    (tmp_path / "car.jpg").write_bytes(b"not read")
+    out = tmp_path / "run.json"
+    out.write_text("earlier results")
+    args = ["--photos", str(tmp_path), "--backend", "torch", "--out", str(out), "--overwrite"]
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(loadtest.atomic.os, "fsync", disk_full)
+        with pytest.raises(SystemExit, match=r"^error: .*cannot write .*run\.json: No space left"):
+            loadtest.main(args)
+    assert out.read_text() == "earlier results"  # not half of the new results
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["car.jpg", "run.json"]  # nor a temporary left
+    assert loadtest.main(args) == 0
+    assert json.loads(out.read_text())["runs"][0]["ok"] == 10
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_server_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(loadtest, "start_server", lambda *args, **kwargs: pytest.fail("a server was started"))
+    (tmp_path / "car.jpg").write_bytes(b"not read")
+    with pytest.raises(SystemExit, match=r"^error: cannot write --out .*car\.jpg is not a folder"):
+        loadtest.main(["--photos", str(tmp_path), "--out", str(tmp_path / "car.jpg" / "run.json")])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--pid", "123"], "--pid goes with --url"),
+    (["--url", "http://127.0.0.1:8000", "--backend", "torch"], "--backend: --url tests a server already running"),
+    (["--url", "http://127.0.0.1:8000", "--workers", "2", "--checkpoint", "x.pt"], "--workers --checkpoint: --url"),
+    (["--backend", "torch", "--backends", "openvino"], "--backend and --backends"),
+    (["--backends", "torch", "openvino", "torch"], "--backends: torch given more than once"),
+    (["--workers", "0"], "--workers must be >= 1"),
+])
+def test_options_that_would_be_ignored_are_refused(args, words, capsys):
+    with pytest.raises(SystemExit) as stop:
+        loadtest.parse_args(args)
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["httpx", "psutil"])
+def test_without_the_deploy_install_it_says_what_to_install(module, monkeypatch):
+    import runpy
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: `import` raises ModuleNotFoundError
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(loadtest.__file__)
+    assert stop.value.code == (f"loadtest.py needs {module}, which the base install leaves out: "
+                               "pip install -r requirements-deploy.txt")

@@ -5,8 +5,13 @@ requests, the busy and timeout answers, and an offline page under a strict Conte
 import base64
 import hashlib
 import io
+import itertools
+import logging
+import os
 import re
+import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -612,3 +617,144 @@ def test_one_photo_per_request_and_no_pydantic_words(client, photo_file):
     assert response.json()["detail"] == "image: send the photo as a file (multipart form field 'image' with a file name)"
     response = post(client, data, background="x" * 100_000)
     assert response.status_code == 422 and len(response.content) < 200  # the value is not echoed in full
+
+
+# ---------------------------------------------------------------- options that would change nothing
+
+@pytest.mark.parametrize("fields, words", [
+    ({"output": "mask", "background": "#ff0000"}, ["background #ff0000", "output cutout only", "not to output mask"]),
+    ({"output": "mask", "background": "white"}, ["background white", "cutout only"]),
+    ({"output": "overlay", "background": "blur"}, ["background blur", "cutout only", "not to output overlay"]),
+])
+def test_an_option_that_would_change_nothing_is_refused_saying_where_it_applies(client, photo_file, fields, words):
+    detail = refused(post(client, photo_file.read_bytes(), **fields), 422, *words)
+    assert detail.startswith(f"{next(iter(set(fields) - {'output'}))} ")
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"output": "parts", "edges": "hard"}, ["edges hard", "output mask and cutout only", "car-parts",
+                                            "not to output parts"]),
+    ({"output": "overlay", "edges": "hard"}, ["edges hard", "mask and cutout only", "not to output overlay"]),
+    ({"output": "parts", "background": "white"}, ["background white", "cutout only", "not to output parts"]),
+    ({"output": "mask", "threshold": "0.4"}, ["threshold", "car/background models"]),
+])
+def test_a_parts_model_refuses_what_its_outputs_do_not_use(parts_client, photo_file, fields, words):
+    refused(post(parts_client, photo_file.read_bytes(), **fields), 422, *words)
+
+
+def test_crop_applies_to_every_output_of_a_parts_model(parts_client, photo_file):
+    data = photo_file.read_bytes()
+    box = cutout.crop_box(np.asarray(image_of(post(parts_client, data, output="mask"))))
+    for output in ("mask", "cutout", "overlay", "parts"):
+        response = post(parts_client, data, output=output, crop="true")
+        size = image_of(response).size
+        if box is None:  # a random model may find no car: the whole photo then
+            assert size == (64, 96) and "x-crop-box" not in response.headers
+        else:
+            assert response.headers["x-crop-box"] == ",".join(map(str, box))
+            assert size == (box[2] - box[0], box[3] - box[1])
+
+
+@pytest.mark.parametrize("model", ["binary", "parts"])
+def test_swaggers_try_it_out_works_for_every_output_with_the_other_fields_at_their_defaults(
+        client, parts_client, photo_file, model):
+    # "Try it out" sends every form field /docs shows, with its default unless changed (booleans as "false").
+    test_client = {"binary": client, "parts": parts_client}[model]
+    form = test_client.get("/openapi.json").json()["paths"]["/api/segment"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]["properties"]
+    defaults = {name: str(field["default"]).lower() if isinstance(field["default"], bool) else str(field["default"])
+                for name, field in form.items() if name != "image"}
+    outputs = ("mask", "cutout", "overlay", "parts") if model == "parts" else ("mask", "cutout", "overlay")
+    for output in outputs:
+        response = send(test_client, photo_file.read_bytes(), "form", {**defaults, "output": output})
+        assert response.status_code == 200, (output, response.text)
+
+
+PAGE_SOURCE = Path(serve.PAGE).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("model", ["binary", "parts"])
+def test_every_request_the_page_makes_is_accepted(client, parts_client, photo_file, model):
+    # web/index.html's calls of segment(): each photo's mask (and parts), then the two downloads with the
+    # options shown (it offers jpeg only on a background).
+    for call in ('segment(item.file, { output: "mask", edges: "soft" })', 'segment(item.file, { output: "parts" })',
+                 '{ output, format: "png", edges: opts.edges, crop: opts.crop } : { output, ...opts }'):
+        assert call in PAGE_SOURCE, f"the page's requests changed: update this test ({call})"
+    test_client, data = {"binary": client, "parts": parts_client}[model], photo_file.read_bytes()
+    requests = [{"output": "mask", "edges": "soft"}] + ([{"output": "parts"}] if model == "parts" else [])
+    for edges, crop in itertools.product(("soft", "hard"), ("true", "false")):
+        requests.append({"output": "mask", "format": "png", "edges": edges, "crop": crop})
+        for background, fmt in itertools.product(("transparent", "white", "blur", "#2e7dd7"), ("png", "webp", "jpeg")):
+            if not (background == "transparent" and fmt == "jpeg"):
+                requests.append({"output": "cutout", "background": background, "edges": edges, "crop": crop,
+                                 "format": fmt})
+    for fields in requests:
+        assert send(test_client, data, "form", fields).status_code == 200, fields
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "1", "TRUE", "True", "no", "0", "False"])
+def test_crop_is_true_or_false_in_lower_case_as_every_value_is_case_sensitive(client, photo_file, value):
+    detail = refused(post(client, photo_file.read_bytes(), output="mask", crop=value), 422, "true or false")
+    assert detail.startswith("crop: ")
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e400", "abc", "0", "1", "-0.2", "1.5"])
+def test_a_threshold_that_is_no_number_between_0_and_1_is_refused_saying_so(client, photo_file, value):
+    detail = refused(post(client, photo_file.read_bytes(), output="mask", threshold=value), 422)
+    assert detail == f"threshold: must be a number between 0 and 1 (0 and 1 excluded); got {value!r}"
+
+
+def test_health_shows_a_checkpoint_name_that_is_not_utf8(tmp_path):
+    path = tiny_checkpoint(tmp_path / os.fsdecode(b"c\xff.pt"))
+    with TestClient(serve.create_app(config(path))) as test_client:
+        response = test_client.get("/api/health")
+    assert response.status_code == 200 and response.json()["model"] == "c\ufffd.pt"
+
+
+# ---------------------------------------------------------------- where serve.py listens
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """serve.py's model loading and uvicorn replaced: the calls uvicorn.run got (none if it stopped before)."""
+    import uvicorn
+    calls = []
+    monkeypatch.setattr(serve, "load_segmenter", lambda cfg: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(serve, "create_app", lambda cfg, segmenter=None: "app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+    return calls
+
+
+@pytest.mark.parametrize("host", ["", " "])
+def test_an_empty_host_is_refused_before_the_model_loads(no_model, host):
+    with pytest.raises(SystemExit, match=r"^error: --host is empty, which would listen on every address"):
+        serve.main(["--host", host, "--checkpoint", "unused.pt"])
+    assert not no_model
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(no_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as stop:
+            serve.main(["--port", str(port), "--checkpoint", "unused.pt"])
+    assert stop.value.code == f"error: --port {port} is in use; choose another with --port" and not no_model
+
+
+def test_uvicorns_own_startup_failure_is_an_error_line(monkeypatch, no_model):
+    import uvicorn
+    monkeypatch.setattr(serve, "load_segmenter", lambda cfg: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: sys.exit(3))  # as when the port was taken meanwhile
+    with pytest.raises(SystemExit, match=r"^error: the server did not start on --host 127.0.0.1 --port 0"):
+        serve.main(["--port", "0", "--checkpoint", "unused.pt"])
+
+
+@pytest.mark.parametrize("host, reachable", [("127.0.0.1", False), ("localhost", False), ("0.0.0.0", True)])
+def test_listening_beyond_the_loopback_is_allowed_with_a_warning(monkeypatch, no_model, caplog, host, reachable):
+    monkeypatch.setattr(serve, "load_segmenter", lambda cfg: None)
+    with caplog.at_level(logging.WARNING, logger="serve"):
+        serve.main(["--host", host, "--port", "0", "--checkpoint", "unused.pt"])
+    assert no_model[0]["host"] == host
+    assert ("can be reached from other machines" in caplog.text) is reachable
+    if reachable:
+        assert "--host 0.0.0.0 listens on every address" in caplog.text
