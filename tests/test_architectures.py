@@ -119,11 +119,11 @@ def test_a_backbone_download_without_network_fails_at_once_naming_the_option(mon
 
 
 def test_config_refuses_options_that_do_not_fit_the_architecture():
-    with pytest.raises(ValueError, match="pretrained_backbone.*applies to deeplabv3_mobilenet_v3_large"):
+    with pytest.raises(ValueError, match="--pretrained-backbone.*applies to deeplabv3_mobilenet_v3_large"):
         config.TrainConfig(arch="unet_efficientnet_lite0", pretrained_backbone=True)
-    with pytest.raises(ValueError, match="batch_size.*image-pooling"):
+    with pytest.raises(ValueError, match="--batch-size.*image-pooling"):
         config.TrainConfig(arch="deeplabv3_efficientnet_lite0", batch_size=1)
-    with pytest.raises(ValueError, match="image_width.*at least 32"):
+    with pytest.raises(ValueError, match="--image-width.*at least 32"):
         config.TrainConfig(arch="deeplabv3_efficientnet_lite0", image_width=16, crop_width=0, crop_height=0)
     # Encoders interpolate, so sizes need not be multiples of anything.
     config.TrainConfig(arch="unet_efficientnet_lite0", image_width=500, image_height=333, crop_width=250, crop_height=170)
