@@ -20,6 +20,8 @@ VERSION = "0.1.0"  # the project's release, reported by serve.py's /api/health
 DEFAULT_DATA_DIR = "data/carvana"
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "carvana_unet.pt"
 BUNDLED_PARTS_CHECKPOINT = BUNDLED_CHECKPOINT.with_name("carparts.pt")  # the car-parts model
+BUNDLED_EVERYDAY_CHECKPOINT = BUNDLED_CHECKPOINT.with_name("everyday.pt")  # cars in streets, yards, car parks
+QUALITY_FLAG = 0.5  # predict.py --flag-below and the page's warning: see docs/everyday.md
 CHECKPOINT_HELP = ("default: the bundled checkpoints/carvana_unet.pt, else the newest "
                    "checkpoints/<run>/best.pt under the current folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -205,8 +207,12 @@ class PredictConfig:
                               "whatever its name holds ([ ] * ?), and only one that does not as a pattern",
                         positional=True)
     out_dir: str = _opt("predictions", "where <stem>_mask.png (and overlays/cutouts) are written")
-    checkpoint: str = _opt("", "checkpoint to predict with; " + CHECKPOINT_HELP)
+    checkpoint: str = _opt("", "checkpoint to predict with on every photo; default: the bundled "
+                               "checkpoints/carvana_unet.pt (studio) and checkpoints/everyday.pt, chosen per photo "
+                               "(router.py), else as evaluate.py's")
     threshold: float = _opt(None, THRESHOLD_HELP)
+    flag_below: float = _opt(QUALITY_FLAG, "list the photos whose quality score (OUT_DIR/quality.csv) is below this "
+                                           "at the end, worst first: the ones a person should look at (0 = none)")
     overlay: bool = _opt(False, "also write <stem>_overlay.jpg: the photo with the mask tinted")
     cutout: bool = _opt(False, "also write <stem>_cutout.png: RGBA, background transparent")
     submission: str = _opt("", "also write Kaggle's submission: one img,rle_mask row per mask, in input order, "
@@ -227,6 +233,7 @@ class PredictConfig:
         _check(self, "inputs", bool(self.inputs), "give at least one image file, folder or glob")
         _check_threshold(self)
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
+        _check(self, "flag_below", 0 <= self.flag_below <= 1, "must be between 0 and 1 (0 flags none)")
 
 
 def _is_regex(text: str) -> bool:
@@ -375,7 +382,8 @@ def _coerce(path, key, value, f):
 class ServeConfig:
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = _opt(8000, "TCP port to listen on")
-    checkpoint: str = _opt("", "checkpoint to serve; " + CHECKPOINT_HELP)
+    checkpoint: str = _opt("", "checkpoint to serve for every photo; default: the bundled checkpoints/carvana_unet.pt "
+                               "(studio) and checkpoints/everyday.pt, chosen per photo (router.py), else as evaluate.py's")
     backend: str = _opt("auto", BACKEND_HELP, choices=BACKENDS)
     precision: str = _opt("auto", "inference precision; auto = bf16 where the device runs it natively, else fp32",
                           choices=PRECISIONS)

@@ -13,6 +13,7 @@ The network itself runs behind a *runner* (backends.py): a callable taking a pre
 TTA included, is the same code whichever backend runs the network.
 """
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,15 @@ from carseg.labels import BINARY_CLASSES, car_mask, flip_permutation, is_multicl
 
 UNSURE = (0.1, 0.9)  # car probabilities the quality score counts as unsure
 CLASS_MAP_BAND = 1 << 26  # class-probability values class_map upsamples at a time (256 MB of float32)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One photo's answer, from the model that gave it (a Router picks one of two per photo)."""
+    probs: torch.Tensor  # (C, h, w) probabilities at that model's input size
+    quality: float       # Predictor.quality: near 0.65 for a sharp outline, lower for a doubtful one
+    model: str           # the name of the model that answered (its checkpoint's file stem)
+    threshold: float     # that model's threshold (binary models)
 
 
 @dataclass(frozen=True)
@@ -58,10 +68,12 @@ class Predictor:
     spec: the checkpoint's input size, threshold and normalisation.
     tta: also run the mirrored images and average the two answers' logits (2x compute).
     threshold: overrides spec.threshold when given.
+    name: what logs, quality.csv and the API call this model (from_checkpoint: the file's stem).
     """
 
-    def __init__(self, runner, spec: InferenceSpec, tta: bool = False, threshold: float | None = None):
-        self.runner, self.spec, self.tta = runner, spec, tta
+    def __init__(self, runner, spec: InferenceSpec, tta: bool = False, threshold: float | None = None,
+                 name: str = "model"):
+        self.runner, self.spec, self.tta, self.name = runner, spec, tta, name
         self.threshold = spec.threshold if threshold is None else threshold
         # In a mirrored photo the left door is the right door: mirrored answers are relabelled back.
         self.mirrored_classes = torch.from_numpy(flip_permutation(spec.class_names)) if spec.multiclass else None
@@ -76,7 +88,8 @@ class Predictor:
         """
         source = checkpoint if isinstance(checkpoint, dict) else load_source(checkpoint)
         runner = make_runner(source, backend, device, precision)
-        return cls(runner, InferenceSpec.from_checkpoint(source), tta, threshold)
+        name = "model" if isinstance(checkpoint, dict) else Path(checkpoint).stem
+        return cls(runner, InferenceSpec.from_checkpoint(source), tta, threshold, name)
 
     @property
     def input_size(self) -> tuple:
@@ -116,6 +129,16 @@ class Predictor:
     def preprocess(self, images) -> torch.Tensor:
         """uint8 (h, w, 3) images at the input size -> one float32 batch (B, 3, h, w), normalised."""
         return torch.stack([image_to_tensor(image, self.spec.normalization) for image in images])
+
+    def warm_up(self):
+        """One forward pass on a blank image, so the first photo does not pay for the backend's set-up."""
+        width, height = self.input_size
+        self.probs(self.preprocess([torch.zeros((height, width, 3), dtype=torch.uint8).numpy()]))
+
+    def answer(self, images) -> list:
+        """Decoded photos (what `read` gives, at the input size) -> one Answer per photo."""
+        probs = self.probs(self.preprocess(images))
+        return [Answer(prob, quality, self.name, self.threshold) for prob, quality in zip(probs, self.quality(probs))]
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Preprocessed batch (B, 3, h, w) -> fp32 logits (B, C, h, w) on self.device (TTA averaged)."""

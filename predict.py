@@ -4,6 +4,10 @@
 
 For each input, OUT_DIR/<stem>_mask.png is a single-channel 0/255 PNG of the input's own size;
 <stem>_cutout.png (--cutout) has soft, anti-aliased edges, as serve.py's default cutout.
+OUT_DIR/quality.csv gives each mask the model that made it and a quality score (carseg/quality.py);
+photos scoring below --flag-below are listed at the end as the ones to look at first.
+Without --checkpoint, the bundled studio and everyday models are both loaded and each photo goes to
+the one that knows its kind (router.py); --checkpoint runs that one model on every photo.
 With a car-parts (multi-class) checkpoint, OUT_DIR/<stem>_parts.png is also written: a palette
 ("P") PNG whose pixel values index the class names listed one per line in OUT_DIR/classes.txt, and
 the mask is the whole car (the parts' union, holes filled); --overlay then colours the parts and
@@ -31,13 +35,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from carseg import atomic, cutout, distributed
-from config import PredictConfig, parse_config, resolve_checkpoint
+from carseg import atomic, cutout, distributed, quality
+from config import PredictConfig, parse_config
 from carseg.images import IMAGE_EXTENSIONS, encode, load_image
 from carseg.inputs import collect_inputs, matches
 from inference import Predictor
+from router import load_predictor, resolve_checkpoints
 from carseg.labels import car_mask
 from carseg.labels import palette
 from carseg.plots import parts_overlay, with_legend
@@ -64,8 +70,9 @@ def output_paths(paths, out_dir: Path):
         seen[mask_path] = path
         outputs[path] = mask_path
     inputs = input_places(paths)
-    if out_dir.resolve() / CLASSES_FILE in inputs:
-        raise ValueError(f"refusing to write over input {CLASSES_FILE}; choose another --out-dir")
+    for name in (CLASSES_FILE, quality.FILE):
+        if out_dir.resolve() / name in inputs:
+            raise ValueError(f"refusing to write over input {name}; choose another --out-dir")
     for mask_path in outputs.values():
         for suffix in OUTPUT_SUFFIXES:
             if sibling(mask_path, suffix) in inputs:
@@ -130,7 +137,7 @@ def refuse_long_names(paths, outputs, suffixes, out_dir):
     return kept, refused
 
 
-def prepare_outputs(cfg: PredictConfig, paths, outputs, checkpoint_path):
+def prepare_outputs(cfg: PredictConfig, paths, outputs, checkpoints):
     """Refuse --submission and --out-dir locations that cannot be written, a --submission that would
     replace an input, the checkpoint or an output of this run (even with --overwrite), and an existing
     --submission without --overwrite (or --skip-existing, for a submission file only): before any work.
@@ -140,6 +147,7 @@ def prepare_outputs(cfg: PredictConfig, paths, outputs, checkpoint_path):
     problem = atomic.folder_problem(cfg.out_dir)
     if problem is not None:
         raise ValueError(f"--out-dir {cfg.out_dir}: {problem}")
+    quality.refuse_foreign(cfg.out_dir)
     if not cfg.submission:
         return
     csv_path = Path(cfg.submission)
@@ -151,13 +159,13 @@ def prepare_outputs(cfg: PredictConfig, paths, outputs, checkpoint_path):
     problem = atomic.folder_problem(csv_path.parent)
     if problem is not None:
         raise ValueError(f"--submission {csv_path}: {problem}")
-    refuse_submission_over_inputs(cfg, paths, outputs, checkpoint_path)
+    refuse_submission_over_inputs(cfg, paths, outputs, checkpoints)
     refuse_existing_submission(csv_path, cfg.overwrite, cfg.skip_existing)
 
 
-def refuse_submission_over_inputs(cfg: PredictConfig, paths, outputs, checkpoint_path):
+def refuse_submission_over_inputs(cfg: PredictConfig, paths, outputs, checkpoints):
     """ValueError naming both if the --submission file is an input photo, the checkpoint, or one of the
-    files this run writes in --out-dir (a photo's outputs, classes.txt), whatever --overwrite says: written
+    files this run writes in --out-dir (a photo's outputs, classes.txt, quality.csv), whatever --overwrite says: written
     last, the CSV would replace it. Compared as names in their folders and, for a file that exists, as
     files (device and inode), so a link or a name spelled otherwise is caught too. A name with a photo's
     extension is refused too: `--submission *.jpg`, which the shell expands to `--submission a.jpg
@@ -177,11 +185,15 @@ def refuse_submission_over_inputs(cfg: PredictConfig, paths, outputs, checkpoint
     if target == Path(cfg.out_dir).resolve() / CLASSES_FILE:
         raise ValueError(f"--submission {csv_path} is the {CLASSES_FILE} a parts model writes in --out-dir; "
                          "give another --submission")
+    if target == Path(cfg.out_dir).resolve() / quality.FILE:
+        raise ValueError(f"--submission {csv_path} is the {quality.FILE} every run writes in --out-dir; "
+                         "give another --submission")
     if csv_path.is_file():
         same = _file_id(csv_path)
-        for other in [Path(checkpoint_path), *paths]:
+        models = [Path(path) for path in checkpoints]
+        for other in [*models, *paths]:
             if _file_id(other) == same:
-                what = "the checkpoint" if other == Path(checkpoint_path) else "the input"
+                what = "the checkpoint" if other in models else "the input"
                 raise ValueError(f"--submission {csv_path} is {what} {other} (the same file): the submission would "
                                  "replace it; give another --submission")
     if csv_path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -344,15 +356,15 @@ def predict_files(cfg: PredictConfig):
     and streams its rows into its own shard file (shard_path); rank 0 then merges the shards into the
     file one process writes (merge_submission). Every rank returns the whole run's result.
     """
-    checkpoint_path = resolve_checkpoint(cfg.checkpoint)
-    log.info("predicting with %s", atomic.shown(checkpoint_path))
+    checkpoints = resolve_checkpoints(cfg.checkpoint)
+    log.info("predicting with %s", " and ".join(atomic.shown(path) for path in checkpoints))
     paths, problems = collect_inputs(cfg.inputs, cfg.recursive)
     outputs = output_paths(paths, Path(cfg.out_dir))
     refuse_out_dir_in_input_folders(cfg)
     # Before any work: a folder that cannot be written fails now, not after every image.
-    prepare_outputs(cfg, paths, outputs, checkpoint_path)
+    prepare_outputs(cfg, paths, outputs, checkpoints)
     device = distributed.device_for(cfg.device, distributed.current())
-    predictor = Predictor.from_checkpoint(checkpoint_path, device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
+    predictor = load_predictor(checkpoints, device, cfg.precision, cfg.tta, cfg.threshold, cfg.backend)
     log.info("%s", predictor.describe())
     multiclass = predictor.spec.multiclass
     paths, refused = refuse_long_names(paths, outputs, output_suffixes(cfg, multiclass), cfg.out_dir)
@@ -365,20 +377,26 @@ def predict_files(cfg: PredictConfig):
     share = distributed.shard(len(paths), world)
     block = paths[share.start:share.stop]
     done = _start_block(paths, block, outputs, cfg, multiclass, world)
+    scores = []  # this rank's quality.csv rows, in input order
     with submission_rows(cfg.submission, world) as rows:
-        written, failures = _predict_block(block, outputs, done, predictor, write, cfg, rows, world.bars)
+        written, failures = _predict_block(block, outputs, done, predictor, write, cfg, rows, world.bars, scores)
+    scores = [r for part in distributed.gather(scores, world) for r in part]
     written, failures = _gather_results(written, failures, problems, world)  # also waits for every shard
     if world.main:
         if cfg.submission and world.distributed:
             merge_submission(cfg.submission, world.size)
+        if scores:
+            quality.update(cfg.out_dir, scores)
         _report(cfg, multiclass, written, failures)
+        _report_flagged(cfg, scores)
     distributed.stop(world)
     return written, failures
 
 
-def _predict_block(paths, outputs, done, predictor, write, cfg: PredictConfig, rows, bars):
+def _predict_block(paths, outputs, done, predictor, write, cfg: PredictConfig, rows, bars, scores):
     """Predict `paths` in order, writing each photo's outputs and, with `rows`, its submission row;
-    returns (written mask paths, {input: error message}). `done`: the photos to reuse (--skip-existing)."""
+    returns (written mask paths, {input: error message}) and appends each written photo's quality.csv
+    row to `scores`. `done`: the photos to reuse (--skip-existing; their earlier rows are kept)."""
     written, failures = [], {}
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(2) as writers, \
             tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True,
@@ -388,18 +406,19 @@ def _predict_block(paths, outputs, done, predictor, write, cfg: PredictConfig, r
         for batch in _batches(decoded, cfg.batch_size, failures, bar):
             if batch[0][1] is DONE:  # in input order with the others, so submission rows stay in input order
                 path = batch[0][0]
-                pending.append((path, writers.submit(reuse_outputs, outputs[path], cfg)))
+                pending.append((path, writers.submit(reuse_outputs, outputs[path], cfg), None))
                 continue
-            images = predictor.preprocess([image for _, (image, _) in batch])
+            answers = predictor.answer([image for _, (image, _) in batch])
             full_sizes = [full_size for _, (_, full_size) in batch]
             # Multi-class: the class maps; each writer derives its car mask from its map (car_mask).
-            predictions = _predict(predictor, images, full_sizes, cfg)
-            for (path, _), prediction in zip(batch, predictions):
-                pending.append((path, writers.submit(write, path, outputs[path], prediction, cfg)))
+            predictions = _predict(predictor, answers, full_sizes, cfg)
+            for (path, _), prediction, answer in zip(batch, predictions, answers):
+                score = quality.row(path, outputs[path], answer.model, answer.quality, cfg.flag_below)
+                pending.append((path, writers.submit(write, path, outputs[path], prediction, cfg), score))
             while pending and (pending[0][1].done() or len(pending) > 4 * cfg.batch_size):
-                _collect(pending.popleft(), written, rows, failures, bar)
+                _collect(pending.popleft(), written, rows, failures, bar, scores)
         while pending:
-            _collect(pending.popleft(), written, rows, failures, bar)
+            _collect(pending.popleft(), written, rows, failures, bar, scores)
     return written, {str(k): v for k, v in failures.items()}
 
 
@@ -439,16 +458,17 @@ def _gather_results(written, failures: dict, problems: dict, world):
     return written, {key: atomic.shown(message) for key, message in merged.items()}  # messages are read; keys are data
 
 
-def _predict(predictor, images, full_sizes, cfg: PredictConfig) -> list:
-    """What each photo's writer needs: a parts model's class map (the writer derives its car mask);
-    else (0/255 mask, soft alpha for --cutout or None), both from one upsampled probability."""
+def _predict(predictor, answers, full_sizes, cfg: PredictConfig) -> list:
+    """What each photo's writer needs from its inference.Answer: a parts model's class map (the writer
+    derives its car mask); else (0/255 mask, soft alpha for --cutout or None), both from one upsampled
+    probability (each answer at its own model's size and threshold: a Router mixes two models)."""
     if predictor.spec.multiclass:
-        return predictor.labels(images, full_sizes)
+        return [Predictor.class_map(a.probs, size).to(torch.uint8).cpu().numpy() for a, size in zip(answers, full_sizes)]
+    probs = [Predictor.upsample(a.probs, size) for a, size in zip(answers, full_sizes)]
     if not cfg.cutout:
-        return [(mask, None) for mask in predictor.masks(images, full_sizes)]
-    threshold = predictor.threshold
-    return [(cutout.hard_alpha(prob, threshold), cutout.soft_alpha(prob, threshold))
-            for prob in predictor.car_probs(images, full_sizes)]
+        return [((prob > a.threshold).to(torch.uint8).cpu().numpy() * 255, None) for prob, a in zip(probs, answers)]
+    probs = [prob.cpu().numpy() for prob in probs]
+    return [(cutout.hard_alpha(prob, a.threshold), cutout.soft_alpha(prob, a.threshold)) for prob, a in zip(probs, answers)]
 
 
 def _writer(predictor, cfg: PredictConfig):
@@ -471,6 +491,15 @@ def _report(cfg: PredictConfig, multiclass: bool, written, failures):
         log.error("failed: %s", message)
     log.info("wrote %s for %d photo(s) to %s; %d input(s) failed",
              atomic.shown(describe_outputs(cfg, multiclass)), len(written), atomic.shown(cfg.out_dir), len(failures))
+
+
+def _report_flagged(cfg: PredictConfig, scores):
+    """Name the photos of this run whose quality is below --flag-below, worst first: the ones to look at."""
+    flagged = sorted((r for r in scores if r["flagged"] == "yes"), key=lambda r: float(r["quality"]))
+    log.info("quality: %d of %d photo(s) below --flag-below %g%s (scores in %s)", len(flagged), len(scores),
+             cfg.flag_below, ", worst first:" if flagged else "", atomic.shown(Path(cfg.out_dir) / quality.FILE))
+    for r in flagged:
+        log.info("  look at %s: quality %s (%s)", r["photo"], r["quality"], r["model"])
 
 
 def describe_outputs(cfg: PredictConfig, multiclass: bool) -> str:
@@ -534,14 +563,16 @@ def remove_leftovers(cfg: PredictConfig):
         remove_shards(cfg.submission)
 
 
-def _collect(entry, written, rows, failures, bar):
-    path, future = entry
+def _collect(entry, written, rows, failures, bar, scores):
+    path, future, score = entry
     try:
         mask_path, rle = future.result()
     except (OSError, ValueError) as err:
         failures[path] = f"{path}: cannot write output: {err}"
     else:
         written.append(mask_path)
+        if score is not None:
+            scores.append(score)
         if rows is not None:
             write_row(rows, path, rle, failures)
     bar.update(1)

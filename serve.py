@@ -40,9 +40,10 @@ except ModuleNotFoundError as missing:  # the base install (requirements.txt) ha
 from carseg import images
 from carseg.atomic import shown
 from backends import load_source
-from config import VERSION, ServeConfig, parse_config, resolve_checkpoint
+from config import QUALITY_FLAG, VERSION, ServeConfig, parse_config
 from carseg.segmenter import Options, Segmenter, ServeError, check_options, probe
 from inference import Predictor
+from router import Router, resolve_checkpoints
 
 log = logging.getLogger("serve")
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -69,7 +70,9 @@ def download_name(filename: str | None, output: str, fmt: str) -> str:
 SEGMENT_DOC = """Send one photo (multipart field `image`: JPEG, PNG or WebP); get back one image at the
 photo's own, EXIF-upright resolution (or the crop of it), with headers X-Process-Time-Ms,
 X-Image-Width, X-Image-Height (of the returned image), X-Crop-Box (x0,y0,x1,y1 in the photo, when
-cropped) and Content-Disposition.
+cropped), X-Quality (the answer's quality score, 0-1: below /api/health's quality_flag the cutout
+deserves a look; docs/everyday.md), X-Model (the model that answered: with the bundled pair, the
+studio or the everyday model, chosen per photo) and Content-Disposition.
 
 - output: `mask` (grey alpha: soft 0-255 or hard 0/255), `cutout` (the car over `background`),
   `overlay` (the photo with the car tinted, or its parts coloured), `parts` (palette PNG of class
@@ -94,13 +97,18 @@ option or corrupt image, 503 busy, 504 timed out, 500 internal error."""
 
 def load_segmenter(cfg: ServeConfig) -> Segmenter:
     """The checkpoint's model loaded (once) and warmed, on its worker thread, for these options."""
-    path = resolve_checkpoint(cfg.checkpoint)
-    source = load_source(path)
-    predictor = Predictor.from_checkpoint(source, cfg.device, cfg.precision, cfg.tta, None, backend=cfg.backend)
+    paths = resolve_checkpoints(cfg.checkpoint)
+    sources = [load_source(path) for path in paths]
+    predictors = [Predictor.from_checkpoint(source, cfg.device, cfg.precision, cfg.tta, None, backend=cfg.backend)
+                  for source in sources]
+    for predictor, path in zip(predictors, paths):
+        predictor.name = Path(path).stem  # loaded from a dict, so from_checkpoint could not name it
+    predictor = predictors[0] if len(predictors) == 1 else Router(*predictors)
     # shown(): a file name's bytes that are not UTF-8 would make every /api/health answer a 500.
-    about = {"model": shown(Path(path).name), "arch": shown(source["arch"]), "max_upload_mb": cfg.max_upload_mb,
+    about = {"model": " + ".join(shown(Path(path).name) for path in paths),
+             "arch": " + ".join(shown(source["arch"]) for source in sources), "max_upload_mb": cfg.max_upload_mb,
              "max_pixels": cfg.max_pixels, "version": VERSION}
-    return Segmenter(predictor, about, cfg.max_queue)
+    return Segmenter(predictor, about, cfg.max_queue, QUALITY_FLAG)
 
 
 def create_app(cfg: ServeConfig, segmenter: Segmenter | None = None) -> FastAPI:
@@ -160,7 +168,7 @@ def _segment_route(cfg: ServeConfig):
             data, filename = await read_upload(form.getlist("image"))
         probe(data, cfg.max_pixels)
         try:
-            body, (width, height), box = await segmenter.run(data, options, started + cfg.timeout)
+            body, (width, height), box, quality, model = await segmenter.run(data, options, started + cfg.timeout)
         except ServeError:
             raise
         except Exception:
@@ -169,6 +177,7 @@ def _segment_route(cfg: ServeConfig):
         name = download_name(filename, options.output, options.format)
         headers = {"X-Process-Time-Ms": str(round(1000 * (time.monotonic() - started))),
                    "X-Image-Width": str(width), "X-Image-Height": str(height),
+                   "X-Quality": f"{quality:.4f}", "X-Model": shown(model),
                    "Content-Disposition": f'inline; filename="{name}"',
                    "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
         if box is not None:
@@ -412,13 +421,16 @@ def serve(cfg: ServeConfig):
     """Load the model, then answer requests until interrupted (uvicorn)."""
     import uvicorn
     warn_if_reachable(cfg.host, listen_addresses(cfg.host, cfg.port))  # before the model's seconds of loading
-    cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
+    paths = resolve_checkpoints(cfg.checkpoint)
+    if len(paths) == 1:  # the newest run's best.pt, fixed now, so every worker serves the same model
+        cfg = dataclasses.replace(cfg, checkpoint=paths[0])
     common = {"host": cfg.host, "port": cfg.port, "log_config": None, "access_log": False}
     try:
         if cfg.workers == 1:
             uvicorn.run(create_app(cfg, load_segmenter(cfg)), **common)
             return
-        load_source(cfg.checkpoint)  # fail here, once, rather than in every worker
+        for path in paths:
+            load_source(path)  # fail here, once, rather than in every worker
         os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
         if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:  # recent uvicorn only
             # A worker importing torch and loading the model answers no health check for a while: uvicorn's

@@ -122,23 +122,42 @@ def load_image(path, size=None):
     for the full image, and is then area-averaged to `size`). A JPEG that lacks only its end marker
     is read, with a warning (see _jpeg_lacking_only_its_end); a cut one is refused.
     """
+    array, full_size = _decode(path, size)
+    if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
+        array = cv2.resize(array, tuple(size), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(array), full_size
+
+
+def load_image_sizes(path, sizes):
+    """One decode, several sizes: ([uint8 (h, w, 3) per (w, h) in sizes], full (width, height)).
+
+    Each array is what load_image(path, size) gives where the reduced JPEG scale that covers every
+    size is the one that size alone picks (a 1918x1280 photo for 480x320 and 384x384: 1/2 for both);
+    otherwise the finer scale, then area-averaged to each size. Errors as load_image.
+    """
+    cover = (max(w for w, _ in sizes), max(h for _, h in sizes))
+    array, full_size = _decode(path, cover)
+    resized = [array if (array.shape[1], array.shape[0]) == tuple(size)
+               else cv2.resize(array, tuple(size), interpolation=cv2.INTER_AREA) for size in sizes]
+    return [np.ascontiguousarray(a) for a in resized], full_size
+
+
+def _decode(path, size):
+    """(upright RGB array at a reduced JPEG scale covering size, upright full size), or ValueError naming the file."""
     name = getattr(path, "name", path)
     img = open_image(path)
     try:
         try:
-            array, full_size = _decoded(img, size)
+            return _decoded(img, size)
         except DECODE_ERRORS:
             whole = _jpeg_lacking_only_its_end(img, path)
             if whole is None:
                 raise
-            array, full_size = _decoded(whole, size)
+            return _decoded(whole, size)
     except Image.DecompressionBombError as err:
         raise ValueError(f"{name}: image too large ({err})")
     except DECODE_ERRORS as err:  # truncated or corrupt data shows up only when decoding
         raise ValueError(f"{name}: cannot decode: {err}")
-    if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
-        array = cv2.resize(array, tuple(size), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(array), full_size
 
 
 def _decoded(img: Image.Image, size):

@@ -102,16 +102,17 @@ def probe(data: bytes, max_pixels: int):
         raise ServeError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
 
 
-def decode(data: bytes, size=None) -> tuple:
-    """Upload bytes -> (upright RGB uint8 (H, W, 3), at size=(w, h) if given; the upright full (W, H)).
+def decode(data: bytes, read=load_image) -> tuple:
+    """Upload bytes -> read(file) (default: (upright RGB uint8 (H, W, 3), the upright full (W, H))).
 
-    images.load_image, the decoding predict.py gives a file (a JPEG at a reduced DCT scale, then
-    area-averaged), so the server's masks are predict.py's. ServeError 422 for a corrupt or truncated file.
+    read: the model's Predictor.read (or a Router's), the decoding predict.py gives a file (a JPEG at a
+    reduced DCT scale, then area-averaged), so the server's masks are predict.py's. ServeError 422 for
+    a corrupt or truncated file.
     """
     upload = io.BytesIO(data)
     upload.name = "upload"  # what load_image's messages call it
     try:
-        return load_image(upload, size)
+        return read(upload)
     except ValueError as err:  # truncated or corrupt data shows up only when decoding
         raise ServeError(422, f"corrupt or truncated image: {err}") from None
 
@@ -167,12 +168,13 @@ def not_applied(name: str, value, output: str, multiclass: bool, default) -> str
 class Segmenter:
     """The loaded model, what /api/health says about it, and the one thread all its work runs on.
 
-    predictor: an inference.Predictor (serve.py builds it from the checkpoint); about: what health
+    predictor: an inference.Predictor, or a router.Router choosing one of two per photo (serve.py
+    builds it from the checkpoints); about: what health
     reports besides the model's own facts (its file name, architecture, the limits, the version);
     max_queue: requests that may wait behind the running one before more are answered 503.
     """
 
-    def __init__(self, predictor, about: dict, max_queue: int):
+    def __init__(self, predictor, about: dict, max_queue: int, quality_flag: float = 0.5):
         self.predictor = predictor
         spec = predictor.spec
         self.multiclass, self.colours = spec.multiclass, palette(len(spec.class_names))
@@ -180,7 +182,9 @@ class Segmenter:
                      "device": str(predictor.device), "classes": [shown(name) for name in spec.class_names],
                      "multiclass": spec.multiclass, "palette": ["#" + bytes(c).hex() for c in self.colours],
                      "input_size": list(spec.input_size), "threshold": None if spec.multiclass else spec.threshold,
-                     "tta": predictor.tta}
+                     "tta": predictor.tta, "quality_flag": quality_flag}
+        if hasattr(predictor, "models"):  # a Router: both models, each photo answered by one
+            self.info["models"] = predictor.models()
         self.max_waiting = max_queue
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.pending = 0  # accepted jobs not finished, the running one included; changed on the event loop only
@@ -188,9 +192,8 @@ class Segmenter:
         self.executor.submit(self.warm_up).result()
 
     def warm_up(self):
-        """One forward pass on a blank image, so the first request does not pay for the backend's set-up."""
-        width, height = self.predictor.input_size
-        self.predictor.probs(self.predictor.preprocess([np.zeros((height, width, 3), np.uint8)]))
+        """One forward pass on a blank image (per model), so the first request does not pay for the backend's set-up."""
+        self.predictor.warm_up()
 
     def health(self) -> dict:
         return {**self.info, "uptime_s": round(time.monotonic() - self.started, 1)}
@@ -220,14 +223,14 @@ class Segmenter:
 
     def segment(self, data: bytes, options: Options, cancelled: threading.Event):
         """One request's answer, on the model's thread: (file bytes, (width, height) of the image in it,
-        crop box or None)."""
+        crop box or None, the inference.Answer's quality score, the name of the model that answered)."""
         _stop_if(cancelled)  # it waited in the queue past its deadline: nobody is waiting for it any more
-        small, full_size = decode(data, self.predictor.input_size)
-        probs = self.predictor.probs(self.predictor.preprocess([small]))[0]
+        small, full_size = decode(data, self.predictor.read)
+        answer = self.predictor.answer([small])[0]
         _stop_if(cancelled)
-        prob, labels = self.full_size_maps(probs, full_size)
-        alpha = self.alpha(prob, labels, options)
-        del probs, prob
+        prob, labels = self.full_size_maps(answer.probs, full_size)
+        alpha = self.alpha(prob, labels, options, answer.threshold)
+        del prob
         image = decode(data)[0] if options.output in ("cutout", "overlay") else None
         _stop_if(cancelled)
         box = cutout.crop_box(alpha) if options.crop else None
@@ -239,7 +242,7 @@ class Segmenter:
         del small, alpha, labels, image, array
         if full_size[0] * full_size[1] > LARGE_PHOTO:
             runtime.release_freed_memory()  # else the process keeps the largest photo's arrays resident for good
-        return body, size, box
+        return body, size, box, answer.quality, answer.model
 
     def full_size_maps(self, probs, full_size):
         """Model probabilities (C, h, w) -> the car probability float32 (H, W) at full_size=(W, H) and,
@@ -249,10 +252,11 @@ class Segmenter:
         car = 1.0 - self.predictor.upsample(probs[:1], full_size)  # channel 0 is the background
         return car.cpu().numpy(), self.predictor.class_map(probs, full_size).to(torch.uint8).cpu().numpy()
 
-    def alpha(self, prob, labels, options: Options) -> np.ndarray:
+    def alpha(self, prob, labels, options: Options, threshold: float) -> np.ndarray:
         """The car's alpha uint8 (H, W): a parts model's hard mask is its whole car (labels.car_mask,
-        holes between parts filled), and its soft edges keep those holes opaque."""
-        threshold = self.predictor.threshold if options.threshold is None else options.threshold
+        holes between parts filled), and its soft edges keep those holes opaque. threshold: the answering
+        model's, unless the request gives one."""
+        threshold = threshold if options.threshold is None else options.threshold
         if labels is None:
             return cutout.soft_alpha(prob, threshold) if options.edges == "soft" else cutout.hard_alpha(prob, threshold)
         whole = car_mask(labels)

@@ -68,7 +68,7 @@ def test_an_existing_file_is_used_as_given_whatever_its_name_holds(shoot, name):
 
 
 def test_odd_names_given_as_files_as_a_folder_and_as_a_pattern_write_their_own_outputs(checkpoint, shoot, tmp_path):
-    expected = sorted(f"{stem(name)}_{kind}.png" for name in ODD_NAMES for kind in ("mask", "cutout"))
+    expected = sorted([f"{stem(name)}_{kind}.png" for name in ODD_NAMES for kind in ("mask", "cutout")] + ["quality.csv"])
     written, failures = run_predict(checkpoint, [shoot / name for name in ODD_NAMES], tmp_path / "files", cutout=True)
     assert failures == {} and sorted(p.name for p in (tmp_path / "files").iterdir()) == expected
     everything = sorted(expected + [f"{stem(DECOY)}_mask.png", f"{stem(DECOY)}_cutout.png"])
@@ -151,7 +151,8 @@ def test_a_name_that_is_not_utf8_is_predicted_with_its_own_bytes(checkpoint, lat
     written, failures = run_predict(checkpoint, [latin1_folder], out, cutout=True)
     assert failures == {} and len(written) == 3
     assert sorted(os.listdir(os.fsencode(out))) == sorted([b"a_mask.png", b"a_cutout.png", b"b_mask.png",
-                                                           b"b_cutout.png", b"caf\xe9_mask.png", b"caf\xe9_cutout.png"])
+                                                           b"b_cutout.png", b"caf\xe9_mask.png", b"caf\xe9_cutout.png",
+                                                           b"quality.csv"])
 
 
 def test_a_name_that_is_not_utf8_gets_no_submission_row_and_a_message_that_prints(checkpoint, latin1_folder, tmp_path,
@@ -220,7 +221,8 @@ def test_every_output_whose_name_fits_is_written_and_a_photo_with_one_too_long_i
         write_photo(photos / f"{name}.png")
     written, failures = run_predict(checkpoint, [photos], out, cutout=True)
     fitting = [stems["short"], stems["exact"], stems["two-byte exact"]]
-    assert sorted(os.listdir(out)) == sorted(f"{s}_{kind}.png" for s in fitting for kind in ("mask", "cutout"))
+    assert sorted(os.listdir(out)) == sorted([f"{s}_{kind}.png" for s in fitting for kind in ("mask", "cutout")]
+                                             + ["quality.csv"])
     assert sorted(p.name for p in written) == sorted(f"{s}_mask.png" for s in fitting)
     assert sorted(failures) == sorted(str((photos / f"{stems[k]}.png").resolve()) for k in ("over", "two-byte over"))
     message = failures[str((photos / f"{stems['two-byte over']}.png").resolve())]
@@ -283,7 +285,7 @@ def test_a_stem_holding_mask_png_is_found_finished_by_skip_existing(checkpoint, 
     photos.mkdir()
     write_photo(photos / "a_mask.png.png")  # its outputs: a_mask.png_mask.png, a_mask.png_cutout.png
     run_predict(checkpoint, [photos], tmp_path / "out", cutout=True)
-    assert sorted(os.listdir(tmp_path / "out")) == ["a_mask.png_cutout.png", "a_mask.png_mask.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["a_mask.png_cutout.png", "a_mask.png_mask.png", "quality.csv"]
     with caplog.at_level(logging.INFO):
         run_predict(checkpoint, [photos], tmp_path / "out", cutout=True, skip_existing=True)
     assert "--skip-existing: 1 of 1 photo(s) have all their outputs already" in caplog.text

@@ -113,11 +113,11 @@ def test_the_runner_uses_the_memory_format_it_is_given(channels_last):
 # The project's modules, lowest layer first: each may import only modules listed before it. The
 # support package comes first and imports only itself; the scripts at the top level stand on it, and
 # the lab instruments under scripts/ on everything.
-PACKAGE = ["runtime", "distributed", "atomic", "labels", "rle", "jpeg", "images", "augment", "plots", "cutout",
+PACKAGE = ["runtime", "distributed", "atomic", "quality", "labels", "rle", "jpeg", "images", "augment", "plots", "cutout",
            "encoders", "checkpoint", "batchnorm", "submission", "inputs", "everyday", "teacher", "segmenter"]
-TOP = ["config", "metrics", "losses", "model", "dataset", "backends", "inference", "evaluate", "train", "predict",
+TOP = ["config", "metrics", "losses", "model", "dataset", "backends", "inference", "router", "evaluate", "train", "predict",
        "export", "serve"]
-SCRIPTS = ["bench", "loadtest", "make_everyday_data", "everyday_eval"]
+SCRIPTS = ["bench", "loadtest", "make_everyday_data", "everyday_eval", "route_study"]
 LAYERS = [f"carseg.{name}" for name in PACKAGE] + TOP + SCRIPTS
 FILES = {**{f"carseg.{name}": REPO_ROOT / "carseg" / f"{name}.py" for name in PACKAGE},
          **{name: REPO_ROOT / f"{name}.py" for name in TOP}, **{name: REPO_ROOT / "scripts" / f"{name}.py" for name in SCRIPTS}}

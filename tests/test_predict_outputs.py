@@ -184,7 +184,7 @@ def test_a_link_and_its_target_are_two_inputs_each_named_after_itself(checkpoint
     for inputs in ([folder / "link.jpg", folder / "sp ace.jpg"], [folder]):
         out, sub = tmp_path / f"out{len(inputs)}", tmp_path / f"sub{len(inputs)}.csv"
         written, failures = run_predict(checkpoint, inputs, out, submission=str(sub))
-        assert failures == {} and sorted(p.name for p in out.iterdir()) == ["link_mask.png", "sp ace_mask.png"]
+        assert failures == {} and sorted(p.name for p in out.iterdir()) == ["link_mask.png", "quality.csv", "sp ace_mask.png"]
         assert [line.split(",")[0] for line in sub.read_text().splitlines()] == ["img", "link.jpg", "sp ace.jpg"]
     written, failures = run_predict(checkpoint, [folder / "link.jpg"], tmp_path / "alone")
     assert [p.name for p in written] == ["link_mask.png"]

@@ -86,7 +86,7 @@ def test_parts_png_holds_the_predictors_class_indices_with_the_palette(parts_che
     assert len(np.unique(np.concatenate([labels.ravel() for labels in expected]))) >= 3  # not checked on empty maps
     assert (out / "classes.txt").read_text() == "".join(f"{name}\n" for name in CLASS_NAMES)
     names = {f"{p.stem}{suffix}" for p in inputs for suffix in predict.OUTPUT_SUFFIXES}
-    assert sorted(p.name for p in out.iterdir()) == sorted(names | {"classes.txt"})
+    assert sorted(p.name for p in out.iterdir()) == sorted(names | {"classes.txt", "quality.csv"})
 
 
 def test_a_corrupt_photo_is_reported_and_the_others_written(parts_checkpoint, photos, tmp_path, caplog):
@@ -103,7 +103,7 @@ def test_a_corrupt_photo_is_reported_and_the_others_written(parts_checkpoint, ph
     assert "1 input(s) failed" in caplog.text
     good = [p.stem for p in photos.iterdir() if p != bad]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{stem}{suffix}" for stem in good for suffix in ("_mask.png", "_parts.png")] + ["classes.txt"])
+        [f"{stem}{suffix}" for stem in good for suffix in ("_mask.png", "_parts.png")] + ["classes.txt", "quality.csv"])
 
 
 def test_an_input_a_part_map_would_replace_is_refused_before_the_model_loads(parts_checkpoint, photos, monkeypatch):

@@ -675,7 +675,7 @@ def test_predict_reports_a_corrupt_file_and_writes_the_others(trained, photos, t
     with pytest.raises(SystemExit) as exit_info:
         predict.main([str(photos), "--out-dir", str(out2), "--checkpoint", str(run / "best.pt"), "--device", "cpu"])
     assert exit_info.value.code == 1
-    assert sorted(p.name for p in out2.iterdir()) == sorted(f"{p.stem}_mask.png" for p in good)
+    assert sorted(p.name for p in out2.iterdir()) == sorted([f"{p.stem}_mask.png" for p in good] + ["quality.csv"])
 
 
 def test_predict_refuses_to_overwrite_an_input(trained, photos):
