@@ -35,7 +35,7 @@ EXPORT_VERSION = 1
 METADATA_KEY = "car_segmentation"  # the ONNX metadata_props entry holding the checkpoint's JSON metadata
 # The split's car ids stay, so evaluate.py can score an exported file on the validation split it was chosen on.
 METADATA_FIELDS = ("format_version", "arch", "model_args", "normalization", "class_names", "exported_from",
-                   "epoch", "best_val_score", "val_groups", "train_groups")
+                   "epoch", "best_val_score", "val_groups", "train_groups", "quality_reference")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -29,6 +29,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -80,9 +81,10 @@ def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None
         if loss_fn is not None:
             loss_sum += loss_fn(logits, masks).item() * len(images)
         model_res_dice = model_res.update(probs > threshold, masks > 0.5)
+        unsure = [u if math.isfinite(u) else None for u in predictor.unsure_per_edge(probs).tolist()]  # None: no car
         for j, index in enumerate(indices.tolist()):
             record = {"name": store.samples[index].name, "group": store.samples[index].group,
-                      "dice_model_res": model_res_dice[j].item()}
+                      "dice_model_res": model_res_dice[j].item(), "unsure_per_edge": unsure[j]}
             if full_res:
                 prob = predictor.upsample(probs[j], store.full_sizes[index])
                 target = torch.from_numpy(store.full_mask(index)).to(predictor.device).bool()[None]
@@ -93,7 +95,8 @@ def evaluate(predictor: Predictor, loader, full_res=True, sweep=(), loss_fn=None
             records.append(record)
     meters, records, loss_sum = _all_ranks(world, {"model_res": model_res, "full": full, **sweeps}, records, loss_sum)
     model_res, full, sweeps = meters.pop("model_res"), meters.pop("full"), meters
-    result = {"threshold": threshold, "model_res": model_res.compute(), "records": records}
+    result = {"threshold": threshold, "model_res": model_res.compute(), "records": records,
+              "unsure_per_edge": _median([r["unsure_per_edge"] for r in records if r["unsure_per_edge"] is not None])}
     if full_res:
         result["full_res"] = full.compute()
     if loss_fn is not None:
@@ -291,12 +294,18 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     return summary
 
 
+def _median(values: list):
+    return float(np.median(values)) if values else None
+
+
 def binary_summary(head: dict, result: dict, predictor: Predictor, store, cfg, seconds: float):
     """(summary, records ranked worst first by full-res Dice) of a binary model's `evaluate` result."""
     summary = {**head, "threshold": predictor.threshold, "backend": predictor.backend, "precision": predictor.precision,
                "tta": cfg.tta, "model_size": list(predictor.input_size), "cars": len({s.group for s in store.samples}),
                "seconds": round(seconds, 1), "full_res": result["full_res"],
-               "model_res": result["model_res"], "sweep": result["sweep"]}
+               "model_res": result["model_res"], "sweep": result["sweep"],
+               # the median photo's unsure pixels per outline pixel: a checkpoint's quality_reference (inference.py)
+               "unsure_per_edge": result["unsure_per_edge"]}
     ranked = sorted(result["records"], key=lambda r: r["dice_full_res"])
     summary["worst"] = [{"name": r["name"], "dice_full_res": r["dice_full_res"]} for r in ranked[:cfg.worst_k]]
     return summary, ranked

@@ -44,16 +44,19 @@ class InferenceSpec:
     threshold: float    # binary models: probability above which a pixel is car
     normalization: dict  # {"mean": [r, g, b], "std": [r, g, b]} applied to images in [0, 1]
     class_names: tuple = tuple(BINARY_CLASSES)  # index 0 the background; more than two: a multi-class model
+    quality_reference: float | None = None  # the median photo's unsure pixels per outline pixel (see quality)
 
     @classmethod
-    def from_config(cls, config: dict, normalization: dict, class_names=BINARY_CLASSES) -> "InferenceSpec":
+    def from_config(cls, config: dict, normalization: dict, class_names=BINARY_CLASSES,
+                    quality_reference=None) -> "InferenceSpec":
         """From training options (a TrainConfig as a dict), the model's normalisation and its classes."""
         return cls((config["image_width"], config["image_height"]), config["threshold"], normalization,
-                   tuple(class_names))
+                   tuple(class_names), quality_reference)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "InferenceSpec":
-        return cls.from_config(checkpoint["config"], checkpoint["normalization"], checkpoint["class_names"])
+        return cls.from_config(checkpoint["config"], checkpoint["normalization"], checkpoint["class_names"],
+                               checkpoint.get("quality_reference"))
 
     @property
     def multiclass(self) -> bool:
@@ -160,22 +163,28 @@ class Predictor:
         model, one minus the background's of a parts model."""
         return 1.0 - probs[:, 0] if self.spec.multiclass else probs[:, 0]
 
-    def quality(self, probs: torch.Tensor) -> list:
-        """A score in [0, 1] per photo from the model's own probabilities (B, C, h, w) at its input size:
-        1 / (1 + u), u the pixels the model is unsure of (car probability between UNSURE[0] and
-        UNSURE[1]) per pixel of the predicted car's outline; 0 where no car (or nothing but car) is found.
-
-        A sharp outline costs about one unsure pixel per outline pixel (u 0.4-0.7 on studio photos the
-        model knows, quality 0.6-0.7); blurred outlines and unsure blobs away from them raise u. Why
-        this measure: docs/everyday.md (its rank correlation with per-photo Dice and with usability).
-        """
+    def unsure_per_edge(self, probs: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B, C, h, w) at the input size -> u (B,): the pixels the model is unsure of (car
+        probability between UNSURE[0] and UNSURE[1]) per pixel of the predicted car's outline (the mask
+        dilated minus eroded by one pixel); inf where no car (or nothing but car) is found."""
         car = self.car_channel(probs).float()
         mask = (car > self.threshold).float()[:, None]
         outline = F.max_pool2d(mask, 3, 1, 1) - (1 - F.max_pool2d(1 - mask, 3, 1, 1))  # dilated minus eroded
         unsure = ((car > UNSURE[0]) & (car < UNSURE[1])).flatten(1).sum(1).float()
         edge = outline.flatten(1).sum(1)
-        scores = torch.where(edge > 0, 1.0 / (1.0 + unsure / edge.clamp(min=1)), torch.zeros_like(edge))
-        return scores.tolist()
+        return torch.where(edge > 0, unsure / edge.clamp(min=1), torch.full_like(edge, float("inf")))
+
+    def quality(self, probs: torch.Tensor) -> list:
+        """A score in [0, 1] per photo from the model's own probabilities (B, C, h, w) at its input size:
+        1 / (1 + u / r), u = unsure_per_edge, r the checkpoint's quality_reference (the median u of its
+        validation photos; 1 for a checkpoint without one); 0 where no car (or nothing but car) is found.
+
+        A photo the model is as sure of as of its median validation photo scores 0.5; a sharper outline
+        more, a blurred outline or unsure blobs away from it less. Why this measure, and how well it
+        ranks photos by their true quality: docs/everyday.md.
+        """
+        scale = self.spec.quality_reference or 1.0
+        return (1.0 / (1.0 + self.unsure_per_edge(probs) / scale)).tolist()
 
     @staticmethod
     def upsample(probs: torch.Tensor, full_size) -> torch.Tensor:

