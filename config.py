@@ -35,6 +35,8 @@ ARCHS = ("unet", "unet_efficientnet_lite0", "deeplabv3_mobilenet_v3_large", "dee
          "deeplabv3_efficientnet_lite0")
 OFFLINE_PRETRAINED = ("unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0")
 DOWNLOADED_PRETRAINED = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50")
+ROUTED_HELP = ("default: the bundled checkpoints/carvana_unet.pt for studio photos and checkpoints/everyday.pt for "
+               "the others, chosen per photo (router.py); without them the newest checkpoints/<run>/best.pt")
 THRESHOLD_HELP = "probability above which a pixel is car; default: the checkpoint's own"
 
 
@@ -207,9 +209,7 @@ class PredictConfig:
                               "whatever its name holds ([ ] * ?), and only one that does not as a pattern",
                         positional=True)
     out_dir: str = _opt("predictions", "where <stem>_mask.png (and overlays/cutouts) are written")
-    checkpoint: str = _opt("", "checkpoint to predict with on every photo; default: the bundled "
-                               "checkpoints/carvana_unet.pt (studio) and checkpoints/everyday.pt, chosen per photo "
-                               "(router.py), else as evaluate.py's")
+    checkpoint: str = _opt("", "checkpoint to predict every photo with; " + ROUTED_HELP)
     threshold: float = _opt(None, THRESHOLD_HELP)
     flag_below: float = _opt(QUALITY_FLAG, "list the photos whose quality score (OUT_DIR/quality.csv) is below this "
                                            "at the end, worst first: the ones a person should look at (0 = none)")
@@ -382,8 +382,7 @@ def _coerce(path, key, value, f):
 class ServeConfig:
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = _opt(8000, "TCP port to listen on")
-    checkpoint: str = _opt("", "checkpoint to serve for every photo; default: the bundled checkpoints/carvana_unet.pt "
-                               "(studio) and checkpoints/everyday.pt, chosen per photo (router.py), else as evaluate.py's")
+    checkpoint: str = _opt("", "checkpoint to answer every photo with; " + ROUTED_HELP)
     backend: str = _opt("auto", BACKEND_HELP, choices=BACKENDS)
     precision: str = _opt("auto", "inference precision; auto = bf16 where the device runs it natively, else fp32",
                           choices=PRECISIONS)

@@ -40,7 +40,7 @@ from metrics import dice_per_image
 from carseg.checkpoint import load_checkpoint, save_checkpoint
 
 KEEP = ("format_version", "arch", "model_args", "normalization", "config", "class_names", "val_groups", "train_groups", "epoch",
-        "global_step", "metrics", "best_val_score", "history")
+        "global_step", "metrics", "best_val_score", "history", "quality_reference")
 # Each engine at each precision it can run on a CPU, checked against PyTorch fp32 on the same photos.
 PARITY_RUNS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
 # The share of full-size mask (or class-map) pixels, and the mean Dice between car masks, that a run

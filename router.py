@@ -67,6 +67,7 @@ class Router:
     precision = property(lambda self: self.studio.precision)
     backend = property(lambda self: self.studio.backend)
     tta = property(lambda self: self.studio.tta)
+    upsample, class_map = staticmethod(Predictor.upsample), staticmethod(Predictor.class_map)  # as every Predictor's
 
     def describe(self) -> str:
         return f"{self.studio.name} for studio photos, {self.everyday.name} for the others; {self.studio.describe()}"

@@ -1,6 +1,7 @@
 """Protects serve.py and carseg/cutout.py: each output at the photo's own size, mode and values (the same masks
 as predict.py's), options read alike from the form and the query string (unknown, repeated, conflicting,
-empty ones refused), each refusal with its status and message, safe file names, /api/health, concurrent
+empty ones refused), each refusal with its status and message, safe file names, /api/health, each answer's
+quality score and answering model (one model, or the studio/everyday pair behind a router.Router), concurrent
 requests, the busy and timeout answers, and an offline page under a strict Content-Security-Policy."""
 import base64
 import hashlib
@@ -26,8 +27,9 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 from carseg import cutout, images, segmenter
+import router
 import serve
-from config import VERSION, ServeConfig
+from config import QUALITY_FLAG, VERSION, ServeConfig
 from inference import Predictor
 from carseg.labels import car_mask
 from carseg.labels import palette
@@ -76,12 +78,12 @@ def png_header(width: int, height: int) -> bytes:
         chunk(b"IDAT", zlib.compress(bytes(16))) + chunk(b"IEND", b"")
 
 
-def tiny_checkpoint(path: Path, class_names=None) -> Path:
+def tiny_checkpoint(path: Path, class_names=None, threshold=0.5) -> Path:
     """A randomly initialised 4-channel U-Net at 64x48 (binary, or one channel per class)."""
     torch.manual_seed(3)
     model = UNet(out_channels=len(class_names) if class_names else 1, base_channels=4, depth=2)
     extra = {"class_names": class_names} if class_names else {}
-    save_checkpoint(path, checkpoint_for(model, {"image_width": 64, "image_height": 48, "threshold": 0.5}, **extra))
+    save_checkpoint(path, checkpoint_for(model, {"image_width": 64, "image_height": 48, "threshold": threshold}, **extra))
     return path
 
 
@@ -489,7 +491,8 @@ def test_the_page_is_offline_under_a_strict_content_security_policy(client):
     script = re.search(r"<script>(.*?)</script>", response.text, re.DOTALL).group(1)
     assert base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() in policy
     assert not re.search(r"https?://", response.text)
-    for hook in ("file-input", "result-cutout", "download-cutout", "download-mask", "status", "time"):
+    for hook in ("file-input", "result-cutout", "download-cutout", "download-mask", "status", "time", "quality",
+                 "quality-warning"):
         assert f'data-testid="{hook}"' in response.text
     assert client.get("/docs").status_code == 200 and "/api/segment" in client.get("/openapi.json").text
 
@@ -584,6 +587,13 @@ class TestBundledModel:
                                            "car.jpg", output="mask"))) >= 128
         upright = np.rot90(silhouette, -1)  # orientation 6: shown turned 90 degrees clockwise
         assert rotated.shape == upright.shape and (rotated & upright).sum() / (rotated | upright).sum() > 0.9
+
+    def test_the_answers_quality_score_is_the_bundled_models_own(self, bundled, car):
+        data = encoded(car[0])
+        quality, model = scored(post(bundled, data, output="mask"))
+        expected = answer_for(bundled.app.state.segmenter.predictor, data)
+        assert model == "carvana_unet" == expected.model and f"{quality:.4f}" == f"{expected.quality:.4f}"
+        assert 0 < quality < 1  # a car found, with some unsure pixels at its outline
 
     @pytest.mark.slow
     def test_the_pages_cutout_is_predict_pys_cutout(self, bundled, car, tmp_path):
@@ -709,6 +719,114 @@ def test_health_shows_a_checkpoint_name_that_is_not_utf8(tmp_path):
     with TestClient(serve.create_app(config(path))) as test_client:
         response = test_client.get("/api/health")
     assert response.status_code == 200 and response.json()["model"] == "c\ufffd.pt"
+
+
+# ---------------------------------------------------------------- each answer's quality score and model
+
+SCORE = re.compile(r"[01]\.\d{4}")  # X-Quality: a number 0-1 with 4 decimals
+
+
+def answer_for(predictor, data: bytes):
+    """The inference.Answer the served predictor (a Predictor or a Router) gives an upload."""
+    upload = io.BytesIO(data)
+    upload.name = "upload"
+    return predictor.answer([predictor.read(upload)[0]])[0]
+
+
+def scored(response) -> tuple:
+    """(X-Quality as a float, X-Model) of a 200 answer, the score checked to be a number in [0, 1]."""
+    assert response.status_code == 200, response.text
+    score = response.headers["x-quality"]
+    assert SCORE.fullmatch(score) and 0 <= float(score) <= 1, score
+    return float(score), response.headers["x-model"]
+
+
+def on_backdrop(colour) -> bytes:
+    """The drawn car 96x64 with its light studio background painted `colour`, as a PNG."""
+    photo, silhouette = car_photo()
+    photo = photo.copy()
+    photo[~silhouette] = colour
+    return encoded(photo)
+
+
+@pytest.mark.parametrize("fields", [{"output": "mask"}, {"output": "cutout", "background": "white"},
+                                    {"output": "overlay", "format": "jpeg"}, {"output": "mask", "crop": "true"}])
+def test_every_answer_says_its_quality_score_and_the_model_that_gave_it(client, photo_file, fields):
+    data = photo_file.read_bytes()
+    quality, model = scored(post(client, data, "car.jpg", **fields))
+    expected = answer_for(client.app.state.segmenter.predictor, data)
+    assert model == "tiny" == expected.model  # the checkpoint's file stem, as in /api/health's "model": tiny.pt
+    assert f"{quality:.4f}" == f"{expected.quality:.4f}"
+
+
+def test_the_quality_score_is_the_models_own_and_a_doubtful_answer_scores_below_the_flag(tmp_path, photo_file):
+    # An untrained model whose probabilities on this photo all lie within 0.436-0.444, served with a
+    # threshold of 0.44: it finds a "car", and is unsure of every pixel of it.
+    checkpoint = tiny_checkpoint(tmp_path / "unsure.pt", threshold=0.44)
+    data = photo_file.read_bytes()
+    with TestClient(serve.create_app(config(checkpoint))) as test_client:
+        quality, model = scored(post(test_client, data, "car.jpg", output="mask"))
+        flag = test_client.get("/api/health").json()["quality_flag"]
+    expected = Predictor.from_checkpoint(str(checkpoint), "cpu", "fp32", backend="torch")
+    image, _ = expected.read(photo_file)
+    assert f"{quality:.4f}" == f"{expected.quality(expected.probs(expected.preprocess([image])))[0]:.4f}"
+    assert model == "unsure" and 0 < quality < flag
+
+
+def test_a_parts_models_answers_are_scored_too(parts_client, photo_file):
+    data = photo_file.read_bytes()
+    for output in ("parts", "mask"):
+        quality, model = scored(post(parts_client, data, "car.jpg", output=output))
+        assert model == "parts" and f"{quality:.4f}" == f"{answer_for(parts_client.app.state.segmenter.predictor, data).quality:.4f}"
+
+
+def test_health_reports_the_quality_flag_and_no_model_list_for_a_single_model(client, parts_client):
+    for test_client in (client, parts_client):
+        health = test_client.get("/api/health").json()
+        assert health["quality_flag"] == QUALITY_FLAG and 0 < health["quality_flag"] < 1
+        assert "models" not in health  # one model answers everything
+
+
+@pytest.fixture(scope="module")
+def pair_client(tmp_path_factory):
+    """The server with a router.Router over two tiny car/background models, as serve.py runs the bundled
+    pair: "studio" (threshold 0.5, finds no car in the drawn photos: quality 0) and "street" (the same
+    weights at threshold 0.44: a doubtful car, quality > 0), so each answer's score shows whose it is."""
+    tmp = tmp_path_factory.mktemp("pair")
+    studio = Predictor.from_checkpoint(str(tiny_checkpoint(tmp / "studio.pt")), "cpu", "fp32", backend="torch")
+    street = Predictor.from_checkpoint(str(tiny_checkpoint(tmp / "street.pt", threshold=0.44)), "cpu", "fp32",
+                                       backend="torch")
+    about = {"model": "studio.pt + street.pt", "arch": "unet + unet", "max_upload_mb": 0.25,
+             "max_pixels": 1_000_000, "version": VERSION}
+    pair = serve.Segmenter(router.Router(studio, street), about, 16, QUALITY_FLAG)
+    with TestClient(serve.create_app(config(tmp / "studio.pt"), pair)) as test_client:
+        yield test_client
+
+
+def test_with_the_pair_health_lists_both_models_studio_first(pair_client):
+    health = pair_client.get("/api/health").json()
+    assert health["models"] == [{"name": "studio", "input_size": [64, 48]}, {"name": "street", "input_size": [64, 48]}]
+    assert health["quality_flag"] == QUALITY_FLAG and health["model"] == "studio.pt + street.pt"
+
+
+def test_with_the_pair_each_answer_names_the_model_the_router_chose(pair_client, monkeypatch):
+    pair = pair_client.app.state.segmenter.predictor
+    studio_photo, street_photo = on_backdrop((236, 236, 240)), on_backdrop((40, 110, 50))  # grey studio, green park
+
+    def answer(data):
+        quality, model = scored(post(pair_client, data, output="mask"))
+        expected = answer_for(pair, data)
+        assert (model, f"{quality:.4f}") == (expected.model, f"{expected.quality:.4f}")
+        assert model in [m["name"] for m in pair_client.get("/api/health").json()["models"]]
+        return model, quality
+
+    model, quality = answer(street_photo)
+    assert model == "street" and quality > 0  # no backdrop: never asked of the studio model
+    model, quality = answer(studio_photo)
+    assert model == "street" and quality > 0  # asked of the studio model first, which is unsure (quality 0)
+    monkeypatch.setattr(router, "STUDIO_QUALITY", 0.0)  # now every studio answer is kept
+    model, quality = answer(studio_photo)
+    assert model == "studio" and quality == 0
 
 
 # ---------------------------------------------------------------- where serve.py listens
