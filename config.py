@@ -21,7 +21,9 @@ DEFAULT_DATA_DIR = "data/carvana"
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "carvana_unet.pt"
 BUNDLED_PARTS_CHECKPOINT = BUNDLED_CHECKPOINT.with_name("carparts.pt")  # the car-parts model
 BUNDLED_EVERYDAY_CHECKPOINT = BUNDLED_CHECKPOINT.with_name("everyday.pt")  # cars in streets, yards, car parks
-QUALITY_FLAG = 0.5  # predict.py --flag-below and the page's warning: see docs/everyday.md
+# predict.py --flag-below and the page's warning: a photo with 3x the unsure pixels per outline pixel of
+# its model's median validation photo (inference.Predictor.quality); how well it picks: docs/everyday.md
+QUALITY_FLAG = 0.25
 CHECKPOINT_HELP = ("default: the bundled checkpoints/carvana_unet.pt, else the newest "
                    "checkpoints/<run>/best.pt under the current folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -26,7 +26,7 @@ THUMBNAIL = 32   # side of the thumbnail whose outer ring the backdrop test read
 RING = 4         # width of that ring, in thumbnail pixels
 GREY = (0.12, 0.55)  # (max saturation, min value) of a backdrop pixel, HSV in [0, 1]
 STUDIO_BACKDROP = 0.6  # share of the ring that is backdrop: at or above, the studio model answers first
-STUDIO_QUALITY = 0.58  # studio answers at or above this quality are kept (unsure pixels <= 0.72 per outline pixel)
+STUDIO_QUALITY = 0.405  # studio answers at or above this quality are kept (calibrated on training photos: docs/everyday.md)
 
 
 def backdrop_share(image: np.ndarray) -> float:

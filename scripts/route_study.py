@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # `python scripts/...` puts scripts/ on the path,
 from carseg import atomic, everyday  # noqa: E402
 from carseg.checkpoint import load_checkpoint  # noqa: E402
 from carseg.labels import read_coco  # noqa: E402
+from config import QUALITY_FLAG  # noqa: E402
 from inference import Predictor  # noqa: E402
 import router  # noqa: E402
 
@@ -154,6 +155,13 @@ def report(study: dict):
             print(f"quality vs everyday {key} (router): Spearman {spearman(q, truth):.3f}; worst 5 % in lowest 10 %: "
                   f"{caught[0]} of {caught[1]}")
     usable = np.array([pick(r, "usable") for r in held_e], bool)
+    # With 3 unusable photos in 80, a rank correlation says little; the AUC says how often an unusable
+    # photo scores below a usable one (0.5: chance, 1: always).
+    auc = np.mean([a < b for a in q[~usable] for b in q[usable]]) if (~usable).any() else float("nan")
+    print(f"quality vs everyday usable (router): Spearman {spearman(q, usable.astype(float)):.3f}, AUC {auc:.3f}; below "
+          f"{QUALITY_FLAG}: {int((q < QUALITY_FLAG).sum())} of {len(q)} photos, {int((q[~usable] < QUALITY_FLAG).sum())} of "
+          f"the {int((~usable).sum())} unusable; studio photos below it: "
+          f"{int((np.array([pick(r, 'q') for r in held_s]) < QUALITY_FLAG).sum())} of {len(held_s)}")
     print(f"everyday quality: usable photos mean {q[usable].mean():.3f}, unusable {q[~usable].mean() if (~usable).any() else float('nan'):.3f};"
           f" p5/p50/p95 {np.percentile(q, [5, 50, 95]).round(3).tolist()}")
 

@@ -93,7 +93,7 @@ def photo_for(viewport: str, folder: Path) -> tuple:
 
 def car_on_patches(size=(960, 640)) -> np.ndarray:
     """The drawn car on smooth random patches of colour, a background neither bundled model learnt: the
-    pair is unsure of the car's outline (the everyday model answers it, quality ~0.15 where the flag is 0.5)."""
+    pair is unsure of the car's outline (the everyday model answers it, with a low quality score)."""
     photo, silhouette = car_photo(size)
     patches = np.random.default_rng(0).integers(0, 256, (12, 18, 3), dtype=np.uint8)
     background = np.asarray(Image.fromarray(patches).resize(size, Image.BICUBIC))
