@@ -247,13 +247,14 @@ def refuse_other_classes(cfg: PredictConfig, class_names):
                          "choose another --out-dir, or remove it if it is an earlier run's")
 
 
-def write_outputs(path: Path, mask_path: Path, prediction, cfg: PredictConfig):
-    """Write <stem>_mask.png and, if asked, the overlay and the RGBA cutout; returns (mask path, RLE).
+def write_outputs(path: Path, mask_path: Path, prediction, cfg: PredictConfig, score: dict):
+    """Write <stem>_mask.png (carrying its quality.csv row, see quality.mask_text) and, if asked, the
+    overlay and the RGBA cutout; returns (mask path, RLE, score).
 
     prediction: (the 0/255 mask uint8 (H, W), the cutout's soft alpha uint8 (H, W) or None); see _predict.
     """
     pred_mask, alpha = prediction
-    atomic.write_bytes(mask_path, encode(pred_mask, "png"))
+    atomic.write_bytes(mask_path, encode(pred_mask, "png", text=quality.mask_text(score)))
     rle = rle_encode(pred_mask) if cfg.submission else None
     if cfg.overlay or cfg.cutout:
         image, _ = load_image(path)  # full resolution, upright RGB
@@ -262,15 +263,16 @@ def write_outputs(path: Path, mask_path: Path, prediction, cfg: PredictConfig):
                                encode(cutout.tint(image, pred_mask), "jpeg"))
         if cfg.cutout:
             write_cutout(path, mask_path, image, alpha)
-    return mask_path, rle
+    return mask_path, rle, score
 
 
-def write_part_outputs(path: Path, mask_path: Path, labels: np.ndarray, cfg: PredictConfig, class_names):
+def write_part_outputs(path: Path, mask_path: Path, labels: np.ndarray, cfg: PredictConfig, score: dict, class_names):
     """A multi-class model's outputs for one photo from its class-index map uint8 (H, W): the car mask,
-    <stem>_parts.png and, if asked, the parts overlay with its legend and the cutout; returns (mask path, RLE)."""
+    <stem>_parts.png and, if asked, the parts overlay with its legend and the cutout; returns (mask path,
+    RLE, score) as write_outputs."""
     colours = palette(len(class_names))
     pred_mask = car_mask(labels)  # what Predictor.masks gives, without running the model a second time
-    atomic.write_bytes(mask_path, encode(pred_mask, "png"))
+    atomic.write_bytes(mask_path, encode(pred_mask, "png", text=quality.mask_text(score)))
     atomic.write_bytes(mask_path.with_name(f"{path.stem}_parts.png"), encode(labels, "png", colours))
     rle = rle_encode(pred_mask) if cfg.submission else None
     if cfg.overlay or cfg.cutout:
@@ -281,7 +283,7 @@ def write_part_outputs(path: Path, mask_path: Path, labels: np.ndarray, cfg: Pre
             atomic.write_bytes(mask_path.with_name(f"{path.stem}_overlay.jpg"), encode(overlay, "jpeg"))
         if cfg.cutout:
             write_cutout(path, mask_path, image, pred_mask)
-    return mask_path, rle
+    return mask_path, rle, score
 
 
 def legend_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -386,7 +388,7 @@ def predict_files(cfg: PredictConfig):
         if cfg.submission and world.distributed:
             merge_submission(cfg.submission, world.size)
         if scores:
-            quality.update(cfg.out_dir, scores)
+            quality.update(cfg.out_dir, scores, [outputs[path] for path in paths])
         _report(cfg, multiclass, written, failures)
         _report_flagged(cfg, scores)
     distributed.stop(world)
@@ -406,7 +408,7 @@ def _predict_block(paths, outputs, done, predictor, write, cfg: PredictConfig, r
         for batch in _batches(decoded, cfg.batch_size, failures, bar):
             if batch[0][1] is DONE:  # in input order with the others, so submission rows stay in input order
                 path = batch[0][0]
-                pending.append((path, writers.submit(reuse_outputs, outputs[path], cfg), None))
+                pending.append((path, writers.submit(reuse_outputs, path, outputs[path], cfg)))
                 continue
             answers = predictor.answer([image for _, (image, _) in batch])
             full_sizes = [full_size for _, (_, full_size) in batch]
@@ -414,7 +416,7 @@ def _predict_block(paths, outputs, done, predictor, write, cfg: PredictConfig, r
             predictions = _predict(predictor, answers, full_sizes, cfg)
             for (path, _), prediction, answer in zip(batch, predictions, answers):
                 score = quality.row(path, outputs[path], answer.model, answer.quality, cfg.flag_below)
-                pending.append((path, writers.submit(write, path, outputs[path], prediction, cfg), score))
+                pending.append((path, writers.submit(write, path, outputs[path], prediction, cfg, score)))
             while pending and (pending[0][1].done() or len(pending) > 4 * cfg.batch_size):
                 _collect(pending.popleft(), written, rows, failures, bar, scores)
         while pending:
@@ -539,15 +541,17 @@ def finished(paths, outputs, cfg: PredictConfig, multiclass: bool) -> frozenset:
     return frozenset(path for path in paths if all(sibling(outputs[path], s).is_file() for s in suffixes))
 
 
-def reuse_outputs(mask_path: Path, cfg: PredictConfig):
-    """(mask path, its RLE read back from the mask PNG if a submission is written) for a skipped photo."""
+def reuse_outputs(path: Path, mask_path: Path, cfg: PredictConfig):
+    """(mask path, its RLE read back from the mask PNG if a submission is written, its quality.csv row
+    read back from the PNG's text or None) for a skipped photo."""
+    score = quality.row_from_mask(path, mask_path, cfg.flag_below)
     if not cfg.submission:
-        return mask_path, None
+        return mask_path, None, score
     # Not cv2.imread: given a name that is not UTF-8 (os.fsdecode's lone surrogates) it crashed the process.
     mask = cv2.imdecode(np.fromfile(mask_path, np.uint8), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise ValueError(f"cannot read {mask_path} back for the submission")
-    return mask_path, rle_encode(mask)
+    return mask_path, rle_encode(mask), score
 
 
 def remove_leftovers(cfg: PredictConfig):
@@ -564,9 +568,9 @@ def remove_leftovers(cfg: PredictConfig):
 
 
 def _collect(entry, written, rows, failures, bar, scores):
-    path, future, score = entry
+    path, future = entry
     try:
-        mask_path, rle = future.result()
+        mask_path, rle, score = future.result()
     except (OSError, ValueError) as err:
         failures[path] = f"{path}: cannot write output: {err}"
     else:

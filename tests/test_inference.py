@@ -113,7 +113,7 @@ def test_the_runner_uses_the_memory_format_it_is_given(channels_last):
 # The project's modules, lowest layer first: each may import only modules listed before it. The
 # support package comes first and imports only itself; the scripts at the top level stand on it, and
 # the lab instruments under scripts/ on everything.
-PACKAGE = ["runtime", "distributed", "atomic", "quality", "labels", "rle", "jpeg", "images", "augment", "plots", "cutout",
+PACKAGE = ["runtime", "distributed", "atomic", "labels", "rle", "jpeg", "images", "quality", "augment", "plots", "cutout",
            "encoders", "checkpoint", "batchnorm", "submission", "inputs", "everyday", "teacher", "segmenter"]
 TOP = ["config", "metrics", "losses", "model", "dataset", "backends", "inference", "router", "evaluate", "train", "predict",
        "export", "serve"]

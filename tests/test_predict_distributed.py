@@ -159,7 +159,7 @@ def dead_pid() -> int:
 def test_a_killed_run_resumes_under_another_process_count_to_the_same_files(checkpoint, photos, single, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(single / "masks", out / "masks")
-    kept = {p.name: p.stat().st_mtime_ns for p in (out / "masks").iterdir()}
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "masks").iterdir() if p.name != "quality.csv"}  # a table: updated
     for name in ("car01_mask.png", "car03_mask.png", "car07_mask.png"):  # rank 0, rank 1 and rank 2 of 3
         (out / "masks" / name).unlink()
         del kept[name]

@@ -98,11 +98,14 @@ def test_update_keeps_rows_of_masks_still_there_and_replaces_rewritten_ones(tmp_
     first = [quality.row(Path("a.jpg"), tmp_path / "a_mask.png", "studio", 0.61, 0.5),
              quality.row(Path("b.jpg"), tmp_path / "b_mask.png", "everyday", 0.31, 0.5),
              quality.row(Path("gone.jpg"), tmp_path / "gone_mask.png", "studio", 0.6, 0.5)]
-    quality.update(tmp_path, first)
+    quality.update(tmp_path, first, [tmp_path / f"{n}_mask.png" for n in ("a", "b", "gone")])
     again = [quality.row(Path("b.jpg"), tmp_path / "b_mask.png", "studio", 0.66, 0.5)]
-    rows = quality.read(quality.update(tmp_path, again))
+    rows = quality.read(quality.update(tmp_path, again, [tmp_path / "b_mask.png"]))
     assert [(r["photo"], r["model"], r["quality"], r["flagged"]) for r in rows] == [
         ("b.jpg", "studio", "0.6600", "no"), ("a.jpg", "studio", "0.6100", "no")]  # gone_mask.png is gone
+    # a resumed run (a reused, then b predicted) writes the rows in its input order, as one run would
+    rows = quality.read(quality.update(tmp_path, again, [tmp_path / "a_mask.png", tmp_path / "b_mask.png"]))
+    assert [r["photo"] for r in rows] == ["a.jpg", "b.jpg"]
     assert first[1]["flagged"] == "yes"
 
 
@@ -156,3 +159,25 @@ def test_the_routed_answer_is_the_chosen_models_own_mask(tmp_path):
     routed = router.Router(studio, street).answer([images])[0]
     alone = street.answer([street.read(path)[0]])[0]
     assert routed.model == "street" and torch.equal(routed.probs, alone.probs) and routed.quality == alone.quality
+
+
+def test_a_resumed_run_rebuilds_the_rows_of_the_masks_it_reuses_from_the_masks_themselves(tmp_path):
+    studio = tiny(tmp_path / "studio.pt", 0)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(framed(GREEN if i % 2 else GREY)).save(photos / f"p{i}.png")
+    out = tmp_path / "out"
+
+    def run(**options):
+        cfg = PredictConfig(inputs=[str(photos)], out_dir=str(out), checkpoint=studio, device="cpu", backend="torch",
+                            precision="fp32", **options)
+        return predict.predict_files(cfg)
+    run()
+    whole = (out / "quality.csv").read_bytes()
+    text = quality.row_from_mask(photos / "p1.png", out / "p1_mask.png", 0.25)
+    assert text == quality.read(out / "quality.csv")[1]  # the mask carries its own row
+    (out / "quality.csv").unlink()  # as a run killed before its end leaves it
+    (out / "p2_mask.png").unlink()
+    run(skip_existing=True)
+    assert (out / "quality.csv").read_bytes() == whole  # p0, p1 reused, p2 predicted: the table one run writes
