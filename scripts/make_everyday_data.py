@@ -9,6 +9,10 @@
   OUT/holdout.txt and kept out of images/ so that scripts/everyday_eval.py can score models on
   photos nobody trained on.
 - Carvana photos (studio) keep their own masks: --carvana-views views of every car (all 16: 0).
+- --composites N: N studio cars pasted where an everyday training photo's car was, that car painted
+  out (carseg/everyday.py paint_out, paste), labelled with the pasted car's own mask: street, yard
+  and road right under and beside a car, labelled background pixel for pixel. Named
+  <Carvana car id>_<100 + k>, so train.py's --group-by car-id keeps each with its car.
 
 Photos are linked, not copied (OUT/images/<name>.<ext> -> the original); masks are written as 0/255
 PNGs; OUT/teacher/<name>.png keeps the teacher's probability (0-255) of each everyday photo, held-out
@@ -21,6 +25,7 @@ import random
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -35,6 +40,7 @@ from carseg.teacher import Teacher  # noqa: E402
 from dataset import find_samples, load_mask  # noqa: E402
 
 VIEWS = 16  # Carvana's turntable angles
+STUDIO_SIZE = (960, 640)  # a Carvana car is read at half size for pasting: larger than any everyday photo's car
 
 
 def split_holdout(items, count: int, seed: int):
@@ -86,6 +92,31 @@ def add_carvana(carvana: Path, views: int, out: Path) -> int:
     return len(chosen)
 
 
+def add_composites(items, carvana: Path, count: int, seed: int, out: Path) -> int:
+    """Write `count` composites (see the module docstring) to OUT/images and OUT/masks; returns how many."""
+    samples, problems = find_samples(carvana)
+    if problems:
+        raise ValueError(f"{carvana}: {len(problems)} problem(s), first: {problems[0]}")
+    rng = random.Random(seed)
+    for k in tqdm(range(count), desc="composites", unit="photo"):
+        photo, shapes = rng.choice(items)
+        sample = rng.choice(samples)
+        background, _ = load_image(photo)
+        hull = everyday.dilated_hull(everyday.parts_union(shapes.rasterize()))
+        if not hull.any():
+            continue
+        car, _ = load_image(sample.image, STUDIO_SIZE)
+        car_mask = cv2.resize(load_mask(sample.mask), STUDIO_SIZE, interpolation=cv2.INTER_NEAREST) > 0
+        if rng.random() < 0.5:
+            car, car_mask = car[:, ::-1], car_mask[:, ::-1]
+        image, mask = everyday.paste(everyday.paint_out(background, hull), hull, np.ascontiguousarray(car),
+                                     np.ascontiguousarray(car_mask), rng.uniform(0.9, 1.4))
+        name = f"{sample.name.rsplit('_', 1)[0]}_{100 + k}"
+        atomic.write_bytes(out / "images" / f"{name}.jpg", encode(image, "jpeg"))
+        atomic.write_bytes(out / "masks" / f"{name}.png", encode(mask, "png"))
+    return count
+
+
 def _link(target: Path, link: Path):
     link.unlink(missing_ok=True)
     link.symlink_to(target.resolve())
@@ -101,7 +132,9 @@ def main(argv=None):
     parser.add_argument("--holdout", type=int, default=80, help="everyday photos kept out of training (default: 80)")
     parser.add_argument("--carvana-views", type=int, default=4, choices=(0, 1, 2, 4, 8, 16),
                         help="views of each Carvana car (0: all 16; default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="draws the held-out photos")
+    parser.add_argument("--seed", type=int, default=0, help="draws the held-out photos (and the composites)")
+    parser.add_argument("--composites", type=int, default=0, help="studio cars pasted into everyday training "
+                                                                 "photos (needs --carvana; default: 0)")
     args = parser.parse_args(argv)
     items, _, problems = read_coco(args.carparts / "annotations.json", args.carparts / "JPEGImages")
     if problems:
@@ -117,8 +150,12 @@ def main(argv=None):
         teacher_probs(teacher, photo, args.out / "teacher" / f"{photo.stem}.png")  # for comparisons
     atomic.write_text(args.out / "holdout.txt", "".join(f"{photo.name}\n" for photo, _ in held))
     studio = add_carvana(args.carvana, args.carvana_views, args.out) if args.carvana else 0
+    if args.composites and not args.carvana:
+        raise SystemExit("error: --composites needs --carvana (the studio cars to paste)")
+    composites = add_composites(train_items, args.carvana, args.composites, args.seed, args.out) if args.composites else 0
     summary = {"carparts": str(args.carparts), "carvana": str(args.carvana or ""), "teacher": teacher.name,
                "seed": args.seed, "everyday_photos": len(stats), "held_out": len(held), "studio_photos": studio,
+               "composites": composites,
                "hull_dilation": everyday.HULL_DILATION, "teacher_car": everyday.TEACHER_CAR,
                "mean_share": {k: float(np.mean([s[k] for s in stats])) for k in ("parts", "band", "band_car")}}
     atomic.write_text(args.out / "labels.json", json.dumps({**summary, "photos": stats}, indent=1) + "\n")

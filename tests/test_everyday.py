@@ -133,3 +133,28 @@ def test_versus_rembg_times_both_sides_on_the_same_photos_and_writes_every_mask(
     assert some["ratio"] == pytest.approx(some["photos_per_s"]["ours"] / some["photos_per_s"]["u2netp"])
     assert [p.name for p in written[0]] == ["p0_mask.png", "p1_mask.png", "p2_mask.png"]
     assert (tmp_path / "v.json").is_file()
+
+
+def test_paint_out_changes_only_the_hull_and_fills_it_from_around():
+    image = np.full((64, 64, 3), (30, 120, 200), np.uint8)
+    hull = square((64, 64), 20, 20, 24)
+    image[hull] = (250, 0, 0)  # the car
+    painted = everyday.paint_out(image, hull)
+    assert np.array_equal(painted[~hull], image[~hull])  # outside the hull: the photo's own pixels
+    assert np.abs(painted[hull].astype(int) - (30, 120, 200)).max() < 30  # the car gone, the background in its place
+
+
+def test_paste_stands_the_studio_car_on_the_hulls_bottom_centred_at_its_width_and_labels_it():
+    background = np.zeros((100, 120, 3), np.uint8)
+    hull = square((100, 120), 40, 30, 40)  # rows 40-79, columns 30-69
+    car = np.zeros((50, 100, 3), np.uint8)
+    car_mask = np.zeros((50, 100), bool)
+    car_mask[10:30, 20:80] = True  # a 60x20 car inside its photo
+    car[car_mask] = (200, 200, 200)
+    image, mask = everyday.paste(background, hull, car, car_mask, width_scale=1.0)
+    rows, cols = np.nonzero(mask)
+    assert (cols.min(), cols.max()) == (30, 69) and rows.max() == 79  # the hull's width, on its bottom row
+    assert rows.max() - rows.min() + 1 == round(20 * 40 / 60)  # the car's own aspect
+    assert (image[mask > 0] == 200).all() and (image[mask == 0] == 0).all()
+    wide, wide_mask = everyday.paste(background, hull, car, car_mask, width_scale=4.0)  # a close-up: cut by the frame
+    assert wide_mask[79, 0] == 255 and wide_mask[79, 119] == 255 and not wide_mask[80:].any()
