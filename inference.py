@@ -83,7 +83,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device="cpu", precision="fp32", tta=False, threshold=None,
-                        backend="torch") -> "Predictor":
+                        backend="torch", name=None) -> "Predictor":
         """A Predictor for a checkpoint (a .pt path or loaded dict, or an exported .onnx path).
 
         device, precision and backend take the scripts' option values ('auto' included; see
@@ -91,7 +91,7 @@ class Predictor:
         """
         source = checkpoint if isinstance(checkpoint, dict) else load_source(checkpoint)
         runner = make_runner(source, backend, device, precision)
-        name = "model" if isinstance(checkpoint, dict) else Path(checkpoint).stem
+        name = name or ("model" if isinstance(checkpoint, dict) else Path(checkpoint).stem)
         return cls(runner, InferenceSpec.from_checkpoint(source), tta, threshold, name)
 
     @property
@@ -228,11 +228,7 @@ class Predictor:
     def labels(self, batch: torch.Tensor, full_sizes) -> list:
         """Preprocessed batch -> one uint8 class-index map (H, W) per image at its full_size=(W, H),
         indexing spec.class_names (binary models: 0 background, 1 car)."""
-        probs = self.probs(batch)
-        if not self.spec.multiclass:
-            return [(self.upsample(prob, size) > self.threshold).to(torch.uint8).cpu().numpy()
-                    for prob, size in zip(probs, full_sizes)]
-        return [self.class_map(prob, size).to(torch.uint8).cpu().numpy() for prob, size in zip(probs, full_sizes)]
+        return [full_size_labels(prob, size, self.threshold) for prob, size in zip(self.probs(batch), full_sizes)]
 
     def car_probs(self, batch: torch.Tensor, full_sizes) -> list:
         """Preprocessed batch of a car/background model -> each photo's car probability, float32 numpy
@@ -256,3 +252,11 @@ class Predictor:
         """Photos on disk -> their uint8 0/255 full-size masks (one batch; ValueError names an unreadable file)."""
         decoded = [self.read(path) for path in paths]
         return self.masks(self.preprocess([image for image, _ in decoded]), [size for _, size in decoded])
+
+
+def full_size_labels(probs: torch.Tensor, full_size, threshold: float):
+    """One photo's probabilities (C, h, w) at its model's size -> its uint8 class-index map (H, W) at
+    full_size=(W, H): a binary model's 0/1 car mask thresholded after upsampling, a parts model's argmax."""
+    if probs.shape[0] == 1:
+        return (Predictor.upsample(probs, full_size) > threshold).to(torch.uint8).cpu().numpy()
+    return Predictor.class_map(probs, full_size).to(torch.uint8).cpu().numpy()

@@ -35,14 +35,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from carseg import atomic, cutout, distributed, quality
 from config import PredictConfig, parse_config
 from carseg.images import IMAGE_EXTENSIONS, encode, load_image
 from carseg.inputs import collect_inputs, matches
-from inference import Predictor
+from inference import Predictor, full_size_labels
 from router import load_predictor, resolve_checkpoints
 from carseg.labels import car_mask
 from carseg.labels import palette
@@ -464,12 +463,10 @@ def _predict(predictor, answers, full_sizes, cfg: PredictConfig) -> list:
     """What each photo's writer needs from its inference.Answer: a parts model's class map (the writer
     derives its car mask); else (0/255 mask, soft alpha for --cutout or None), both from one upsampled
     probability (each answer at its own model's size and threshold: a Router mixes two models)."""
-    if predictor.spec.multiclass:
-        return [Predictor.class_map(a.probs, size).to(torch.uint8).cpu().numpy() for a, size in zip(answers, full_sizes)]
-    probs = [Predictor.upsample(a.probs, size) for a, size in zip(answers, full_sizes)]
-    if not cfg.cutout:
-        return [((prob > a.threshold).to(torch.uint8).cpu().numpy() * 255, None) for prob, a in zip(probs, answers)]
-    probs = [prob.cpu().numpy() for prob in probs]
+    if predictor.spec.multiclass or not cfg.cutout:
+        labels = [full_size_labels(a.probs, size, a.threshold) for a, size in zip(answers, full_sizes)]
+        return labels if predictor.spec.multiclass else [(mask * 255, None) for mask in labels]
+    probs = [Predictor.upsample(a.probs, size).cpu().numpy() for a, size in zip(answers, full_sizes)]
     return [(cutout.hard_alpha(prob, a.threshold), cutout.soft_alpha(prob, a.threshold)) for prob, a in zip(probs, answers)]
 
 

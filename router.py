@@ -20,7 +20,7 @@ import numpy as np
 
 from carseg.images import load_image_sizes
 from config import BUNDLED_CHECKPOINT, BUNDLED_EVERYDAY_CHECKPOINT, resolve_checkpoint
-from inference import InferenceSpec, Predictor
+from inference import Predictor
 
 THUMBNAIL = 32   # side of the thumbnail whose outer ring the backdrop test reads
 RING = 4         # width of that ring, in thumbnail pixels
@@ -59,8 +59,7 @@ class Router:
                      for path in (studio, everyday)))
 
     # What the callers read of a Predictor: the studio model's facts, as the first model asked.
-    spec = property(lambda self: InferenceSpec(self.studio.input_size, self.studio.threshold,
-                                               self.studio.spec.normalization, self.studio.spec.class_names))
+    spec = property(lambda self: self.studio.spec)
     threshold = property(lambda self: self.studio.threshold)
     input_size = property(lambda self: self.studio.input_size)
     device = property(lambda self: self.studio.device)

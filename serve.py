@@ -99,10 +99,8 @@ def load_segmenter(cfg: ServeConfig) -> Segmenter:
     """The checkpoint's model loaded (once) and warmed, on its worker thread, for these options."""
     paths = resolve_checkpoints(cfg.checkpoint)
     sources = [load_source(path) for path in paths]
-    predictors = [Predictor.from_checkpoint(source, cfg.device, cfg.precision, cfg.tta, None, backend=cfg.backend)
-                  for source in sources]
-    for predictor, path in zip(predictors, paths):
-        predictor.name = Path(path).stem  # loaded from a dict, so from_checkpoint could not name it
+    predictors = [Predictor.from_checkpoint(source, cfg.device, cfg.precision, cfg.tta, None, cfg.backend, Path(path).stem)
+                  for source, path in zip(sources, paths)]
     predictor = predictors[0] if len(predictors) == 1 else Router(*predictors)
     # shown(): a file name's bytes that are not UTF-8 would make every /api/health answer a 500.
     about = {"model": " + ".join(shown(Path(path).name) for path in paths),

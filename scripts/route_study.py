@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +32,10 @@ from carseg import atomic, everyday  # noqa: E402
 from carseg.checkpoint import load_checkpoint  # noqa: E402
 from carseg.labels import read_coco  # noqa: E402
 from config import QUALITY_FLAG  # noqa: E402
+from dataset import load_mask  # noqa: E402
 from inference import Predictor  # noqa: E402
 import router  # noqa: E402
+from everyday_eval import pseudo_truth  # noqa: E402 (a script beside this one)
 
 SEED = 0
 
@@ -46,7 +47,8 @@ def scored(model: Predictor, images, full_size):
     return (prob > answer.threshold).cpu().numpy(), answer.quality
 
 
-def studio_rows(studio, street, carvana: Path, cars: set, views_per_car: int, with_truth: bool) -> list:
+def studio_rows(pair: router.Router, carvana: Path, cars: set, views_per_car: int, with_truth: bool) -> list:
+    studio, street = pair.studio, pair.everyday
     photos = sorted(p for p in (carvana / "train").glob("*.jpg") if p.stem.rsplit("_", 1)[0] in cars)
     if views_per_car:
         by_car = {}
@@ -56,11 +58,11 @@ def studio_rows(studio, street, carvana: Path, cars: set, views_per_car: int, wi
         photos = sorted(q for views in by_car.values() for q in rng.sample(views, min(views_per_car, len(views))))
     rows = []
     for photo in tqdm(photos, desc="studio", unit="photo", leave=False):
-        (a, b), full_size = router.Router(studio, street).read(photo)
+        (a, b), full_size = pair.read(photo)
         row = {"photo": photo.name, "backdrop": router.backdrop_share(a)}
         studio_mask, row["q_studio"] = scored(studio, a, full_size)
         if with_truth:
-            truth = np.asarray(Image.open(carvana / "train_masks" / f"{photo.stem}_mask.gif")) > 0
+            truth = load_mask(carvana / "train_masks" / f"{photo.stem}_mask.gif") > 0
             street_mask, row["q_everyday"] = scored(street, b, full_size)
             row["dice_studio"], row["dice_everyday"] = dice(studio_mask, truth), dice(street_mask, truth)
         rows.append(row)
@@ -80,19 +82,15 @@ def dice(pred, truth) -> float:
     return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
 
 
-def everyday_rows(studio, street, items, labels: Path | None) -> list:
+def everyday_rows(pair: router.Router, items, labels: Path | None) -> list:
     rows = []
     for photo, shapes in tqdm(items, desc="everyday", unit="photo", leave=False):
         union = everyday.parts_union(shapes.rasterize())
         hull = everyday.dilated_hull(union)
-        truth = None
-        cache = labels / "teacher" / f"{photo.stem}.png" if labels else None
-        if cache is not None and cache.is_file():
-            teacher = np.asarray(Image.open(cache).convert("L"), np.float32) / 255.0
-            truth = everyday.complete_labels(union, hull, teacher) > 0
-        (a, b), full_size = router.Router(studio, street).read(photo)
+        truth = pseudo_truth(labels, photo, union, hull)
+        (a, b), full_size = pair.read(photo)
         row = {"photo": photo.name, "backdrop": router.backdrop_share(a)}
-        for key, model, image in (("studio", studio, a), ("everyday", street, b)):
+        for key, model, image in (("studio", pair.studio, a), ("everyday", pair.everyday, b)):
             mask, row[f"q_{key}"] = scored(model, image, full_size)
             for name, value in everyday.partial_scores(mask, union, hull).items():
                 row[f"{name}_{key}"] = float(value)
@@ -181,8 +179,7 @@ def main(argv=None):
     if args.report:
         return report(json.loads(args.report.read_text()))
     torch.set_grad_enabled(False)
-    studio = Predictor.from_checkpoint(args.studio, "cpu", "fp32")
-    street = Predictor.from_checkpoint(args.everyday, "cpu", "fp32")
+    pair = router.Router.from_checkpoints(args.studio, args.everyday)
     source = load_checkpoint(args.studio)
     val_cars = set(source["val_groups"])
     trained = val_cars & set(load_checkpoint(args.everyday).get("train_groups", []))
@@ -191,11 +188,11 @@ def main(argv=None):
     items, _, problems = read_coco(args.carparts / "annotations.json", args.carparts / "JPEGImages")
     held = {line.strip() for line in args.holdout.read_text().splitlines() if line.strip()}
     study = {
-        "studio_heldout": studio_rows(studio, street, args.carvana, val_cars, 0, True),
-        "studio_calibration": studio_rows(studio, street, args.carvana, studio_training_cars(source, args.carvana),
+        "studio_heldout": studio_rows(pair, args.carvana, val_cars, 0, True),
+        "studio_calibration": studio_rows(pair, args.carvana, studio_training_cars(source, args.carvana),
                                           args.calibration, False),
-        "everyday_heldout": everyday_rows(studio, street, [i for i in items if i[0].name in held], args.labels),
-        "everyday_calibration": everyday_rows(studio, street, [i for i in items if i[0].name not in held], None),
+        "everyday_heldout": everyday_rows(pair, [i for i in items if i[0].name in held], args.labels),
+        "everyday_calibration": everyday_rows(pair, [i for i in items if i[0].name not in held], None),
     }
     if args.out:
         atomic.write_text(args.out, json.dumps(study) + "\n")

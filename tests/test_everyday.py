@@ -109,11 +109,7 @@ def test_versus_rembg_times_both_sides_on_the_same_photos_and_writes_every_mask(
     import router
     from carseg.checkpoint import checkpoint_for, save_checkpoint
     from model import UNet
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("versus_rembg", router.BUNDLED_CHECKPOINT.parents[1] / "scripts" /
-                                                  "versus_rembg.py")
-    versus = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(versus)
+    import versus_rembg as versus
     for name in ("studio", "street"):
         save_checkpoint(tmp_path / f"{name}.pt", checkpoint_for(UNet(base_channels=4, depth=2),
                                                                 {"image_width": 64, "image_height": 48, "threshold": 0.5}))
