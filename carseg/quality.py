@@ -4,8 +4,8 @@
     street/IMG_0042.jpg,IMG_0042_mask.png,everyday,0.412,yes
 
 `quality` is inference.Predictor.quality of the model that answered (`model`); `flagged` says whether
-it fell below --flag-below. Each mask PNG carries its own model and score too (MASK_TEXT). The file describes the masks in the folder: a later run into the same
-folder replaces the rows of the masks it rewrites and keeps the others, so --skip-existing and runs
+it fell below --flag-below. Each mask PNG carries its own model and score too (MASK_TEXT). The file
+describes the masks in the folder: a later run into the same folder replaces the rows of the masks it rewrites and keeps the others, so --skip-existing and runs
 over several folders leave one complete table. A file of that name whose first line is not this
 header is the user's own and is refused, never replaced.
 """
@@ -71,7 +71,8 @@ def update(out_dir, rows: list, masks: list) -> Path:
     earlier = {r["mask"]: r for r in read(path) if (Path(out_dir) / r["mask"]).is_file()}
     names = [atomic.shown(mask.name) for mask in masks]
     ordered = [fresh.get(name) or earlier.get(name) for name in names]
-    others = [r for name, r in earlier.items() if name not in set(names)]
+    this_run = set(names)
+    others = [r for name, r in earlier.items() if name not in this_run]
     text = io.StringIO()
     writer = csv.DictWriter(text, HEADER, lineterminator="\n")
     writer.writeheader()

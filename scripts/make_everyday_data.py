@@ -79,11 +79,16 @@ def label_everyday(items, teacher, out: Path) -> list:
     return stats
 
 
-def add_carvana(carvana: Path, views: int, out: Path) -> int:
-    """Link `views` evenly spaced views of every car (all 16 if 0) with 0/255 PNG masks; returns how many."""
+def studio_samples(carvana: Path) -> list:
+    """Kaggle's Carvana training pairs (dataset.find_samples); ValueError if the folder has problems."""
     samples, problems = find_samples(carvana)
     if problems:
         raise ValueError(f"{carvana}: {len(problems)} problem(s), first: {problems[0]}")
+    return samples
+
+
+def add_carvana(samples, views: int, out: Path) -> int:
+    """Link `views` evenly spaced views of every car (all 16 if 0) with 0/255 PNG masks; returns how many."""
     step = VIEWS // views if views else 1
     chosen = [s for s in samples if int(s.name.rsplit("_", 1)[1]) % step == 1 % step]
     for sample in tqdm(chosen, desc="studio photos", unit="photo"):
@@ -92,12 +97,11 @@ def add_carvana(carvana: Path, views: int, out: Path) -> int:
     return len(chosen)
 
 
-def add_composites(items, carvana: Path, count: int, seed: int, out: Path) -> int:
-    """Write `count` composites (see the module docstring) to OUT/images and OUT/masks; returns how many."""
-    samples, problems = find_samples(carvana)
-    if problems:
-        raise ValueError(f"{carvana}: {len(problems)} problem(s), first: {problems[0]}")
+def add_composites(items, samples, count: int, seed: int, out: Path) -> int:
+    """Write up to `count` composites (see the module docstring) to OUT/images and OUT/masks, none for a
+    drawn photo without parts; returns how many were written."""
     rng = random.Random(seed)
+    written = 0
     for k in tqdm(range(count), desc="composites", unit="photo"):
         photo, shapes = rng.choice(items)
         sample = rng.choice(samples)
@@ -114,7 +118,8 @@ def add_composites(items, carvana: Path, count: int, seed: int, out: Path) -> in
         name = f"{sample.name.rsplit('_', 1)[0]}_{100 + k}"
         atomic.write_bytes(out / "images" / f"{name}.jpg", encode(image, "jpeg"))
         atomic.write_bytes(out / "masks" / f"{name}.png", encode(mask, "png"))
-    return count
+        written += 1
+    return written
 
 
 def _link(target: Path, link: Path):
@@ -139,6 +144,8 @@ def main(argv=None):
     items, _, problems = read_coco(args.carparts / "annotations.json", args.carparts / "JPEGImages")
     if problems:
         raise SystemExit(f"error: {args.carparts}: {len(problems)} problem(s), first: {problems[0]}")
+    if args.composites and not args.carvana:  # before the teacher's minutes of work
+        raise SystemExit("error: --composites needs --carvana (the studio cars to paste)")
     if not 0 <= args.holdout < len(items):
         raise SystemExit(f"error: --holdout {args.holdout}: {args.carparts} holds {len(items)} photos")
     for folder in ("images", "masks", "teacher"):
@@ -149,10 +156,9 @@ def main(argv=None):
     for photo, _ in tqdm(held, desc="held-out photos (teacher only)", unit="photo"):
         teacher_probs(teacher, photo, args.out / "teacher" / f"{photo.stem}.png")  # for comparisons
     atomic.write_text(args.out / "holdout.txt", "".join(f"{photo.name}\n" for photo, _ in held))
-    studio = add_carvana(args.carvana, args.carvana_views, args.out) if args.carvana else 0
-    if args.composites and not args.carvana:
-        raise SystemExit("error: --composites needs --carvana (the studio cars to paste)")
-    composites = add_composites(train_items, args.carvana, args.composites, args.seed, args.out) if args.composites else 0
+    samples = studio_samples(args.carvana) if args.carvana else []
+    studio = add_carvana(samples, args.carvana_views, args.out) if args.carvana else 0
+    composites = add_composites(train_items, samples, args.composites, args.seed, args.out) if args.composites else 0
     summary = {"carparts": str(args.carparts), "carvana": str(args.carvana or ""), "teacher": teacher.name,
                "seed": args.seed, "everyday_photos": len(stats), "held_out": len(held), "studio_photos": studio,
                "composites": composites,
