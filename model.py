@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 # Where ImageNet weights exist without a network (--pretrained); the others download them (--pretrained-backbone).
 from config import DOWNLOADED_PRETRAINED, OFFLINE_PRETRAINED
-from carseg.encoders import IMAGENET_NORMALIZATION, LITE0_CHANNELS, efficientnet_lite0
+from carseg.encoders import CHANNELS, IMAGENET_NORMALIZATION, efficientnet_lite
 
 # What a model expects of its input tensor: (x - mean) / std per RGB channel of an image in [0, 1].
 # The U-Net trains from scratch on [0, 1] images; an ImageNet-pretrained encoder would record
@@ -123,7 +123,10 @@ class DecoderBlock(nn.Module):
 
 
 class EfficientNetUNet(nn.Module):
-    """U-Net decoder on an ImageNet-pretrained EfficientNet-Lite0 encoder (as segmentation_models.pytorch's Unet).
+    """U-Net decoder on an ImageNet-pretrained EfficientNet-Lite encoder (as segmentation_models.pytorch's Unet).
+
+    variant: lite0 (the default), lite1 or lite2 (carseg/encoders.py), named in the architecture
+    (`unet_efficientnet_lite1`).
 
     The encoder's features at strides 32 -> 16, 8, 4, 2 feed four decoder blocks; a fifth block
     (when decoder_channels has five widths) returns to the input's resolution, else the half-size
@@ -131,17 +134,18 @@ class EfficientNetUNet(nn.Module):
     interpolate to each skip's size, so odd sizes need no padding).
     """
 
-    arch = "unet_efficientnet_lite0"
     normalization = IMAGENET_NORMALIZATION
 
-    def __init__(self, out_channels=1, decoder_channels=(128, 64, 32, 24, 16), pretrained=False):
+    def __init__(self, out_channels=1, decoder_channels=(128, 64, 32, 24, 16), pretrained=False, variant="lite0"):
         super().__init__()
-        self.model_args = dict(out_channels=out_channels, decoder_channels=list(decoder_channels))
-        self.encoder = efficientnet_lite0(pretrained)
         if len(decoder_channels) not in (4, 5):
             raise ValueError(f"decoder_channels needs 4 or 5 widths, got {list(decoder_channels)}")
-        skips = list(reversed(LITE0_CHANNELS[:-1])) + [0]  # 112, 40, 24, 16, then none at full size
-        ins = [LITE0_CHANNELS[-1]] + list(decoder_channels[:-1])
+        self.arch = f"unet_efficientnet_{variant}"
+        self.model_args = dict(out_channels=out_channels, decoder_channels=list(decoder_channels))
+        self.encoder = efficientnet_lite(variant, pretrained)
+        channels = CHANNELS[variant]
+        skips = list(reversed(channels[:-1])) + [0]  # Lite0: 112, 40, 24, 16, then none at full size
+        ins = [channels[-1]] + list(decoder_channels[:-1])
         self.blocks = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, decoder_channels))
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=1)
 
@@ -171,8 +175,8 @@ class DeepLabV3(nn.Module):
         from torchvision.models import segmentation  # imported here: the U-Nets need no torchvision models
         self.arch, self.model_args = f"deeplabv3_{backbone}", dict(out_channels=out_channels)
         if backbone == "efficientnet_lite0":
-            self.backbone = efficientnet_lite0(pretrained, out_indices=(4,), output_stride=16)
-            self.head = segmentation.deeplabv3.DeepLabHead(LITE0_CHANNELS[-1], out_channels)
+            self.backbone = efficientnet_lite("lite0", pretrained, out_indices=(4,), output_stride=16)
+            self.head = segmentation.deeplabv3.DeepLabHead(CHANNELS["lite0"][-1], out_channels)
         else:
             build = getattr(segmentation, f"deeplabv3_{backbone}")
             model = build(weights=None, weights_backbone=_torchvision_backbone(backbone) if pretrained else None,
@@ -204,6 +208,8 @@ def _torchvision_backbone(backbone: str):
 ARCHITECTURES = {
     "unet": UNet,
     "unet_efficientnet_lite0": EfficientNetUNet,
+    "unet_efficientnet_lite1": functools.partial(EfficientNetUNet, variant="lite1"),
+    "unet_efficientnet_lite2": functools.partial(EfficientNetUNet, variant="lite2"),
     "deeplabv3_mobilenet_v3_large": functools.partial(DeepLabV3, "mobilenet_v3_large"),
     "deeplabv3_resnet50": functools.partial(DeepLabV3, "resnet50"),
     "deeplabv3_efficientnet_lite0": functools.partial(DeepLabV3, "efficientnet_lite0"),

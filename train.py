@@ -40,7 +40,7 @@ from dataset import (SegmentationDataset, describe_split, find_class_names, find
 from evaluate import evaluate
 from inference import InferenceSpec, Predictor
 from losses import BCEDiceLoss, CEDiceLoss
-from model import OFFLINE_PRETRAINED, build_model
+from model import OFFLINE_PRETRAINED, build_model, load_model
 from carseg.checkpoint import checkpoint_for, load_checkpoint, output_channels, save_checkpoint
 from carseg.labels import is_multiclass
 
@@ -144,13 +144,46 @@ def model_args(cfg: TrainConfig, class_names) -> dict:
     return args
 
 
-def build_model_for(cfg: TrainConfig, class_names):
-    """A new model for this run; EfficientNet-Lite0 encoders start from their offline ImageNet weights."""
-    pretrained = (cfg.pretrained and cfg.arch in OFFLINE_PRETRAINED) or cfg.pretrained_backbone
+def build_model_for(cfg: TrainConfig, class_names, val_groups=()):
+    """A new model for this run; EfficientNet-Lite encoders start from their offline ImageNet weights,
+    every layer from --init-from's checkpoint when given (see start_from)."""
+    pretrained = not cfg.init_from and ((cfg.pretrained and cfg.arch in OFFLINE_PRETRAINED) or cfg.pretrained_backbone)
     model = build_model(cfg.arch, pretrained=pretrained, **model_args(cfg, class_names))
-    log.info("model %s (%.2f M parameters), encoder %s", cfg.arch, sum(p.numel() for p in model.parameters()) / 1e6,
-             "from ImageNet weights" if pretrained else "trained from scratch")
+    origin = "from ImageNet weights" if pretrained else "trained from scratch"
+    if cfg.init_from:
+        origin = start_from(cfg.init_from, model, class_names, val_groups)
+    log.info("model %s (%.2f M parameters), %s", cfg.arch, sum(p.numel() for p in model.parameters()) / 1e6,
+             origin if cfg.init_from else f"encoder {origin}")
     return model
+
+
+def start_from(path: str, model, class_names, val_groups: list) -> str:
+    """Load --init-from's weights into `model`; says where they came from.
+
+    ValueError, naming the option and the file, when the checkpoint is another architecture, other
+    outputs or classes, or trained on any of this run's validation cars (its score would be a
+    training score).
+    """
+    checkpoint = load_checkpoint(path)
+    what = f"--init-from {path}"
+    if checkpoint["arch"] != model.arch or checkpoint["model_args"] != model.model_args:
+        raise ValueError(f"{what}: holds a {checkpoint['arch']} {checkpoint['model_args']}, this run builds a "
+                         f"{model.arch} {model.model_args}; give the run the checkpoint's --arch and options")
+    if list(checkpoint["class_names"]) != list(class_names):
+        raise ValueError(f"{what}: trained on the classes {checkpoint['class_names']}, this run's data has "
+                         f"{list(class_names)}")
+    trained = checkpoint.get("train_groups")  # exported checkpoints may lack it: then only its val_groups are safe
+    seen = set(val_groups) & set(trained) if trained is not None else set(val_groups) - set(checkpoint["val_groups"])
+    seen = sorted(seen)
+    if seen:
+        raise ValueError(f"{what}: {'trained on' if trained is not None else 'does not say it held out'} "
+                         f"{counted(len(seen), 'car')} this run validates on ({', '.join(seen[:3])}"
+                         f"{', ...' if len(seen) > 3 else ''}); use the checkpoint's own data and split "
+                         "(--data-dir, --val-fraction, --split-seed, --max-cars)")
+    model.load_state_dict(load_model(checkpoint).state_dict())
+    score = checkpoint.get("best_val_score")
+    return (f"weights from {path} (epoch {checkpoint['epoch']}"
+            + (f", validation score {score:.5f})" if score is not None else ")"))
 
 
 def build_loss(cfg: TrainConfig, class_names) -> torch.nn.Module:
@@ -572,7 +605,8 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
             resumed = check_resumable(cfg, resumed if resumed is not None else load_checkpoint(resume_path(cfg.resume)))
         train_store, val_store, class_names = build_stores(cfg)
         seed_everything(cfg.seed)
-        raw_model = build_model_for(cfg, class_names).to(device)
+        val_groups = sorted({s.group for s in val_store.samples})
+        raw_model = build_model_for(cfg, class_names, val_groups).to(device)
         if cfg.sync_bn and world.distributed:
             raw_model = synchronise(raw_model, device)
         if cfg.channels_last:
@@ -580,7 +614,7 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
         loaders = build_loaders(cfg, train_store, val_store, device, raw_model.normalization, class_names, world)
         optimizer, scheduler = build_optimizer(cfg, raw_model, len(loaders[0]))
         state = TrainState(raw_model, optimizer, scheduler, runtime.grad_scaler(device, precision),
-                           val_groups=sorted({s.group for s in val_store.samples}),
+                           val_groups=val_groups,
                            train_groups=sorted({s.group for s in train_store.samples}), class_names=class_names,
                            world_size=world.size, steps_per_epoch=len(loaders[0]))
         if resumed is not None:

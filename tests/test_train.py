@@ -323,6 +323,66 @@ def test_resume_refuses_other_data_fewer_epochs_and_another_run_name(straight, p
     assert (run / "last.pt").read_bytes() == before
 
 
+def test_init_from_starts_a_new_run_at_another_size_from_the_checkpoints_weights(straight, data_dir, work, caplog):
+    cfg, _, straight_run = straight
+    source = load_checkpoint(straight_run / "best.pt")
+    bigger = dataclasses.replace(cfg, run_name="finer", epochs=1, init_from=str(straight_run / "best.pt"),
+                                 image_width=cfg.image_width * 2, image_height=cfg.image_height * 2)
+    seen = {}
+    real = train.start_from
+
+    def spy(path, model, class_names, val_groups):  # the weights as loaded, before any training step
+        said = real(path, model, class_names, val_groups)
+        seen.update({k: v.clone() for k, v in model.state_dict().items()})
+        return said
+    with caplog.at_level("INFO", logger="train"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "start_from", spy)
+        summary = train.train(bigger)
+    for key, value in source["model"].items():
+        assert torch.equal(seen[key], value.float()), key
+    assert f"weights from {straight_run / 'best.pt'} (epoch" in caplog.text
+    finer = load_checkpoint(Path(summary["run_dir"]) / "last.pt")
+    assert finer["epoch"] == 1 and finer["config"]["image_width"] == cfg.image_width * 2
+    assert finer["config"]["init_from"] == str(straight_run / "best.pt")
+    assert finer["val_groups"] == source["val_groups"]
+
+
+def test_init_from_refuses_another_architecture_and_weights_that_saw_the_validation_cars(straight, work, tmp_path):
+    cfg, _, straight_run = straight
+    best = straight_run / "best.pt"
+    other_arch = dataclasses.replace(cfg, run_name="wider", init_from=str(best), base_channels=8)
+    with pytest.raises(ValueError, match=r"--init-from .*best.pt: holds a unet .*'base_channels': 4.*this run "
+                                         r"builds a unet .*'base_channels': 8"):
+        train.train(other_arch)
+    checkpoint = load_checkpoint(best)
+    leaked = tmp_path / "leaked.pt"
+    torch.save({**checkpoint, "train_groups": checkpoint["train_groups"] + checkpoint["val_groups"]}, leaked)
+    with pytest.raises(ValueError, match=r"--init-from .*leaked.pt: trained on 1 car this run validates on"):
+        train.train(dataclasses.replace(cfg, run_name="leak", init_from=str(leaked)))
+    with pytest.raises(ValueError, match="--init-from.*cannot be combined with --resume"):
+        dataclasses.replace(cfg, init_from=str(best), resume=str(straight_run))
+    assert not (work / "runs" / "wider").exists() and not (work / "runs" / "leak").exists()
+
+
+def test_the_cpu_recipe_script_finishes_the_first_runs_best_weights(data_dir, tmp_path):
+    """scripts/cpu_recipe.sh's wiring, on tiny settings: two runs, the second from the first's best.pt."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    tiny = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "runs"), "--arch", "unet", "--base-channels", "4",
+            "--depth", "2", "--no-bilinear", "--image-width", "64", "--image-height", "48", "--crop-width", "0",
+            "--crop-height", "0", "--epochs", "1", "--batch-size", "4", "--precise-bn", "0", "--device", "cpu",
+            "--precision", "fp32", "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(["bash", str(root / "scripts/cpu_recipe.sh"), "hour", *tiny], capture_output=True, text=True,
+                          env={**os.environ, "CARSEG_PYTHON": sys.executable, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = (load_checkpoint(tmp_path / "runs" / f"hour-{size}" / "best.pt") for size in (480, 960))
+    assert second["config"]["init_from"] == str(tmp_path / "runs" / "hour-480" / "best.pt")
+    assert first["config"]["init_from"] == "" and second["config"]["lr"] == 3e-4 and first["config"]["lr"] == 1e-3
+    assert f"the recipe's model: {tmp_path / 'runs' / 'hour-960' / 'best.pt'}" in done.stdout
+
+
 @pytest.mark.slow
 def test_evaluate_split_train_is_the_cars_the_run_trained_on(data_dir, work):
     # --max-cars 3 of the 4 cars: 2 train, 1 validates; the 4th car was never seen and is in neither split.
