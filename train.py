@@ -40,7 +40,7 @@ from dataset import (SegmentationDataset, describe_split, find_class_names, find
 from evaluate import evaluate
 from inference import InferenceSpec, Predictor
 from losses import BCEDiceLoss, CEDiceLoss
-from model import OFFLINE_PRETRAINED, build_model, load_model
+from model import OFFLINE_PRETRAINED, build_model
 from carseg.checkpoint import checkpoint_for, load_checkpoint, output_channels, save_checkpoint
 from carseg.labels import is_multiclass
 
@@ -157,6 +157,25 @@ def build_model_for(cfg: TrainConfig, class_names, val_groups=()):
     return model
 
 
+def check_fits(path: str, checkpoint: dict, model, class_names):
+    """ValueError, naming --init-from and the file, unless the checkpoint holds `model`'s architecture,
+    options and classes."""
+    what = f"--init-from {path}"
+    if checkpoint["arch"] != model.arch or checkpoint["model_args"] != model.model_args:
+        raise ValueError(f"{what}: holds a {checkpoint['arch']} {checkpoint['model_args']}, this run builds a "
+                         f"{model.arch} {model.model_args}; give the run the checkpoint's --arch and options")
+    if list(checkpoint["class_names"]) != list(class_names):
+        raise ValueError(f"{what}: trained on the classes {checkpoint['class_names']}, this run's data has "
+                         f"{list(class_names)}")
+
+
+def check_init_from(cfg: TrainConfig):
+    """--init-from's model against this run's, before any photo is decoded (fail fast)."""
+    class_names = find_class_names(resolve_data_dir(cfg.data_dir))  # cheap: no image decoded
+    model = build_model(cfg.arch, **model_args(cfg, class_names))
+    check_fits(cfg.init_from, load_checkpoint(cfg.init_from), model, class_names)
+
+
 def start_from(path: str, model, class_names, val_groups: list) -> str:
     """Load --init-from's weights into `model`; says where they came from.
 
@@ -166,12 +185,7 @@ def start_from(path: str, model, class_names, val_groups: list) -> str:
     """
     checkpoint = load_checkpoint(path)
     what = f"--init-from {path}"
-    if checkpoint["arch"] != model.arch or checkpoint["model_args"] != model.model_args:
-        raise ValueError(f"{what}: holds a {checkpoint['arch']} {checkpoint['model_args']}, this run builds a "
-                         f"{model.arch} {model.model_args}; give the run the checkpoint's --arch and options")
-    if list(checkpoint["class_names"]) != list(class_names):
-        raise ValueError(f"{what}: trained on the classes {checkpoint['class_names']}, this run's data has "
-                         f"{list(class_names)}")
+    check_fits(path, checkpoint, model, class_names)
     trained = checkpoint.get("train_groups")  # exported checkpoints may lack it: then only its val_groups are safe
     seen = set(val_groups) & set(trained) if trained is not None else set(val_groups) - set(checkpoint["val_groups"])
     seen = sorted(seen)
@@ -180,7 +194,7 @@ def start_from(path: str, model, class_names, val_groups: list) -> str:
                          f"{counted(len(seen), 'car')} this run validates on ({', '.join(seen[:3])}"
                          f"{', ...' if len(seen) > 3 else ''}); use the checkpoint's own data and split "
                          "(--data-dir, --val-fraction, --split-seed, --max-cars)")
-    model.load_state_dict(load_model(checkpoint).state_dict())
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["model"].items()})
     score = checkpoint.get("best_val_score")
     return (f"weights from {path} (epoch {checkpoint['epoch']}"
             + (f", validation score {score:.5f})" if score is not None else ")"))
@@ -603,6 +617,8 @@ def train(cfg: TrainConfig, resumed: dict | None = None) -> dict:
     with run_folder(cfg, world) as run_dir:
         if cfg.resume:  # fail fast, before decoding
             resumed = check_resumable(cfg, resumed if resumed is not None else load_checkpoint(resume_path(cfg.resume)))
+        if cfg.init_from:
+            check_init_from(cfg)
         train_store, val_store, class_names = build_stores(cfg)
         seed_everything(cfg.seed)
         val_groups = sorted({s.group for s in val_store.samples})
